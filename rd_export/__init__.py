@@ -1,0 +1,1 @@
+"""Export RainDiffusion checkpoints to verified ONNX and TensorRT engines."""

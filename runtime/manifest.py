@@ -1,0 +1,184 @@
+"""The JSON manifest written beside every artifact (``model.onnx`` -> ``model.json``).
+
+A plan stays raw (loadable by trtexec, Triton, C++); its metadata lives here. Loading
+validates the schema (required keys and their types) and names the bad field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from runtime.descriptor import StepDescriptor
+from runtime.errors import ManifestError
+from runtime.io import atomic_write_bytes
+
+__all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "sha256_file"]
+
+SCHEMA_VERSION = 1
+
+# field -> accepted python types (None allowed where listed)
+_REQUIRED: dict[str, tuple[type, ...]] = {
+    "schema_version": (int,),
+    "toolkit_version": (str,),
+    "artifact": (str,),  # file name of the artifact, relative to the manifest
+    "format": (str,),  # "onnx" | "trt"
+    "precision": (str,),  # "fp32" | "fp16" | "int8"
+    "model": (str,),  # "derain" | "rain"
+    "sha256": (str,),  # of the artifact
+    "descriptor": (dict,),
+    "schedule": (dict,),  # {"num_train_timesteps", "beta_start", "beta_end", "default_steps"}
+    "model_config": (dict,),
+}
+_OPTIONAL: dict[str, tuple[type, ...]] = {
+    "fp32_islands": (list,),
+    "source": (dict,),  # {"checkpoint": name, "checkpoint_sha256": ..., "onnx_sha256": ...}
+    "verification": (dict,),
+    "tensorrt": (dict,),  # {"version", "gpu_name", "compute_capability", "build_flags"}
+    "calibration": (dict,),
+    "created": (str,),
+}
+FORMATS = ("onnx", "trt")
+PRECISIONS = ("fp32", "fp16", "int8")
+MODELS = ("derain", "rain")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def manifest_path_for(artifact: str | os.PathLike) -> Path:
+    """``dir/model.onnx`` -> ``dir/model.json``; ``dir/model.int8.onnx`` -> ``dir/model.int8.json``."""
+    p = Path(artifact)
+    return p.with_suffix(".json")
+
+
+@dataclass
+class Manifest:
+    artifact: str
+    format: str
+    precision: str
+    model: str
+    sha256: str
+    descriptor: dict
+    schedule: dict
+    model_config: dict
+    toolkit_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def step_descriptor(self) -> StepDescriptor:
+        return StepDescriptor.from_dict(self.descriptor)
+
+    @property
+    def default_steps(self) -> int:
+        return int(self.schedule.get("default_steps", 10))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.extra.get(key, default)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        d = {
+            "schema_version": self.schema_version,
+            "toolkit_version": self.toolkit_version,
+            "artifact": self.artifact,
+            "format": self.format,
+            "precision": self.precision,
+            "model": self.model,
+            "sha256": self.sha256,
+            "descriptor": self.descriptor,
+            "schedule": self.schedule,
+            "model_config": self.model_config,
+        }
+        d.update(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Any, *, where: str = "manifest") -> Manifest:
+        validate(d, where=where)
+        extra = {k: v for k, v in d.items() if k not in _REQUIRED}
+        return cls(
+            artifact=d["artifact"], format=d["format"], precision=d["precision"], model=d["model"],
+            sha256=d["sha256"], descriptor=d["descriptor"], schedule=d["schedule"],
+            model_config=d["model_config"], toolkit_version=d["toolkit_version"],
+            schema_version=d["schema_version"], extra=extra,
+        )
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Manifest:
+        path = Path(path)
+        if not path.is_file():
+            raise ManifestError(f"{path}: manifest not found (every artifact needs its .json beside it)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def for_artifact(cls, artifact: str | os.PathLike) -> Manifest:
+        return cls.load(manifest_path_for(artifact))
+
+    def save(self, path: str | os.PathLike) -> Path:
+        validate(self.to_dict(), where=str(path))
+        return atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n").encode())
+
+    def check_artifact_hash(self, artifact: str | os.PathLike) -> None:
+        actual = sha256_file(artifact)
+        if actual != self.sha256:
+            raise ManifestError(
+                f"{artifact}: sha256 {actual[:12]}... does not match its manifest ({self.sha256[:12]}...); "
+                f"the file was modified or belongs to another build"
+            )
+
+
+def validate(d: Any, *, where: str = "manifest") -> None:
+    """Check required keys, types and enumerations; raise ManifestError naming the field."""
+    if not isinstance(d, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    for key, types in _REQUIRED.items():
+        if key not in d:
+            raise ManifestError(f"{where}: missing required field '{key}'")
+        if isinstance(d[key], bool) or not isinstance(d[key], types):
+            raise ManifestError(
+                f"{where}: field '{key}' must be {'/'.join(t.__name__ for t in types)}, "
+                f"got {type(d[key]).__name__}"
+            )
+    for key, types in _OPTIONAL.items():
+        if key in d and d[key] is not None and not isinstance(d[key], types):
+            raise ManifestError(f"{where}: field '{key}' must be {types[0].__name__}, got {type(d[key]).__name__}")
+    if d["schema_version"] > SCHEMA_VERSION:
+        raise ManifestError(
+            f"{where}: schema_version {d['schema_version']} is newer than this toolkit supports "
+            f"({SCHEMA_VERSION}); upgrade raindiffusion-edge"
+        )
+    for key, allowed in (("format", FORMATS), ("precision", PRECISIONS), ("model", MODELS)):
+        if d[key] not in allowed:
+            raise ManifestError(f"{where}: field '{key}' is {d[key]!r}, expected one of {', '.join(allowed)}")
+    art = d["artifact"]
+    if not art or "/" in art or "\\" in art or art in (".", ".."):
+        raise ManifestError(f"{where}: field 'artifact' must be a plain file name, got {art!r}")
+    if len(d["sha256"]) != 64:
+        raise ManifestError(f"{where}: field 'sha256' must be 64 hex characters")
+    desc = d["descriptor"]
+    for key in ("size_multiple", "profile"):
+        if key not in desc:
+            raise ManifestError(f"{where}: field 'descriptor.{key}' is missing")
+    try:
+        StepDescriptor.from_dict(desc).profile.validate(int(desc["size_multiple"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"{where}: field 'descriptor' is invalid ({e})") from None
+    for key in ("num_train_timesteps", "beta_start", "beta_end"):
+        if not isinstance(d["schedule"].get(key), (int, float)):
+            raise ManifestError(f"{where}: field 'schedule.{key}' must be a number")
