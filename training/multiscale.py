@@ -1,0 +1,149 @@
+"""The multi-scale noise estimator of RainDiffusion (Eqs. 13-15) and the fused DDIM step.
+
+(x_t, cond) are average-pooled to every scale r in ``scales`` (1, 1/2, 1/4 by default);
+**one shared** U-Net predicts a noise map at each scale; the maps are bilinearly upsampled
+to full size (explicit sizes, ``align_corners=False``, no antialias: export-safe); a small
+attention head looks at the condition and the upsampled maps and outputs one logit per
+scale per pixel; softmax over scales gives the weights, and eps_hat is the weighted sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.unet import UNet, UNetConfig
+
+__all__ = ["EstimatorConfig", "FusedStep", "MultiScaleEstimator", "fused_step"]
+
+
+@dataclass
+class EstimatorConfig:
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    scales: tuple[float, ...] = (1.0, 0.5, 0.25)
+    attn_hidden: int = 16
+
+    def __post_init__(self) -> None:
+        if isinstance(self.unet, dict):
+            self.unet = UNetConfig.from_dict(self.unet)
+        self.scales = tuple(float(s) for s in self.scales)
+        if not self.scales:
+            raise ValueError("scales must name at least one scale")
+        for s in self.scales:
+            f = 1.0 / s if s > 0 else 0
+            if not (0 < s <= 1 and abs(f - round(f)) < 1e-9 and (round(f) & (round(f) - 1)) == 0):
+                raise ValueError(f"scale {s} must be 1/2^k (1, 0.5, 0.25, ...)")
+        if len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales must be distinct, got {self.scales}")
+        if self.unet.in_channels != 6 or self.unet.out_channels != 3 or not self.unet.time_embedding:
+            raise ValueError("the estimator's U-Net takes 6 channels (x_t, cond), outputs 3 and uses time")
+
+    @property
+    def factors(self) -> tuple[int, ...]:
+        return tuple(round(1.0 / s) for s in self.scales)
+
+    @property
+    def size_multiple(self) -> int:
+        return max(self.factors) * self.unet.size_multiple
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["unet"] = self.unet.to_dict()
+        d["scales"] = list(self.scales)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EstimatorConfig:
+        return cls(unet=UNetConfig.from_dict(d["unet"]), scales=tuple(d["scales"]),
+                   attn_hidden=int(d.get("attn_hidden", 16)))
+
+
+class MultiScaleEstimator(nn.Module):
+    def __init__(self, config: EstimatorConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.unet = UNet(config.unet)
+        k = len(config.scales)
+        self.factors = config.factors
+        # Attention head (Eq. 14): cond + K noise maps -> K logits per pixel.
+        self.attn_head = (
+            nn.Sequential(
+                nn.Conv2d(3 + 3 * k, config.attn_hidden, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(config.attn_hidden, config.attn_hidden, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv2d(config.attn_hidden, k, 1),
+            )
+            if k > 1
+            else None
+        )
+        if self.attn_head is not None:  # start from equal weights over the scales
+            nn.init.zeros_(self.attn_head[-1].weight)
+            nn.init.zeros_(self.attn_head[-1].bias)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.config.size_multiple
+
+    def check_input_size(self, height: int, width: int) -> None:
+        m = self.size_multiple
+        if height % m or width % m:
+            raise ValueError(
+                f"input size {height}x{width} is not a multiple of the model's size multiple {m}; "
+                f"pad to {math.ceil(height / m) * m}x{math.ceil(width / m) * m}"
+            )
+
+    def scale_maps(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Noise maps of every scale upsampled to full size: [N, K, 3, H, W]."""
+        h, w = x_t.shape[-2], x_t.shape[-1]
+        inp = torch.cat([x_t, cond], dim=1)
+        maps = []
+        for f in self.factors:  # static loop over the configured scales
+            x_r = F.avg_pool2d(inp, kernel_size=f) if f > 1 else inp  # (x_t^r, cond^r), Eq. 13
+            eps_r = self.unet(x_r, t)
+            if f > 1:
+                eps_r = F.interpolate(eps_r, size=(h, w), mode="bilinear", align_corners=False)
+            maps.append(eps_r)
+        return torch.stack(maps, dim=1)
+
+    def fusion_weights(self, cond: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+        """Per-pixel softmax weights over the scales (Eq. 14): [N, K, 1, H, W]."""
+        n, k, c, h, w = maps.shape
+        if self.attn_head is None:
+            return torch.ones(n, 1, 1, h, w, dtype=maps.dtype, device=maps.device)
+        logits = self.attn_head(torch.cat([cond, maps.reshape(n, k * c, h, w)], dim=1))
+        return torch.softmax(logits, dim=1).unsqueeze(2)
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
+            self.check_input_size(int(x_t.shape[-2]), int(x_t.shape[-1]))
+        maps = self.scale_maps(x_t, cond, t)
+        weights = self.fusion_weights(cond, maps)
+        return (weights * maps).sum(dim=1)  # eps_hat, Eq. 15
+
+
+def fused_step(estimator: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
+               coef: torch.Tensor) -> torch.Tensor:
+    """One eta = 0 DDIM step: x_next = c * (a * x_t - b * eps_hat) + d * eps_hat.
+
+    ``coef`` is [N, 4] = (a, b, c, d) from ``runtime.schedule.DDIMSchedule.step_coefficients``.
+    """
+    eps_hat = estimator(x_t, cond, t)
+    a, b, c, d = (coef[:, i, None, None, None] for i in range(4))
+    x0_hat = a * x_t - b * eps_hat
+    return c * x0_hat + d * eps_hat
+
+
+class FusedStep(nn.Module):
+    """The exported graph: inputs (x_t, cond, t, coef), output x_next."""
+
+    def __init__(self, estimator: MultiScaleEstimator) -> None:
+        super().__init__()
+        self.estimator = estimator
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+        return fused_step(self.estimator, x_t, cond, t, coef)
