@@ -1,0 +1,368 @@
+"""``Derainer``: the library API, frame in, frame out (numpy uint8), no torch.
+
+    from runtime.derainer import Derainer
+
+    derainer = Derainer("model.onnx", steps=10, seed=0)        # or Derainer() for the shipped model
+    clean = derainer.derain(rainy)                              # HxWx3 uint8 RGB -> HxWx3 uint8
+    clean_bgr = derainer.derain(frame_bgr, bgr=True)            # OpenCV frames
+    outs = derainer.derain_batch([f1, f2, f3])                  # batched through the engine
+
+What one call does (Algorithm 2 with eta = 0, exactly what ``training.diffusion.ddim_sample``
+does in torch): cond = u8 / 127.5 - 1; reflect-pad H, W (bottom / right) up to the model's size
+multiple (and up to a TensorRT profile's minimum); x_T = ``initial_noise((1, 3, Hp, Wp), seed)``
+for every frame; S fused steps in the backend; crop; ``round((x + 1) * 127.5)`` clipped to uint8.
+The output has the input's shape. The same seed gives the same output, and a frame gives the
+same output alone or inside a batch (the noise depends only on the seed and the padded shape).
+
+Frames larger than the engine's profile, or any frame when ``tile`` is set, go through
+overlapping tiles (:mod:`runtime.tiling`) that are blended at every step.
+
+Thread safety: a lock serialises calls, so one ``Derainer`` shared by two threads works (the
+calls run one after the other, with the same results as sequential calls). For parallelism
+open one ``Derainer`` per thread (each holds its own engine and buffers).
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime.backends import open_backend
+from runtime.errors import ArtifactError, UsageError
+from runtime.manifest import Manifest
+from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+from runtime.tiling import TileBlender, plan_tiles
+
+__all__ = ["Derainer", "default_artifact", "pad_reflect", "to_float", "to_uint8"]
+
+_NOISE_CACHE_SIZE = 4
+
+
+def default_artifact() -> Path:
+    """The shipped model ``runtime/assets/default.onnx`` (ArtifactError when it is not installed)."""
+    res = importlib.resources.files("runtime").joinpath("assets", "default.onnx")
+    if not res.is_file():
+        raise ArtifactError(
+            "no default model is installed (runtime/assets/default.onnx is missing); pass an artifact, "
+            "e.g. Derainer('model.onnx'), made with 'rd-export build checkpoint.pt'"
+        )
+    return Path(str(res))
+
+
+def to_float(frames: np.ndarray) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1]: u8 / 127.5 - 1."""
+    x = frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+    return np.ascontiguousarray(np.moveaxis(x, -1, -3))
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """float [..., 3, H, W] in [-1, 1] -> uint8 [..., H, W, 3]: round((x + 1) * 127.5), clipped."""
+    y = np.clip(np.round((x + np.float32(1.0)) * np.float32(127.5)), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.moveaxis(y, -3, -1))
+
+
+def pad_reflect(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad [..., H, W] bottom / right to (height, width) by reflection (as the torch reference does).
+
+    Reflection needs pad < size, so it goes in rounds; a 1-pixel side is replicated instead.
+    """
+    h, w = x.shape[-2], x.shape[-1]
+    ph, pw = height - h, width - w
+    if ph < 0 or pw < 0:
+        raise ValueError(f"cannot pad {h}x{w} down to {height}x{width}")
+    lead = [(0, 0)] * (x.ndim - 2)
+    y = x
+    while ph or pw:
+        sh, sw = min(ph, y.shape[-2] - 1), min(pw, y.shape[-1] - 1)
+        if sh == 0 and sw == 0:  # 1-pixel side: reflection impossible, replicate the rest
+            return np.pad(y, [*lead, (0, ph), (0, pw)], mode="edge")
+        y = np.pad(y, [*lead, (0, sh), (0, sw)], mode="reflect")
+        ph, pw = ph - sh, pw - sw
+    return y
+
+
+def _check_frame(frame: object, what: str = "frame") -> np.ndarray:
+    if not isinstance(frame, np.ndarray):
+        raise UsageError(f"{what} must be a numpy array (HxWx3 uint8), got {type(frame).__name__}")
+    if frame.ndim == 3 and frame.shape[2] == 4:
+        raise UsageError(f"{what} has 4 channels (RGBA/BGRA); pass frame[..., :3] and keep the alpha yourself")
+    if frame.ndim != 3 or frame.shape[2] != 3:
+        raise UsageError(f"{what} must have shape HxWx3, got {frame.shape}")
+    if frame.dtype != np.uint8:
+        raise UsageError(f"{what} must be uint8 (0..255), got {frame.dtype}; convert with "
+                         f"np.clip(x, 0, 255).astype(np.uint8) after scaling")
+    if frame.shape[0] < 1 or frame.shape[1] < 1:
+        raise UsageError(f"{what} is empty: {frame.shape}")
+    return frame
+
+
+class Derainer:
+    """Derain uint8 frames with an exported RainDiffusion artifact (see the module docstring).
+
+    Parameters: ``artifact`` (.onnx or .plan; None = the shipped default model), ``steps`` (DDIM
+    steps S; None = the manifest's default), ``seed`` (initial noise), ``tile`` (tile size in
+    pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
+    profile), ``overlap`` (pixels shared by neighbouring tiles), ``device`` ("cpu", "cuda",
+    "cuda:N"; None = cpu for .onnx, cuda for .plan), ``threads`` (onnxruntime CPU threads),
+    ``batch`` (frames or tiles per engine call; None = the profile's max batch), ``cuda_graph``
+    (TensorRT: replay the step loop as one CUDA graph).
+    """
+
+    def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
+                 tile: int | None = None, overlap: int = 32, device: str | None = None, threads: int | None = None,
+                 batch: int | None = None, cuda_graph: bool = True) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        path = default_artifact() if artifact is None else Path(artifact)
+        self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
+        try:
+            self._configure(steps=steps, seed=int(seed), tile=tile, overlap=overlap, batch=batch)
+        except BaseException:
+            self._backend.close()
+            raise
+        self._lock = threading.Lock()
+        self._noise: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._blenders: dict[tuple, TileBlender] = {}
+
+    def _configure(self, *, steps: int | None, seed: int, tile: int | None, overlap: int,
+                   batch: int | None) -> None:
+        manifest = self._backend.manifest
+        sched = manifest.schedule
+        try:
+            config = ScheduleConfig(num_train_timesteps=int(sched["num_train_timesteps"]),
+                                    beta_start=float(sched["beta_start"]), beta_end=float(sched["beta_end"]))
+        except ValueError as e:
+            raise ArtifactError(f"{self._backend.artifact.name}: manifest schedule is invalid ({e})") from None
+        self._schedule = DDIMSchedule(config)
+        steps = manifest.default_steps if steps is None else steps
+        T = config.num_train_timesteps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= T:
+            raise UsageError(f"steps must be an integer in 1..{T}, got {steps!r}")
+        self._steps = int(steps)
+        self._schedule.set_timesteps(self._steps)
+        self._backend.set_schedule(self._schedule.timesteps, self._schedule.coefficients())
+        self._seed = seed
+
+        m = self.size_multiple
+        lim = self._backend.limits
+        if tile is not None:
+            if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < m or tile % m:
+                lo = max(m, (int(tile) // m) * m) if isinstance(tile, (int, np.integer)) else m
+                raise UsageError(f"tile must be a positive multiple of the model's size multiple {m} "
+                                 f"(e.g. {lo} or {lo + m}), got {tile!r}")
+            if lim is not None and not min(lim.min_size) <= tile <= min(lim.max_size):
+                raise UsageError(f"tile {tile} is outside the engine's profile "
+                                 f"{min(lim.min_size)}..{min(lim.max_size)}")
+        self._tile = None if tile is None else int(tile)
+        if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
+            raise UsageError(f"overlap must be a non-negative integer, got {overlap!r}")
+        if self._tile is not None and overlap >= self._tile:
+            raise UsageError(f"overlap {overlap} must be smaller than tile {self._tile}")
+        self._overlap = int(overlap)
+        profile = lim if lim is not None else self._backend.descriptor.profile
+        if batch is None:
+            batch = profile.max_batch
+        if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
+            raise UsageError(f"batch must be a positive integer, got {batch!r}")
+        if lim is not None and not lim.min_batch <= batch <= lim.max_batch:
+            raise UsageError(f"batch {batch} is outside the engine's profile {lim.min_batch}..{lim.max_batch}")
+        self._batch = int(batch)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def manifest(self) -> Manifest:
+        return self._backend.manifest
+
+    @property
+    def steps(self) -> int:
+        return self._steps
+
+    @property
+    def seed(self) -> int:
+        return self._seed
+
+    @property
+    def size_multiple(self) -> int:
+        return self._backend.descriptor.size_multiple
+
+    @property
+    def backend_name(self) -> str:
+        return self._backend.name
+
+    @property
+    def artifact(self) -> Path:
+        return self._backend.artifact
+
+    @property
+    def tile(self) -> int | None:
+        return self._tile
+
+    @property
+    def overlap(self) -> int:
+        return self._overlap
+
+    @property
+    def batch(self) -> int:
+        return self._batch
+
+    @property
+    def backend(self):
+        """The engine backend (advanced use; calls on it are not serialised by the lock)."""
+        return self._backend
+
+    # ------------------------------------------------------------------ frames
+    def derain(self, frame: np.ndarray, *, bgr: bool = False) -> np.ndarray:
+        """One HxWx3 uint8 frame (RGB, or BGR with ``bgr=True``) -> derained, same shape and order."""
+        arr = _check_frame(frame)
+        return self._derain_group(arr[None], bgr=bgr)[0]
+
+    def derain_batch(self, frames: Sequence[np.ndarray] | np.ndarray, *, bgr: bool = False) -> list[np.ndarray]:
+        """Several frames (a list, or an NxHxWx3 array); frames of one size go through the engine together.
+
+        Returns a list of derained frames in input order; each equals ``derain(frame)``.
+        """
+        if isinstance(frames, np.ndarray):
+            if frames.ndim != 4:
+                raise UsageError(f"frames must be NxHxWx3 uint8 or a list of HxWx3 frames, got shape {frames.shape}")
+            frames = list(frames)
+        arrays = [_check_frame(f, f"frame {i}") for i, f in enumerate(frames)]
+        out: list[np.ndarray | None] = [None] * len(arrays)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, a in enumerate(arrays):
+            groups.setdefault(a.shape[:2], []).append(i)
+        for idx in groups.values():
+            for j in range(0, len(idx), self._batch):
+                chunk = idx[j:j + self._batch]
+                for i, y in zip(chunk, self._derain_group(np.stack([arrays[i] for i in chunk]), bgr=bgr)):
+                    out[i] = y
+        return out  # type: ignore[return-value]
+
+    def _derain_group(self, frames: np.ndarray, *, bgr: bool) -> np.ndarray:
+        if bgr:
+            frames = frames[..., ::-1]
+        y = to_uint8(self.sample(to_float(frames)))
+        return np.ascontiguousarray(y[..., ::-1]) if bgr else y
+
+    # ------------------------------------------------------------------ arrays
+    def sample(self, cond: np.ndarray) -> np.ndarray:
+        """The sampler on float arrays: cond [N, 3, H, W] float32 in [-1, 1] -> x_0 [N, 3, H, W] float32.
+
+        x_0 is not clipped; ``derain`` quantises it. Any H, W (padded and cropped here).
+        """
+        if not isinstance(cond, np.ndarray) or cond.ndim != 4 or cond.shape[1] != 3:
+            got = getattr(cond, "shape", type(cond).__name__)
+            raise UsageError(f"cond must be a float32 array [N, 3, H, W], got {got}")
+        cond = np.ascontiguousarray(cond, dtype=np.float32)
+        n, _, h, w = cond.shape
+        if n < 1 or h < 1 or w < 1:
+            raise UsageError(f"cond is empty: {cond.shape}")
+        hp, wp = self._padded_size(h, w)
+        cond_p = pad_reflect(cond, hp, wp)
+        with self._lock:
+            noise = self._initial_noise(hp, wp)
+            tile = self._tile_size(hp, wp)
+            if tile is None:
+                x_0 = np.empty_like(cond_p)
+                for j in range(0, n, self._batch):
+                    self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch])
+            else:
+                x_0 = np.stack([self._sample_tiled(c, noise[0], tile) for c in cond_p])
+        return np.ascontiguousarray(x_0[:, :, :h, :w])
+
+    def _padded_size(self, h: int, w: int) -> tuple[int, int]:
+        m = self.size_multiple
+        hp, wp = -(-h // m) * m, -(-w // m) * m
+        lim = self._backend.limits
+        if lim is not None:  # a TensorRT profile has a minimum size too
+            hp, wp = max(hp, lim.min_size[0]), max(wp, lim.min_size[1])
+        return hp, wp
+
+    def _tile_size(self, hp: int, wp: int) -> tuple[int, int] | None:
+        if self._tile is not None:
+            return (self._tile, self._tile)
+        lim = self._backend.limits
+        if lim is not None and (hp > lim.max_size[0] or wp > lim.max_size[1]):
+            if self._overlap >= min(lim.max_size):
+                raise UsageError(f"overlap {self._overlap} must be smaller than the tile {min(lim.max_size)}")
+            return lim.max_size
+        return None
+
+    def _initial_noise(self, hp: int, wp: int) -> np.ndarray:
+        """x_T for one frame, [1, 3, Hp, Wp]; the same for every frame of that padded size."""
+        key = (hp, wp)
+        noise = self._noise.get(key)
+        if noise is None:
+            noise = initial_noise((1, 3, hp, wp), self._seed)
+            noise.flags.writeable = False
+            self._noise[key] = noise
+            while len(self._noise) > _NOISE_CACHE_SIZE:
+                self._noise.popitem(last=False)
+        else:
+            self._noise.move_to_end(key)
+        return noise
+
+    def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray) -> None:
+        """Frames that fit the engine: bind once per shape, S steps in the backend, copy out."""
+        be = self._backend
+        n, _, hp, wp = cond_p.shape
+        be.bind(n, hp, wp)
+        be.set_cond(cond_p)
+        be.set_x(np.broadcast_to(noise, cond_p.shape))
+        be.run()
+        be.get_x(out)
+
+    def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
+        """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step."""
+        be = self._backend
+        _, hp, wp = cond_p.shape
+        key = (hp, wp, tile, self._overlap)
+        blender = self._blenders.get(key)
+        if blender is None:
+            blender = self._blenders[key] = TileBlender(
+                plan_tiles(hp, wp, tile, self._overlap, multiple=self.size_multiple))
+        plan = blender.plan
+        k = len(plan)
+        b = min(self._batch, k)
+        chunks = [list(range(j, min(j + b, k))) for j in range(0, k, b)]
+        shape = (b, 3, plan.tile_h, plan.tile_w)
+        be.bind(b, plan.tile_h, plan.tile_w)
+        tiles_in, tiles_out = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+        cond_tiles = np.zeros(shape, np.float32)
+        if len(chunks) == 1:  # every tile in one batch: the condition is uploaded once
+            be.set_cond(blender.cut(cond_p, cond_tiles, chunks[0]))
+        canvas = noise.copy()
+        acc = np.zeros_like(canvas)
+        for i in range(self._steps):
+            acc.fill(0.0)
+            for chunk in chunks:
+                if len(chunks) > 1:
+                    be.set_cond(blender.cut(cond_p, cond_tiles, chunk))
+                be.set_x(blender.cut(canvas, tiles_in, chunk))
+                be.run_step(i)
+                be.get_x(tiles_out)
+                blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
+            canvas, acc = acc, canvas
+        return canvas
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        with self._lock:
+            self._backend.close()
+            self._noise.clear()
+            self._blenders.clear()
+
+    def __enter__(self) -> Derainer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Derainer({self.artifact.name!r}, backend={self.backend_name!r}, steps={self._steps}, "
+                f"seed={self._seed}, tile={self._tile}, overlap={self._overlap}, batch={self._batch})")
