@@ -82,5 +82,6 @@ EXIT_CODES = {
     5: "verification failed (export does not match the torch reference)",
     6: "missing optional dependency",
     7: "partial failure: some files of a batch failed (see the report)",
-    130: "interrupted (Ctrl-C)",
+    130: "interrupted (Ctrl-C / SIGINT); no partial or temporary files are left",
+    143: "terminated (SIGTERM); no partial or temporary files are left",
 }

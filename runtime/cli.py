@@ -1,0 +1,726 @@
+"""``rd-run``: derain photos, videos and camera streams with an exported model (no PyTorch needed).
+
+A thin typer app: each command parses its options and calls the library (runtime.batch,
+runtime.video, runtime.evaluate, runtime.bench, runtime.stream). Progress and messages go to
+stderr; ``--json`` puts the machine-readable result on stdout. Every toolkit error becomes one
+line ``rd-run: error: ...`` and its exit code (``--debug`` shows the traceback instead).
+
+Tests (and embedders) replace ``derainer_factory`` to run without a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
+from runtime.io import DEFAULT_MAX_PIXELS
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.onnx"}
+
+
+def _default_derainer_factory(artifact: str | Path | None = None, **options: Any):
+    if artifact is None and not DEFAULT_MODELS["fp32"].is_file():
+        raise ArtifactError(f"no default model is installed ({DEFAULT_MODELS['fp32']} is missing); pass "
+                            f"--engine model.onnx (made with 'rd-export build checkpoint.pt')")
+    from runtime.derainer import Derainer
+
+    return Derainer(artifact, **options)
+
+
+#: ``factory(artifact_or_None, *, steps, seed, tile, overlap, device, threads, batch) -> Derainer``.
+#: Replaced by tests (a fake derainer) and by embedders; None = the model shipped in the package.
+derainer_factory: Callable[..., Any] = _default_derainer_factory
+
+_EXIT_EPILOG = "\b\nExit codes:\n" + "\n".join(f"  {code:>3}  {text}" for code, text in EXIT_CODES.items())
+
+app = typer.Typer(
+    name="rd-run",
+    help="Derain photos, videos and camera streams with a RainDiffusion model (CPU or GPU, no PyTorch).\n\n"
+         "Without --engine the model shipped in the package is used.",
+    epilog=_EXIT_EPILOG,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+# --------------------------------------------------------------------------- shared options
+
+EngineOpt = Annotated[Path | None, typer.Option(
+    "--engine", "-e", exists=True, dir_okay=False, readable=True, metavar="ART",
+    help="Model artifact: an .onnx file or a TensorRT .trt.plan, with its .json manifest beside it. "
+         "Default: the model shipped in the package (runtime/assets/default.onnx).")]
+PrecisionOpt = Annotated[Precision | None, typer.Option(
+    "--precision", case_sensitive=False,
+    help="Which shipped model to use when --engine is not given: fp32 (default) or int8 "
+         "(runtime/assets/default.int8.onnx: faster on CPU, slightly lower quality). "
+         "Not combinable with --engine: an artifact's precision is in its manifest.")]
+StepsOpt = Annotated[int | None, typer.Option(
+    "--steps", "-s", min=1, metavar="S",
+    help="DDIM sampling steps. Default: the model's own (manifest 'default_steps', usually 10). "
+         "Fewer is faster and removes less rain.")]
+SeedOpt = Annotated[int, typer.Option(
+    "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output.")]
+TileOpt = Annotated[int | None, typer.Option(
+    "--tile", min=16, metavar="P",
+    help="Derain in PxP tiles blended over --overlap pixels (P a multiple of the model's size multiple), "
+         "to bound memory. Default: whole frames; frames beyond the engine's shape profile are tiled "
+         "automatically.")]
+OverlapOpt = Annotated[int, typer.Option(
+    "--overlap", min=0, metavar="O", help="Overlap between neighbouring tiles, in pixels (with --tile).")]
+BatchOpt = Annotated[int | None, typer.Option(
+    "--batch", "-b", min=1, metavar="B",
+    help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "
+         "call when tiling). Higher can be faster on a GPU; uses more memory. Default: one frame at a "
+         "time, tiles batched up to the engine's profile.")]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    "--threads", "-t", min=1, metavar="T", help="CPU threads for the inference engine. Default: the engine's choice.")]
+DeviceOpt = Annotated[Device | None, typer.Option(
+    "--device", case_sensitive=False,
+    help="Where to run: cpu, or cuda (onnxruntime-gpu, or a TensorRT plan). Default: cpu for .onnx, "
+         "cuda for .plan.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result as JSON on stdout.")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, show the full traceback instead of one line.")]
+MaxPixelsOpt = Annotated[int, typer.Option(
+    "--max-pixels", min=0, metavar="N",
+    help="Refuse images with more than N pixels (a guard against decompression bombs); 0 = no limit. "
+         "Also settable with the environment variable RD_MAX_PIXELS.")]
+
+
+# --------------------------------------------------------------------------- error handling
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C (same cleanup) but exiting 143."""
+
+
+def _say(message: str, kind: str = "error") -> None:
+    text = " ".join(str(message).split("\n")).strip()
+    typer.echo(f"rd-run: {kind}: {text}", err=True)
+
+
+@contextlib.contextmanager
+def _guard(debug: bool, json_out: bool = False) -> Iterator[None]:
+    """Turn toolkit errors into one line on stderr and their exit code (STYLE #11)."""
+    previous = None
+    with contextlib.suppress(ValueError):  # only possible in the main thread
+
+        def on_term(signum: int, frame: Any) -> None:
+            raise _Terminated
+
+        previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, _Terminated) else 130
+        _say("terminated" if code == 143 else "interrupted", "error")
+        raise typer.Exit(code) from None
+    except RDError as e:
+        if debug:
+            raise
+        _say(str(e))
+        if json_out:
+            _emit_json({"error": str(e), "error_type": type(e).__name__, "exit_code": e.exit_code})
+        raise typer.Exit(e.exit_code) from None
+    except Exception as e:
+        if debug:
+            raise
+        _say(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
+        if json_out:
+            _emit_json({"error": str(e), "error_type": type(e).__name__, "exit_code": 1})
+        raise typer.Exit(1) from None
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _emit_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=2, default=str))
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | None:
+    """The artifact to load: ``engine``, the shipped INT8 model, or None (the shipped FP32 default)."""
+    if engine is not None:
+        if precision is not None:
+            raise UsageError("--precision picks one of the shipped models; with --engine the artifact's own "
+                             "precision (from its manifest) applies: drop --precision")
+        return engine
+    if precision is Precision.int8:
+        path = DEFAULT_MODELS["int8"]
+        if not path.is_file():
+            raise ArtifactError(f"--precision int8: the INT8 model {path} is not shipped with this install; "
+                                f"use --precision fp32 or --engine ART")
+        return path
+    return None
+
+
+def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
+                  tile: int | None = None, overlap: int = 32, device: Device | None = None,
+                  threads: int | None = None, batch: int | None = None):
+    if tile is not None and overlap >= tile:
+        raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
+    artifact = resolve_engine(engine, precision)
+    return derainer_factory(artifact, steps=steps, seed=seed, tile=tile, overlap=overlap,
+                            device=device.value if device is not None else None, threads=threads, batch=batch)
+
+
+def engine_info(derainer: Any, engine: Path | None, device: Device | None, threads: int | None) -> dict[str, Any]:
+    manifest = getattr(derainer, "manifest", None)
+    backend = getattr(derainer, "backend", None)
+    artifact = getattr(derainer, "artifact", None) or engine
+    info = {
+        "artifact": str(artifact) if artifact is not None else "default",
+        "backend": getattr(derainer, "backend_name", None),
+        "precision": getattr(manifest, "precision", None),
+        "steps": getattr(derainer, "steps", None),
+        "device": getattr(backend, "device", None) or getattr(derainer, "device", None)
+        or (device.value if device is not None else None),
+        "threads": getattr(backend, "threads", None) or getattr(derainer, "threads", None) or threads,
+    }
+    providers = getattr(backend, "providers", None)
+    if providers is not None:
+        with contextlib.suppress(Exception):
+            info["providers"] = list(providers() if callable(providers) else providers)
+    return info
+
+
+def _close(derainer: Any) -> None:
+    close = getattr(derainer, "close", None)
+    if callable(close):
+        with contextlib.suppress(Exception):
+            close()
+
+
+# --------------------------------------------------------------------------- derain
+
+
+class _RichBatchObserver:
+    """Progress bar on stderr (terminals only) and one line per failure or warning (always)."""
+
+    def __init__(self, console, show_bar: bool) -> None:
+        self.console = console
+        self.progress = None
+        self.files_task = self.frames_task = None
+        if show_bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), console=console, transient=True)
+
+    def __enter__(self):
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def start(self, total: int) -> None:
+        if self.progress is not None:
+            self.files_task = self.progress.add_task("files", total=total)
+
+    def file_started(self, item, index: int) -> None:
+        if self.progress is None:
+            return
+        self.progress.update(self.files_task, description=f"{item.source.name[:40]}")
+        if self.frames_task is not None:
+            self.progress.remove_task(self.frames_task)
+            self.frames_task = None
+
+    def frames(self, done: int, total: int | None) -> None:
+        if self.progress is None:
+            return
+        if self.frames_task is None:
+            self.frames_task = self.progress.add_task("  frames", total=total)
+        self.progress.update(self.frames_task, completed=done)
+
+    def file_done(self, result) -> None:
+        for w in result.warnings:
+            self._line(f"rd-run: warning: {w}")
+        if result.status == "failed":
+            self._line(f"rd-run: failed: {result.error}")
+        if self.progress is not None:
+            self.progress.advance(self.files_task)
+
+    def _line(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(text, markup=False, highlight=False)
+        else:
+            typer.echo(text, err=True)
+
+
+@app.command(epilog=_EXIT_EPILOG)
+def derain(
+    inputs: Annotated[list[str], typer.Argument(
+        metavar="INPUT",
+        help="Image or video files, folders, or quoted glob patterns ('in/**/*.jpg'). Folders are read "
+             "top-level only unless --recursive. Images: png jpg jpeg bmp tif tiff webp ppm pgm; "
+             "videos: mp4 mov mkv avi.")],
+    output_dir: Annotated[Path, typer.Option(
+        "--output-dir", "-o", file_okay=False, metavar="OUTDIR",
+        help="Where outputs go: OUTDIR/<name relative to its input folder>, same extension. Created if "
+             "needed. An output directory inside an input folder is never read as input.")],
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    tile: TileOpt = None,
+    overlap: OverlapOpt = 32,
+    batch: BatchOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    recursive: Annotated[bool, typer.Option(
+        "--recursive", "-r",
+        help="Descend into sub-folders of input folders (the folder layout is kept in OUTDIR).")] = False,
+    suffix: Annotated[str, typer.Option(
+        "--suffix", metavar="TEXT",
+        help="Add TEXT to each output name before the extension (photo.jpg -> photo_derained.jpg with "
+             "--suffix _derained). Needed when OUTDIR is an input folder.")] = "",
+    skip_existing: Annotated[bool, typer.Option(
+        "--skip-existing",
+        help="Skip inputs whose output already exists (resume an interrupted run). Without it, existing "
+             "outputs are replaced (atomically).")] = False,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Derain images and videos into an output folder.
+
+    Never loses work: each output is written to a hidden temporary file and renamed when complete;
+    an input is never overwritten; a file that fails is reported and the rest go on (exit 7);
+    Ctrl-C stops cleanly (exit 130) and --skip-existing resumes. Alpha channels pass through
+    untouched; grayscale inputs come back grayscale; 16-bit inputs are written as 8-bit (with a
+    warning). Videos keep their frame count, frame rate and audio (needs PyAV: the [video] extra).
+    """
+    from runtime.batch import BatchRunner, discover_inputs
+
+    console = _stderr_console()
+    runner = None
+    with _guard(debug, json_out):
+        if output_dir.exists() and not output_dir.is_dir():
+            raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
+        items, warnings = discover_inputs(inputs, outdir=output_dir, recursive=recursive, suffix=suffix)
+        for w in warnings:
+            _say(w, "warning")
+        if tile is not None and overlap >= tile:
+            raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
+        resolve_engine(engine, precision)  # fail fast on option errors, before any work
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"--output-dir {output_dir}: cannot create it ({e.strerror or e})") from None
+        if not os.access(output_dir, os.W_OK | os.X_OK):
+            raise InputError(f"--output-dir {output_dir}: not writable")
+
+        def factory():
+            return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
+                                 device=device, threads=threads, batch=batch)
+
+        observer = _RichBatchObserver(console, show_bar=console.is_terminal and not debug)
+        runner = BatchRunner(items, output_dir, factory, suffix=suffix, skip_existing=skip_existing,
+                             max_pixels=max_pixels, batch=batch or 1, observer=observer)
+        stopped: KeyboardInterrupt | None = None
+        try:
+            with observer:
+                runner.run()
+        except KeyboardInterrupt as e:
+            stopped = e  # the report so far is still printed (and --json emitted) below
+        try:
+            code = _finish_derain(runner, engine, device, threads, json_out, console,
+                                  terminated=isinstance(stopped, _Terminated))
+        finally:
+            _close(runner._derainer)
+        if stopped is not None:
+            raise typer.Exit(143 if isinstance(stopped, _Terminated) else 130)
+    raise typer.Exit(code)
+
+
+def _finish_derain(runner, engine, device, threads, json_out: bool, console, terminated: bool = False) -> int:
+    report = runner.report
+    t = report.totals()
+    if report.interrupted:
+        what = "terminated" if terminated else "interrupted"
+        _say(f"{what} after {t['ok']} ok, {t['skipped']} skipped, {t['failed']} failed of {t['files']}; "
+             f"no partial files left; rerun with --skip-existing to resume", "error")
+    else:
+        typer.echo(f"rd-run: {t['files']} files: {t['ok']} ok, {t['skipped']} skipped, {t['failed']} failed "
+                   f"in {t['seconds']:.1f} s", err=True)
+    if json_out:
+        out = {"command": "derain", "version": _version(), "output_dir": str(runner.outdir)}
+        d = report.to_dict()
+        out.update(d)
+        if terminated:
+            out["exit_code"] = 143
+        if runner._derainer is not None:
+            out["engine"] = engine_info(runner._derainer, engine, device, threads)
+        _emit_json(out)
+    return report.exit_code
+
+
+# --------------------------------------------------------------------------- eval
+
+
+@app.command("eval", epilog=_EXIT_EPILOG)
+def eval_cmd(
+    rainy: Annotated[Path, typer.Option("--rainy", exists=True, file_okay=False, metavar="DIR",
+                                        help="Folder of rainy images.")],
+    clean: Annotated[Path, typer.Option("--clean", exists=True, file_okay=False, metavar="DIR",
+                                        help="Folder of the clean ground truth; pairs are matched by file "
+                                             "name stem (rain/12.jpg <-> clean/12.png).")],
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    tile: TileOpt = None,
+    overlap: OverlapOpt = 32,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    save: Annotated[Path | None, typer.Option(
+        "--save", file_okay=False, metavar="DIR",
+        help="Also write a side-by-side PNG panel per pair (rainy | derained | clean) into DIR.")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, metavar="N",
+                                              help="Evaluate only the first N pairs (natural name order).")] = None,
+    max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """PSNR and SSIM on the Y channel (BT.601), per pair and mean, as deraining papers report them.
+
+    Next to the model's scores it prints two baselines: the rainy input as is, and the rainy input
+    after its best global brightness shift ('matched'). Rain brightens images, so darkening alone
+    beats the raw input; claim deraining only above 'matched'. Files without a partner are listed;
+    a pair that cannot be scored is reported and the rest go on (exit 7).
+    """
+    from runtime.evaluate import EvalReport, evaluate, pair_folders
+
+    console = _stderr_console()
+    report = EvalReport()
+    with _guard(debug, json_out):
+        pairs, problems = pair_folders(rainy, clean)
+        for p in problems:
+            _say(p, "warning")
+        report.problems = problems
+        if limit is not None:
+            pairs = pairs[:limit]
+        if not pairs:
+            raise InputError(f"no rainy/clean pairs in {rainy} and {clean} (pairs are matched by file name stem)")
+        derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
+                                 device=device, threads=threads)
+
+        def on_pair(s) -> None:  # the table goes to stdout, unless stdout carries the JSON
+            if s.status == "failed":
+                _say(s.error, "failed")
+            else:
+                typer.echo(f"{s.name:>12}  derained {s.psnr:6.2f} dB {s.ssim:.4f}   rainy {s.psnr_rainy:6.2f} dB "
+                           f"{s.ssim_rainy:.4f}   matched {s.psnr_matched:6.2f} dB {s.ssim_matched:.4f}", err=json_out)
+
+        stopped: KeyboardInterrupt | None = None
+        try:
+            evaluate(pairs, derainer, save_dir=save, max_pixels=max_pixels, on_pair=on_pair, report=report)
+        except KeyboardInterrupt as e:
+            stopped = e
+        try:
+            code = _finish_eval(report, derainer, engine, device, threads, json_out, console)
+        finally:
+            _close(derainer)
+        if stopped is not None:
+            raise typer.Exit(143 if isinstance(stopped, _Terminated) else 130)
+    raise typer.Exit(code)
+
+
+def _finish_eval(report, derainer, engine, device, threads, json_out: bool, console) -> int:
+    m = report.means()
+
+    def f(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    n = len(report.scored)
+    typer.echo(f"{'mean':>12}  derained {f(m['psnr'], '6.2f')} dB {f(m['ssim'], '.4f')}   "
+               f"rainy {f(m['psnr_rainy'], '6.2f')} dB {f(m['ssim_rainy'], '.4f')}   "
+               f"matched {f(m['psnr_matched'], '6.2f')} dB {f(m['ssim_matched'], '.4f')}   ({n} pairs, PSNR/SSIM "
+               f"on Y; matched = the rainy input after its best global brightness shift)", err=json_out)
+    if m.get("psnr_gain_over_matched") is not None:
+        typer.echo(f"gain over the brightness-matched input: {m['psnr_gain_over_matched']:+.2f} dB "
+                   f"(over the raw input: {m['psnr_gain_over_rainy']:+.2f} dB)", err=json_out)
+    if json_out:
+        out = {"command": "eval", "version": _version(), "engine": engine_info(derainer, engine, device, threads)}
+        out.update(report.to_dict())
+        _emit_json(out)
+    return report.exit_code
+
+
+# --------------------------------------------------------------------------- bench
+
+
+@app.command(epilog=_EXIT_EPILOG)
+def bench(
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+    size: Annotated[str, typer.Option("--size", metavar="WxH",
+                                      help="Frame size WIDTHxHEIGHT (a random frame of that size).")] = "512x512",
+    steps: StepsOpt = None,
+    batch: Annotated[int, typer.Option("--batch", "-b", min=1, metavar="B",
+                                       help="Frames per call (derain_batch when > 1).")] = 1,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, metavar="N",
+                                        help="Untimed calls first (engine warm-up, allocations).")] = 2,
+    runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed calls.")] = 10,
+    tile: TileOpt = None,
+    overlap: OverlapOpt = 32,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure latency per frame and per step (min / median / p95), frames per second and peak memory.
+
+    Step latency is the frame latency divided by the number of steps. Peak memory is the process's
+    peak resident set size (model loading included).
+    """
+    from runtime.bench import parse_size, run_bench
+
+    with _guard(debug, json_out):
+        width, height = parse_size(size)
+        derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
+                                 threads=threads, batch=batch)
+        try:
+            result = run_bench(derainer, width=width, height=height, batch=batch, warmup=warmup, runs=runs,
+                               steps=steps)
+            result.update({"engine": engine_info(derainer, engine, device, threads)})
+        finally:
+            _close(derainer)
+        info = result["engine"]
+        result.update(backend=info["backend"], device=info["device"], threads=info["threads"],
+                      precision=info["precision"], version=_version())
+        if json_out:
+            _emit_json(result)
+        else:
+            rss = result["peak_rss_mib"]
+            typer.echo(
+                f"{info['backend'] or 'engine'} on {info['device']} ({info['threads'] or 'default'} threads), "
+                f"{size}, batch {batch}, {result['steps']} steps, {runs} runs\n"
+                f"  frame: min {result['frame_min_ms']:.1f}  median {result['frame_median_ms']:.1f}  "
+                f"p95 {result['frame_p95_ms']:.1f} ms   ({result['fps']:.2f} fps)\n"
+                f"  step:  min {result['step_min_ms']:.2f}  median {result['step_median_ms']:.2f}  "
+                f"p95 {result['step_p95_ms']:.2f} ms\n"
+                f"  peak RSS: {'n/a' if rss is None else f'{rss:.0f} MiB'}")
+
+
+# --------------------------------------------------------------------------- stream
+
+
+@app.command(epilog=_EXIT_EPILOG)
+def stream(
+    source: Annotated[str, typer.Option(
+        "--source", metavar="SRC",
+        help="Camera index (0), stream URL (rtsp://..., http://...) or a video file.")] = "0",
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    tile: TileOpt = None,
+    overlap: OverlapOpt = 32,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", dir_okay=False, metavar="FILE",
+        help="Record the derained frames to FILE (.mp4 or .avi), at the source's frame rate. "
+             "Kept when you press Ctrl-C.")] = None,
+    display: Annotated[bool, typer.Option("--display", help="Show the derained frames in a window (q quits; "
+                                                            "needs opencv-python with GUI support).")] = False,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", min=1, metavar="N",
+                                                   help="Stop after N derained frames.")] = None,
+    drop: Annotated[bool | None, typer.Option(
+        "--drop/--no-drop",
+        help="Drop frames the model cannot keep up with, always deraining the newest one. Default: drop "
+             "for cameras and URLs, not for files.")] = None,
+    max_reconnects: Annotated[int | None, typer.Option(
+        "--max-reconnects", min=0, metavar="N",
+        help="Give up after N reconnect attempts when a live source drops (backoff 0.5 s doubling to 8 s). "
+             "Default: retry forever.")] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Derain a camera or stream live: a capture thread keeps only the newest frame, the model derains
+    it, the rate is shown on stderr. Reconnects when a live source drops. Needs OpenCV (the [stream] extra).
+    """
+    from runtime.stream import run_stream
+
+    interactive = sys.stderr.isatty()
+    last_line = [0.0]
+
+    def on_status(s) -> None:  # about once a second: a live line on a terminal, every 10 s in a log
+        line = (f"stream: {s.frames} frames, {s.fps:.2f} fps (derain {s.derain_ms_mean:.0f} ms), "
+                f"dropped {s.dropped}, reconnects {s.reconnects}")
+        if interactive:
+            sys.stderr.write("\r" + line + "  ")
+            sys.stderr.flush()
+        elif s.seconds - last_line[0] >= 10:
+            last_line[0] = s.seconds
+            typer.echo(f"rd-run: {line}", err=True)
+
+    with _guard(debug, json_out):
+        derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
+                                 device=device, threads=threads)
+        meta = engine_info(derainer, engine, device, threads)
+        try:
+            stats = run_stream(source, derainer, out=out, display=display, max_frames=max_frames, drop=drop,
+                               max_reconnects=max_reconnects, on_status=on_status,
+                               on_event=lambda msg: _say(msg, "warning"))
+        finally:
+            _close(derainer)
+        if interactive:
+            sys.stderr.write("\n")
+        typer.echo(f"rd-run: stream: {stats.frames} frames in {stats.seconds:.1f} s ({stats.fps:.2f} fps, derain "
+                   f"{stats.derain_ms_mean:.0f} ms/frame), dropped {stats.dropped}, reconnects {stats.reconnects}"
+                   + (f", saved {stats.output}" if stats.output else ""), err=True)
+        if stats.error:
+            _say(stats.error)
+        if json_out:
+            d = {"command": "stream", "version": _version(), "source": source, "engine": meta}
+            d.update(stats.to_dict())
+            _emit_json(d)
+        if stats.interrupted:
+            raise typer.Exit(130)
+        if stats.error:
+            raise typer.Exit(3)
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _version(dist: str = "raindiffusion-edge") -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def collect_info() -> dict[str, Any]:
+    import importlib.util
+
+    from runtime import __version__
+
+    versions: dict[str, str | None] = {"raindiffusion-edge": __version__, "python": platform.python_version()}
+    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "av",
+                 "opencv-python-headless", "opencv-python", "scikit-image", "typer", "rich"):
+        versions[dist] = _version(dist)
+    backends: dict[str, Any] = {}
+    if importlib.util.find_spec("onnxruntime") is not None:
+        try:
+            import onnxruntime as ort
+
+            backends["onnxruntime"] = {"available": True, "providers": ort.get_available_providers()}
+        except Exception as e:
+            backends["onnxruntime"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
+    else:
+        backends["onnxruntime"] = {"available": False, "install": "pip install onnxruntime"}
+    backends["tensorrt"] = {"available": importlib.util.find_spec("tensorrt") is not None,
+                            "install": "pip install 'raindiffusion-edge[trt]'"}
+    optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
+                "stream (OpenCV)": importlib.util.find_spec("cv2") is not None}
+    models: dict[str, Any] = {}
+    for precision, path in DEFAULT_MODELS.items():
+        entry: dict[str, Any] = {"path": str(path), "installed": path.is_file()}
+        if path.is_file():
+            try:
+                from runtime.manifest import Manifest
+
+                m = Manifest.for_artifact(path)
+                entry.update(precision=m.precision, model=m.model, format=m.format, sha256=m.sha256[:16],
+                             default_steps=m.default_steps, toolkit_version=m.toolkit_version,
+                             size_multiple=m.descriptor.get("size_multiple"), created=m.get("created"))
+            except RDError as e:
+                entry["error"] = str(e)
+        models[precision] = entry
+    return {"versions": versions, "platform": platform.platform(), "backends": backends,
+            "optional": optional, "default_models": models, "exit_codes": {str(k): v for k, v in EXIT_CODES.items()}}
+
+
+@app.command(epilog=_EXIT_EPILOG)
+def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """Versions, available inference backends and providers, and the shipped model's manifest."""
+    with _guard(debug, json_out):
+        data = collect_info()
+        if json_out:
+            _emit_json(data)
+            return
+        lines = ["versions:"]
+        lines += [f"  {k}: {v}" for k, v in data["versions"].items() if v is not None]
+        lines.append(f"platform: {data['platform']}")
+        lines.append("backends:")
+        for name, b in data["backends"].items():
+            extra = f" providers: {', '.join(b['providers'])}" if b.get("providers") else ""
+            lines.append(f"  {name}: {'yes' if b['available'] else 'no'}{extra}")
+        lines.append("optional: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in data["optional"].items()))
+        lines.append("default models:")
+        for precision, m in data["default_models"].items():
+            if not m["installed"]:
+                lines.append(f"  {precision}: not installed ({m['path']})")
+            elif "error" in m:
+                lines.append(f"  {precision}: {m['path']}: {m['error']}")
+            else:
+                lines.append(f"  {precision}: {m['path']} ({m['model']}, {m['format']} {m['precision']}, "
+                             f"{m['default_steps']} steps, sha256 {m['sha256']}...)")
+        typer.echo("\n".join(lines))
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        from runtime import __version__
+
+        typer.echo(f"rd-run {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                                help="Show the version and exit.")] = False) -> None:
+    """Derain photos, videos and camera streams with a RainDiffusion model (CPU or GPU, no PyTorch).
+
+    Without --engine the model shipped in the package is used.
+    """
+
+
+def main() -> None:  # pragma: no cover - console-script style entry for `python -m runtime.cli`
+    app(prog_name="rd-run")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

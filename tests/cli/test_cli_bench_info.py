@@ -1,0 +1,78 @@
+"""rd-run bench / info / --help with a FAKE derainer."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+
+import runtime.cli as cli
+
+
+def test_bench_json_keys(rd_run, fake_factory):
+    r = rd_run("bench", "--size", "40x24", "--runs", "3", "--warmup", "1", "--steps", "5", "--threads", "2", "--json")
+    assert r.code == 0, r
+    j = r.json
+    for key in ("step_min_ms", "step_median_ms", "step_p95_ms", "frame_min_ms", "frame_median_ms", "frame_p95_ms",
+                "fps", "peak_rss_mib", "backend", "device", "threads", "steps", "batch", "runs", "warmup", "size"):
+        assert key in j, key
+    assert j["backend"] == "fake" and j["threads"] == 2 and j["steps"] == 5 and j["size"] == "40x24"
+    assert j["step_median_ms"] == pytest.approx(j["frame_median_ms"] / 5)
+    assert j["frame_min_ms"] <= j["frame_median_ms"] <= j["frame_p95_ms"]
+    assert j["peak_rss_mib"] > 10 and j["fps"] > 0
+    assert fake_factory[0].frames == 4  # warmup + runs
+
+
+def test_bench_batch_and_text_output(rd_run, fake_factory):
+    r = rd_run("bench", "--size", "16", "--runs", "2", "--warmup", "0", "--batch", "3")
+    assert r.code == 0, r
+    assert "frame: min" in r.stdout and "fps" in r.stdout and "peak RSS" in r.stdout
+    assert fake_factory[0].batch_calls == 2 and fake_factory[0].frames == 6
+
+
+@pytest.mark.parametrize("size", ["big", "0x10", "10x"])
+def test_bench_bad_size_is_usage_error(rd_run, size):
+    r = rd_run("bench", "--size", size)
+    assert r.code == 2 and r.stderr.startswith("rd-run: error: --size")
+
+
+def test_info(rd_run):
+    r = rd_run("info", "--json")
+    assert r.code == 0, r
+    j = r.json
+    assert j["versions"]["raindiffusion-edge"] and j["versions"]["numpy"]
+    assert "onnxruntime" in j["backends"] and "fp32" in j["default_models"]
+    assert j["exit_codes"]["7"].startswith("partial failure")
+    r = rd_run("info")
+    assert r.code == 0 and "default models:" in r.stdout and "backends:" in r.stdout
+
+
+def test_version(rd_run):
+    r = rd_run("--version")
+    assert r.code == 0 and r.stdout.startswith("rd-run ")
+
+
+def test_help_explains_every_option_and_lists_exit_codes(rd_run):
+    group = typer.main.get_command(cli.app)
+    for name, command in group.commands.items():
+        for param in command.params:
+            if param.param_type_name == "option":
+                assert (param.help or "").strip(), f"rd-run {name} {param.opts[0]} has no help"
+        r = rd_run(name, "--help")
+        assert r.code == 0
+        for code in ("  7  partial failure", "130  interrupted"):
+            assert code in r.stdout, (name, r.stdout)
+
+
+def test_rd_run_never_imports_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, runtime.cli, runtime.batch, runtime.video, runtime.evaluate, runtime.bench, runtime.stream\n"
+        "from typer.testing import CliRunner\n"
+        "assert CliRunner().invoke(runtime.cli.app, ['info', '--json']).exit_code == 0\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'rd_export'))\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
