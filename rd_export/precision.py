@@ -1,0 +1,77 @@
+"""Precision table of the exporter: one row per precision, nothing precision-specific elsewhere.
+
+Every precision is an ONNX artifact derived from the verified FP32 ONNX (precision lives in the
+ONNX: TensorRT 11 builds strongly typed networks only, DESIGN.md), plus the thresholds its
+verification must meet. INT8 plugs in with :func:`register_precision` (``rd_export.int8`` /
+``calibration/`` add a row whose ``derive`` takes ``calib=DIR``) and the CLI picks it up.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runtime.errors import UsageError
+
+__all__ = ["PrecisionSpec", "PRECISIONS", "register_precision", "get_precision", "onnx_name", "plan_name"]
+
+
+@dataclass(frozen=True)
+class PrecisionSpec:
+    name: str
+    #: inserted before ".onnx": model.onnx, model.fp16.onnx, model.int8.onnx
+    suffix: str
+    #: "module:function" deriving this precision's ONNX from the verified FP32 ONNX, called as
+    #: ``derive(fp32_onnx, out=path, **options) -> Path`` (it verifies before returning);
+    #: None for fp32, which is the export itself.
+    derive: str | None
+    #: what verification compares against: "torch" (the checkpoint) or "fp32" (the FP32 ONNX)
+    reference: str
+    #: end-to-end PSNR of the derained image vs the reference (dB, peak 2 on [-1, 1])
+    min_psnr_db: float
+    #: per-step max |x_next - reference| at low/middle/high t; None = not checked
+    max_step_abs: float | None
+    #: extra options derive() requires (e.g. ("calib",) for INT8); the CLI checks them
+    requires: tuple[str, ...] = ()
+    description: str = ""
+
+    def derive_fn(self) -> Callable[..., Path]:
+        if self.derive is None:
+            raise UsageError(f"precision {self.name} is the export itself; nothing to derive")
+        module, func = self.derive.split(":")
+        return getattr(importlib.import_module(module), func)
+
+
+PRECISIONS: dict[str, PrecisionSpec] = {}
+
+
+def register_precision(spec: PrecisionSpec) -> None:
+    PRECISIONS[spec.name] = spec
+
+
+register_precision(PrecisionSpec(
+    name="fp32", suffix="", derive=None, reference="torch", min_psnr_db=60.0, max_step_abs=1e-4,
+    description="the exported graph, verified against the torch EMA estimator"))
+register_precision(PrecisionSpec(
+    name="fp16", suffix=".fp16", derive="rd_export.fp16:make_fp16", reference="fp32", min_psnr_db=40.0,
+    max_step_abs=None,
+    description="FP16 weights/activations with FP32 I/O and FP32 islands (rd_export.fp16.ISLANDS)"))
+
+
+def get_precision(name: str) -> PrecisionSpec:
+    try:
+        return PRECISIONS[str(name)]
+    except KeyError:
+        raise UsageError(f"precision {name!r} is not supported; choose one of {', '.join(PRECISIONS)}") from None
+
+
+def onnx_name(stem: str, precision: str) -> str:
+    """``model`` + fp16 -> ``model.fp16.onnx`` (manifest ``model.fp16.json``)."""
+    return f"{stem}{get_precision(precision).suffix}.onnx"
+
+
+def plan_name(onnx_path: str | Path) -> str:
+    """``model.fp16.onnx`` -> ``model.fp16.trt.plan`` (manifest ``model.fp16.trt.json``; CONTRACTS.md)."""
+    return f"{Path(onnx_path).name.removesuffix('.onnx')}.trt.plan"
