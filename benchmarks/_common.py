@@ -1,0 +1,54 @@
+"""Shared helpers of the benchmark scripts: locating the model, a real input frame, timing."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("RD_DATA", REPO.parent / "shared" / "data"))
+DEFAULT_CKPT = REPO / "training" / "assets" / "default.pt"
+DEFAULT_ONNX = REPO / "runtime" / "assets" / "default.onnx"
+DEFAULT_INT8 = REPO / "runtime" / "assets" / "default.int8.onnx"
+EXAMPLE = REPO / "examples" / "rainy_street.jpg"
+
+
+def real_frame(height: int, width: int) -> np.ndarray:
+    """A real rainy photo (shared data if present, else the shipped example) resized to HxW."""
+    from PIL import Image
+
+    rainy = DATA / "unpaired" / "rainy_real" / "22.jpg"
+    src = rainy if rainy.is_file() else EXAMPLE
+    with Image.open(src) as im:
+        return np.asarray(im.convert("RGB").resize((width, height), Image.BICUBIC))
+
+
+def median_ms(fn, *, runs: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"min_ms": times[0], "median_ms": statistics.median(times),
+            "p95_ms": times[min(len(times) - 1, round(0.95 * (len(times) - 1)))], "runs": runs}
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0]}
