@@ -286,8 +286,11 @@ class Derainer:
     def _tile_size(self, hp: int, wp: int) -> tuple[int, int] | None:
         if self._tile is not None:
             return (self._tile, self._tile)
-        lim = self._backend.limits
-        if lim is not None and (hp > lim.max_size[0] or wp > lim.max_size[1]):
+        # An engine's profile bounds what it accepts; onnxruntime accepts any shape, but frames
+        # beyond the manifest's profile are tiled too, which bounds memory (the lowest-level
+        # self-attention is quadratic in the pixel count) and keeps time per pixel flat.
+        lim = self._backend.limits or self.manifest.step_descriptor.profile
+        if hp > lim.max_size[0] or wp > lim.max_size[1]:
             if self._overlap >= min(lim.max_size):
                 raise UsageError(f"overlap {self._overlap} must be smaller than the tile {min(lim.max_size)}")
             return lim.max_size

@@ -1,0 +1,117 @@
+"""Golden numbers of the DDIM schedule (runtime.schedule), and training's use of it."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+
+T = 1000
+
+
+def beta(s: int) -> float:
+    """beta_s of the linear schedule, 1-based, computed independently of numpy.linspace."""
+    return 1e-4 + (s - 1) * (0.02 - 1e-4) / (T - 1)
+
+
+def alpha_bar(t: int) -> float:
+    return math.prod(1.0 - beta(s) for s in range(1, t + 1))
+
+
+def test_tau_lists_are_golden():
+    sched = DDIMSchedule()
+    assert sched.set_timesteps(10).tolist() == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert sched.next_timesteps.tolist() == [801, 701, 601, 501, 401, 301, 201, 101, 1, 0]
+    assert sched.set_timesteps(25).tolist() == [
+        961, 921, 881, 841, 801, 761, 721, 681, 641, 601, 561, 521, 481,
+        441, 401, 361, 321, 281, 241, 201, 161, 121, 81, 41, 1]
+    assert sched.next_timesteps.tolist()[-2:] == [1, 0]
+    assert sched.set_timesteps(1).tolist() == [1]
+    assert sched.set_timesteps(1000).tolist() == list(range(1000, 0, -1))
+
+
+@pytest.mark.parametrize("t", [1, 2, 101, 500, 901, 1000])
+def test_alpha_bar_matches_independent_product(t):
+    sched = DDIMSchedule()
+    assert sched.alpha_bar[0] == 1.0
+    assert sched.alpha_bar.shape == (T + 1,)
+    assert sched.alpha_bar[t] == pytest.approx(alpha_bar(t), rel=1e-12)
+    assert sched.betas[t - 1] == pytest.approx(beta(t), rel=1e-12)
+
+
+def test_alpha_bar_golden_values():
+    sched = DDIMSchedule()
+    assert sched.alpha_bar[1] == pytest.approx(0.9999, rel=1e-12)
+    assert sched.alpha_bar[1000] == pytest.approx(4.0358297653756754e-05, rel=1e-9)
+    assert sched.alpha_bar[500] == pytest.approx(0.07858724288177821, rel=1e-9)
+
+
+@pytest.mark.parametrize("t,t_next", [(901, 801), (101, 1), (1, 0), (1000, 960)])
+def test_step_coefficients_are_golden(t, t_next):
+    ab, ab_next = alpha_bar(t), alpha_bar(t_next)
+    expect = [1 / math.sqrt(ab), math.sqrt(1 - ab) / math.sqrt(ab), math.sqrt(ab_next), math.sqrt(1 - ab_next)]
+    got = DDIMSchedule().step_coefficients(t, t_next)
+    np.testing.assert_allclose(got, expect, rtol=1e-11)
+
+
+def test_coefficient_table():
+    sched = DDIMSchedule()
+    sched.set_timesteps(10)
+    coef = sched.coefficients()
+    assert coef.shape == (10, 4) and coef.dtype == np.float32
+    np.testing.assert_allclose(coef[-1, 2:], [1.0, 0.0])  # last step lands on alpha_bar = 1
+    np.testing.assert_allclose(coef[0], sched.step_coefficients(901, 801).astype(np.float32))
+
+
+def test_step_before_set_timesteps_raises():
+    sched = DDIMSchedule()
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        sched.step(np.zeros(3), 901, np.zeros(3))
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        sched.coefficients()
+
+
+@pytest.mark.parametrize("steps", [10, 25])
+def test_full_loop_with_oracle_estimator_recovers_x0(steps):
+    """A dummy estimator returning the true noise makes eta = 0 DDIM exact at every step."""
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-1, 1, (1, 3, 8, 8))
+    eps = rng.standard_normal((1, 3, 8, 8))
+    sched = DDIMSchedule()
+    taus = sched.set_timesteps(steps)
+    x_t = sched.q_sample(x0, int(taus[0]), eps)
+    for t in taus:
+        x_t, x0_hat = sched.step(eps, int(t), x_t)
+        np.testing.assert_allclose(x0_hat, x0, atol=1e-12)
+    np.testing.assert_allclose(x_t, x0, atol=1e-12)
+
+
+def test_initial_noise_is_pcg64():
+    a = initial_noise((1, 3, 4, 4), 7)
+    b = np.random.Generator(np.random.PCG64(7)).standard_normal((1, 3, 4, 4), dtype=np.float32)
+    assert a.dtype == np.float32 and np.array_equal(a, b)
+
+
+def test_training_uses_runtime_alpha_bar():
+    torch = pytest.importorskip("torch")
+    from training.diffusion import alpha_bar_tensor, q_sample
+
+    sched = DDIMSchedule(ScheduleConfig())
+    ab = alpha_bar_tensor()
+    assert ab.dtype == torch.float64
+    assert np.array_equal(ab.numpy(), sched.alpha_bar)  # the same numbers, bit for bit
+    rng = np.random.default_rng(1)
+    x0 = rng.uniform(-1, 1, (3, 3, 4, 4)).astype(np.float32)
+    eps = rng.standard_normal((3, 3, 4, 4)).astype(np.float32)
+    ts = [1, 500, 1000]
+    got = q_sample(torch.from_numpy(x0), torch.tensor(ts), torch.from_numpy(eps), ab).numpy()
+    for i, t in enumerate(ts):
+        np.testing.assert_allclose(got[i], sched.q_sample(x0[i].astype(np.float64), t, eps[i]), atol=1e-6)
+    # and the model's buffer is that table
+    from training.algorithm import RainDiffusion
+    from training.config import model_preset
+
+    assert np.array_equal(RainDiffusion(model_preset("tiny")).alpha_bar.numpy(), sched.alpha_bar)

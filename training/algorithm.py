@@ -1,0 +1,103 @@
+"""Algorithm 1 of RainDiffusion: one training step over the NTB and the DTB.
+
+NTB (non-diffusive translation branch): G_A clean -> rainy, G_B rainy -> clean.
+DTB (diffusive translation branch): eps_A (derain: x | rainy cond) and eps_B (rain generation:
+rainy | clean cond), each a multi-scale noise estimator. One optimiser step updates all of
+theta (generators) and phi (estimators) with the sum of four noise losses and lambda_cyc * L_cyc.
+
+The losses are computed in :meth:`RainDiffusion.forward` so that the whole model can be
+wrapped in DistributedDataParallel (gradients are synchronised only through a wrapped forward).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.config import ModelConfigs, NTBMode
+from training.diffusion import alpha_bar_tensor, noise_loss
+from training.multiscale import MultiScaleEstimator
+from training.unet import UNet
+
+__all__ = ["RainDiffusion", "algorithm1_step", "LOSS_TERMS"]
+
+#: Keys of the dict algorithm1_step returns (besides "id_dist").
+LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn")
+
+
+class RainDiffusion(nn.Module):
+    """The four networks of RainDiffusion plus runtime's alpha_bar table (a buffer)."""
+
+    def __init__(self, configs: ModelConfigs) -> None:
+        super().__init__()
+        self.configs = configs
+        self.G_A = UNet(configs.ntb_unet)  # clean -> rainy
+        self.G_B = UNet(configs.ntb_unet)  # rainy -> clean
+        self.eps_A = MultiScaleEstimator(configs.estimator)  # derain: x | rainy condition
+        self.eps_B = MultiScaleEstimator(configs.estimator)  # rain generation: rainy | clean condition
+        self.register_buffer("alpha_bar", alpha_bar_tensor(configs.schedule), persistent=False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, *, lambda_cyc: float = 1.0, ntb: str = "faithful",
+                lambda_syn: float = 0.0, x_syn: torch.Tensor | None = None,
+                detach_cond: bool = False) -> dict[str, torch.Tensor]:
+        """Losses of Algorithm 1 for a clean batch x and a rainy batch y (both [-1, 1])."""
+        # 3: NTB translations.
+        x_p = self.G_A(x)  # x'  = G_A(x)    clean -> rainy
+        if NTBMode(ntb) is NTBMode.render:
+            # Deviation (--ntb render, issue 8): the rain renderer plays G_A on the clean branch,
+            # so x' is a real rainy version of x and every clean-branch term learns from it.
+            if x_syn is None:
+                raise ValueError("ntb='render' needs x_syn = synthrain(x)")
+            x_p = x_syn
+        x_pp = self.G_B(x_p)  # x'' = G_B(x')   back to clean
+        y_p = self.G_B(y)  # y'  = G_B(y)    rainy -> clean
+        y_pp = self.G_A(y_p)  # y'' = G_A(y')   back to rainy
+
+        def c(v: torch.Tensor) -> torch.Tensor:  # the paper lets the noise losses reach the generators
+            return v.detach() if detach_cond else v
+
+        # 4-5: t ~ U{1..T}, eps ~ N(0, I) and the four noise-prediction losses (inside noise_loss).
+        A_x = noise_loss(self.eps_A, x, c(x_p), self.alpha_bar)  # A: clean x   | rainy x'
+        B_xp = noise_loss(self.eps_B, x_p, c(x_pp), self.alpha_bar)  # B: rainy x'  | clean x''
+        B_y = noise_loss(self.eps_B, y, c(y_p), self.alpha_bar)  # B: rainy y   | clean y'
+        A_yp = noise_loss(self.eps_A, y_p, c(y_pp), self.alpha_bar)  # A: clean y'  | rainy y''
+        # 6: cycle consistency L_cyc = |x'' - x|_1 + |y'' - y|_1.
+        cyc = F.l1_loss(x_pp, x) + F.l1_loss(y_pp, y)
+        loss = A_x + B_xp + B_y + A_yp + lambda_cyc * cyc
+        # Deviation (--ntb synthetic, issue 8): synthetic rain as a weak prior for G_A.
+        syn = torch.zeros((), device=x.device)
+        if NTBMode(ntb) is NTBMode.synthetic:
+            if x_syn is None:
+                raise ValueError("ntb='synthetic' needs x_syn = synthrain(x)")
+            syn = F.l1_loss(x_p, x_syn)
+            loss = loss + lambda_syn * syn
+        # |G_B(y) - y|: how far the derain generator is from identity (a collapse monitor).
+        id_dist = (y_p - y).abs().mean().detach()
+        return {"loss": loss, "A_x": A_x, "B_xp": B_xp, "B_y": B_y, "A_yp": A_yp, "cyc": cyc, "syn": syn,
+                "id_dist": id_dist}
+
+
+def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
+                    lambda_cyc: float = 1.0, ntb: str = "faithful", lambda_syn: float = 0.0,
+                    x_syn: torch.Tensor | None = None, detach_cond: bool = False, grad_clip: float = 0.0,
+                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+    """1-7: one step of Algorithm 1 - losses, backward, ONE optimiser step over theta and phi.
+
+    ``model`` is a :class:`RainDiffusion` or its DDP wrapper. Returns the loss terms as floats.
+    """
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    device_type = x.device.type
+    ctx = (torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None
+           else contextlib.nullcontext())
+    with ctx:
+        terms = model(x, y, lambda_cyc=lambda_cyc, ntb=ntb, lambda_syn=lambda_syn, x_syn=x_syn,
+                      detach_cond=detach_cond)
+    terms["loss"].backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()  # 7: theta, phi <- Adam step
+    return {k: float(v.detach()) for k, v in terms.items()}

@@ -1,0 +1,266 @@
+"""``rd-train``: train RainDiffusion and run the reference sampler.
+
+    rd-train fit --clean DIR --rainy DIR --out RUN_DIR [--config small] [--steps N] ...
+    rd-train sample RUN_DIR/model.pt rainy.png ... -o OUT_DIR [--steps 10]
+    torchrun --nproc_per_node=2 -m training.cli fit ...        (DDP)
+
+Progress goes to stderr; errors are one line on stderr and the error's exit code
+(--debug shows the traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from runtime.errors import RDError, UsageError
+from training.config import NTBMode, Preset
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train RainDiffusion (Algorithm 1) and sample with the torch reference DDIM sampler.")
+_state = {"debug": False}
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Model(str, Enum):
+    derain = "derain"
+    rain = "rain"
+
+
+def _console() -> Console:
+    return Console(stderr=True, soft_wrap=True)
+
+
+def _run(fn):
+    """Turn toolkit errors into one stderr line + exit code (tracebacks with --debug)."""
+    console = _console()
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    previous, warnings.showwarning = warnings.showwarning, showwarning
+    try:
+        return fn()
+    except RDError as e:
+        if _state["debug"]:
+            raise
+        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        if _state["debug"]:
+            raise
+        console.print("[red]interrupted[/]")
+        raise typer.Exit(130) from None
+    finally:
+        warnings.showwarning = previous
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is None:
+        return
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+@app.callback()
+def main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+class RichReporter:
+    """Progress bar + one printed line per logged step (readable in log files too)."""
+
+    def __init__(self, console: Console, enabled: bool = True) -> None:
+        self.console, self.enabled = console, enabled
+        self.progress = Progress(TextColumn("[bold]fit"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                 console=console, transient=False, disable=not enabled)
+        self.task = None
+        self.t0 = time.perf_counter()
+
+    def start(self, start_step, total_steps, info):
+        if not self.enabled:
+            return
+        p = info["params"]
+        self.console.print(
+            f"training on {info['device']} x{info['world_size']}: {info['clean']} clean / {info['rainy']} rainy "
+            f"images, "
+            f"ntb={info['ntb']}, params G={p['G_A']:,} x2, eps={p['eps_A']:,} x2; steps {start_step}->{total_steps}",
+            highlight=False)
+        self.progress.start()
+        self.task = self.progress.add_task("fit", total=total_steps, completed=start_step, info="")
+
+    def advance(self, step):
+        if self.enabled and self.task is not None:
+            self.progress.update(self.task, completed=step)
+
+    def log(self, r):
+        if not self.enabled:
+            return
+        info = f"loss {r['loss']:.4f} |G_B(y)-y| {r['id_dist']:.4f} {r['it_s']:.2f} it/s"
+        self.progress.update(self.task, info=info)
+        eta = r["eta_s"]
+        self.progress.console.print(
+            f"step {r['step']}: loss {r['loss']:.4f} = A(x|x') {r['A_x']:.4f} + B(x'|x'') {r['B_xp']:.4f} + "
+            f"B(y|y') {r['B_y']:.4f} + A(y'|y'') {r['A_yp']:.4f} + cyc {r['cyc']:.4f} + syn {r['syn']:.4f}; "
+            f"|G_B(y)-y| {r['id_dist']:.4f}; {r['it_s']:.3f} it/s; ETA {eta // 3600:.0f}h{eta % 3600 / 60:02.0f}m",
+            highlight=False)
+
+    def validation(self, r):
+        if self.enabled:
+            self.progress.console.print(
+                f"val step {r['step']}: Y PSNR {r['psnr']:.2f} dB / SSIM {r['ssim']:.4f} (rainy input "
+                f"{r['psnr_in']:.2f} dB / {r['ssim_in']:.4f}; brightness-matched input {r['psnr_in_shift']:.2f} dB)",
+                highlight=False)
+
+    def checkpoint(self, path, step):
+        if self.enabled:
+            self.progress.console.print(f"checkpoint step {step}: {path} (+ model.pt)", highlight=False)
+
+    def close(self):
+        if self.enabled:
+            self.progress.stop()
+
+
+@app.command()
+def fit(
+    clean: Annotated[Path, typer.Option(help="Folder of clean images (unpaired).", exists=True, file_okay=False)],
+    rainy: Annotated[Path, typer.Option(help="Folder of rainy images (unpaired).", exists=True, file_okay=False)],
+    out: Annotated[Path, typer.Option(help="Run directory (metrics.jsonl, last.pt, model.pt, config.json).")],
+    config: Annotated[Preset | None, typer.Option(
+        help="Model size: tiny (tests), small (default; shipped CPU model), base (GPU).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        help="Total optimiser steps (a resumed run continues to this). [10000]")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Resume from a last.pt (same data order and RNG).",
+                                                exists=True, dir_okay=False)] = None,
+    device: Annotated[Device, typer.Option(help="cpu or cuda (bf16 autocast on cuda).")] = Device.cpu,
+    val_rainy: Annotated[Path | None, typer.Option(help="Paired validation: rainy folder.", exists=True,
+                                                   file_okay=False)] = None,
+    val_clean: Annotated[Path | None, typer.Option(help="Paired validation: clean folder (same file names).",
+                                                   exists=True, file_okay=False)] = None,
+    ntb: Annotated[NTBMode | None, typer.Option(
+        help="faithful = exactly Algorithm 1 (cycle L1 only; collapses to identity generators in our runs). "
+             "synthetic (default) = documented deviation adding lambda_syn * |G_A(x) - synthrain(x)|_1, "
+             "synthetic rain as a weak prior for G_A. render = documented deviation: the rain renderer "
+             "replaces G_A on the clean branch (x' = synthrain(x)).")] = None,
+    lambda_syn: Annotated[float | None, typer.Option(help="Weight of the synthetic-rain prior. [1.0]")] = None,
+    lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
+    detach_cond: Annotated[bool | None, typer.Option(
+        "--detach-cond/--no-detach-cond",
+        help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
+    scales: Annotated[str | None, typer.Option(
+        help="Estimator scales, comma-separated (ablation): '1', '1,0.5', '1,0.5,0.25' (default).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Random crop size (pixels). [128]")] = None,
+    batch: Annotated[int | None, typer.Option(help="Batch size per process. [4]")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate (betas 0.5, 0.999). [2e-5]")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and synthetic rain. [0]")] = None,
+    ema_decay: Annotated[float | None, typer.Option(help="EMA decay of the estimators. [0.999]")] = None,
+    grad_clip: Annotated[float | None, typer.Option(
+        help="Clip the global grad norm (0 = off; not in the paper). [1.0]")] = None,
+    ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. [500]")] = None,
+    val_every: Annotated[int | None, typer.Option(help="Validate every N steps. [1000]")] = None,
+    val_steps: Annotated[int | None, typer.Option(help="DDIM steps for validation. [10]")] = None,
+    val_size: Annotated[int | None, typer.Option(help="Validation center-crop size. [128]")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Log every N steps. [10]")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        help="torch intra-op CPU threads (default: torch's choice; 1 is faster on a busy machine).")] = None,
+) -> None:
+    """Train RainDiffusion with Algorithm 1 on two unpaired folders."""
+
+    def go():
+        _set_threads(threads)
+        from training.config import model_preset
+        from training.train import fit as fit_run
+        from training.train import resolve_train_config
+
+        overrides = {k: v for k, v in {
+            "steps": steps, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
+            "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
+            "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
+            "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
+        }.items() if v is not None}
+        train = resolve_train_config(resume, overrides, config.value if config else None)
+        models = None
+        if resume is None:
+            try:
+                sc = tuple(float(s) for s in scales.split(",")) if scales else None
+            except ValueError:
+                raise UsageError(f"--scales must be comma-separated numbers like 1,0.5,0.25, got {scales!r}") from None
+            models = model_preset(train.preset, scales=sc)
+        elif scales is not None:
+            raise UsageError("--scales cannot change when resuming (the checkpoint fixes the model)")
+        import os
+
+        rank = int(os.environ.get("RANK", "0"))
+        reporter = RichReporter(_console(), enabled=not quiet and rank == 0)
+        result = fit_run(clean, rainy, out, train=train, models=models, resume=resume, device=device.value,
+                         val_rainy=val_rainy, val_clean=val_clean, reporter=reporter)
+        if rank == 0 and not quiet:
+            _console().print(f"done: step {result.step}; {result.model} (shipped) and {result.last} (resume)",
+                             highlight=False)
+
+    _run(go)
+
+
+@app.command()
+def sample(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint (model.pt or last.pt).", exists=True, dir_okay=False)],
+    inputs: Annotated[list[Path], typer.Argument(help="Image files.", exists=True, dir_okay=False)],
+    out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="Output folder.")],
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 10,
+    model: Annotated[Model, typer.Option(help="derain (eps_A) or rain (eps_B).")] = Model.derain,
+    seed: Annotated[int, typer.Option(help="Seed of x_T (numpy PCG64, same in every backend).")] = 0,
+    raw: Annotated[bool, typer.Option("--raw", help="Use the raw (non-EMA) estimator of a last.pt.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list of outputs on stdout.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch intra-op CPU threads.")] = None,
+) -> None:
+    """Run the reference DDIM sampler (Algorithm 2) on image files."""
+
+    def go():
+        _set_threads(threads)
+        import torch
+
+        from runtime.io import load_rgb, save_image
+        from training.checkpoint import build_estimator, load_checkpoint
+        from training.diffusion import ddim_sample, to_tensor, to_uint8
+
+        ck = load_checkpoint(ckpt)
+        est = build_estimator(ck, model=model.value, ema=not raw)
+        from training.checkpoint import model_configs
+
+        schedule = model_configs(ck).schedule
+        results = []
+        for p in inputs:
+            rgb = load_rgb(p)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                x0 = ddim_sample(est, to_tensor(rgb), steps=steps, seed=seed, schedule_config=schedule)
+            dest = out_dir / f"{p.stem}.png"
+            save_image(dest, to_uint8(x0))
+            results.append({"input": str(p), "output": str(dest), "seconds": round(time.perf_counter() - t0, 3)})
+            _console().print(f"{p} -> {dest} ({results[-1]['seconds']:.2f} s)", highlight=False)
+        if json_out:
+            sys.stdout.write(json.dumps(results) + "\n")
+
+    _run(go)
+
+
+if __name__ == "__main__":  # torchrun --nproc_per_node=2 -m training.cli fit ...
+    app()

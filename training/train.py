@@ -1,0 +1,330 @@
+"""Training driver of RainDiffusion: setup, a few named helpers, one loop (nanoGPT style).
+
+``fit`` trains the four networks with Algorithm 1 (training.algorithm) on two unpaired folders
+and writes into the run directory:
+
+- ``metrics.jsonl``: one JSON record per logged step (every loss term, |G_B(y) - y|, it/s) and
+  one per validation (Y PSNR / SSIM of the EMA derain model next to the rainy input's);
+- ``last.pt``: the full training checkpoint (optimizer, RNG states, sampler position) to resume;
+- ``model.pt``: the stripped checkpoint (configs + generators + EMA estimators), what is
+  shipped and exported;
+- ``config.json``: the configs, for people.
+
+The library never prints: progress goes through a :class:`Reporter` (the CLI's draws a rich bar).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from runtime.errors import CheckpointError, InputError, RDError, UsageError
+from runtime.io import atomic_path, iter_image_files, load_rgb
+from runtime.metrics import brightness_matched, psnr_y, ssim_y
+from training import ddp
+from training.algorithm import RainDiffusion, algorithm1_step
+from training.checkpoint import load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
+from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
+from training.data import UnpairedSampler, load_folder
+from training.diffusion import ddim_sample, to_tensor, to_uint8
+from training.synthrain import rain_batch
+
+__all__ = ["EMA", "Reporter", "FitResult", "fit", "resolve_train_config", "validate", "load_val_pairs"]
+
+
+# ---------------------------------------------------------------------------------------- helpers
+class EMA:
+    """Exponential moving average of the two estimators (used for sampling and export).
+
+    decay_n = min(decay, (1 + n) / (warmup + n)) for the n-th update, so early averages are not
+    dominated by the random initialisation.
+    """
+
+    def __init__(self, model: RainDiffusion, decay: float, warmup: int) -> None:
+        self.decay, self.warmup, self.updates = decay, warmup, 0
+        self.ema_A = copy.deepcopy(model.eps_A).eval().requires_grad_(False)
+        self.ema_B = copy.deepcopy(model.eps_B).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: RainDiffusion) -> None:
+        n = self.updates
+        d = min(self.decay, (1.0 + n) / (self.warmup + n))
+        for ema, live in ((self.ema_A, model.eps_A), (self.ema_B, model.eps_B)):
+            for pe, p in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(p.detach(), 1.0 - d)
+            for be, b in zip(ema.buffers(), live.buffers()):
+                be.copy_(b)
+        self.updates += 1
+
+
+class Reporter:
+    """Progress callbacks of :func:`fit` (no-ops here; the CLI overrides them)."""
+
+    def start(self, start_step: int, total_steps: int, info: dict) -> None: ...
+
+    def advance(self, step: int) -> None: ...
+
+    def log(self, record: dict) -> None: ...
+
+    def validation(self, record: dict) -> None: ...
+
+    def checkpoint(self, path: Path, step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int
+    last: Path
+    model: Path
+    records: list[dict] = field(default_factory=list)
+
+
+def resolve_train_config(resume: Path | None, overrides: dict, preset: str | None = None) -> TrainConfig:
+    """A fresh run: TrainConfig(**overrides). A resumed run: the checkpoint's TrainConfig with the
+    given overrides on top (so resuming continues the same run unless told otherwise)."""
+    if resume is None:
+        if preset is not None:
+            overrides = {**overrides, "preset": preset}
+        return TrainConfig(**overrides)
+    ckpt = load_checkpoint(resume)
+    base = ckpt["config"].get("train")
+    if base is None or "optimizer" not in ckpt or "rng" not in ckpt:
+        raise CheckpointError(f"{resume}: missing key(s) optimizer/rng/config.train: a stripped model.pt cannot be "
+                              f"resumed; use the run's last.pt")
+    if preset is not None and preset != base.get("preset"):
+        raise UsageError(f"--config {preset} differs from the checkpoint's preset {base.get('preset')!r}; "
+                         f"drop --config when resuming")
+    return TrainConfig.from_dict({**base, **overrides})
+
+
+def _rng_state(sampler: UnpairedSampler, syn_gen: torch.Generator, device: torch.device) -> dict:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [py_state[0], list(py_state[1]), py_state[2]],
+        "syn": syn_gen.get_state(),
+        "sampler": sampler.state_dict(),
+    }
+
+
+def _set_rng_state(st: dict, sampler: UnpairedSampler, syn_gen: torch.Generator, device: torch.device) -> None:
+    torch.set_rng_state(st["torch"].cpu())
+    if device.type == "cuda" and st.get("cuda") is not None:
+        torch.cuda.set_rng_state(st["cuda"].cpu(), device)
+    n = st["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    syn_gen.set_state(st["syn"].cpu())
+    sampler.load_state_dict(st["sampler"])
+
+
+def load_val_pairs(rainy_dir: Path, clean_dir: Path, *, size: int, max_images: int) -> list[tuple]:
+    """(name, rainy, clean) uint8 pairs matched by file name, center-cropped to size x size."""
+    clean = {p.name: p for p in iter_image_files(clean_dir)}
+    pairs = []
+    for rp in iter_image_files(rainy_dir):
+        if rp.name not in clean:
+            continue
+        r, c = load_rgb(rp), load_rgb(clean[rp.name])
+        if r.shape != c.shape:
+            continue
+        h, w = r.shape[:2]
+        s = min(size, h, w)
+        top, left = (h - s) // 2, (w - s) // 2
+        pairs.append((rp.name, r[top:top + s, left:left + s].copy(), c[top:top + s, left:left + s].copy()))
+        if len(pairs) >= max_images:
+            break
+    if not pairs:
+        raise InputError(f"no validation pairs: no file name of {rainy_dir} is also in {clean_dir} with the same size")
+    return pairs
+
+
+@torch.no_grad()
+def validate(estimator: nn.Module, pairs: list[tuple], *, steps: int, seed: int, schedule) -> dict:
+    """Mean Y PSNR / SSIM of the DDIM output vs clean, next to the rainy input's (raw and
+    brightness-matched, DESIGN.md)."""
+    out = {"psnr": [], "ssim": [], "psnr_in": [], "ssim_in": [], "psnr_in_shift": []}
+    for i, (_, rainy, clean) in enumerate(pairs):
+        x0 = ddim_sample(estimator, to_tensor(rainy), steps=steps, seed=seed + i, schedule_config=schedule)
+        pred = to_uint8(x0)
+        out["psnr"].append(psnr_y(pred, clean))
+        out["ssim"].append(ssim_y(pred, clean))
+        out["psnr_in"].append(psnr_y(rainy, clean))
+        out["ssim_in"].append(ssim_y(rainy, clean))
+        out["psnr_in_shift"].append(psnr_y(brightness_matched(rainy, clean), clean))
+    return {k: float(np.mean([min(v, 100.0) for v in vals])) for k, vals in out.items()}
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop records past the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(s + "\n" for s in keep), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------- fit
+def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, models: ModelConfigs | None = None,
+        resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
+        val_clean: Path | None = None, reporter: Reporter | None = None) -> FitResult:
+    """Train RainDiffusion (Algorithm 1) until ``train.steps``; resumable from ``last.pt``."""
+    reporter = reporter or Reporter()
+    run_dir = Path(run_dir)
+    if (val_rainy is None) != (val_clean is None):
+        raise UsageError("--val-rainy and --val-clean go together")
+
+    # --- setup: process group, seeds, data, model, optimiser
+    dist_info = ddp.setup(device)
+    dev = dist_info.device
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None:
+        if "optimizer" not in ckpt or "rng" not in ckpt:
+            raise CheckpointError(f"{resume}: missing key optimizer/rng (a stripped model.pt cannot be resumed; "
+                                  f"use last.pt)")
+        models = model_configs(ckpt)
+    models = models or model_preset(train.preset)
+    seed = train.seed + 1000003 * dist_info.rank  # each rank its own noise / synthetic rain stream
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    syn_gen = torch.Generator().manual_seed(seed + 1)
+
+    clean, _ = load_folder(clean_dir, min_side=train.crop)
+    rainy, _ = load_folder(rainy_dir, min_side=train.crop)
+    sampler = UnpairedSampler(clean, rainy, batch=train.batch, crop=train.crop, seed=train.seed,
+                              rank=dist_info.rank)
+    val_pairs = (load_val_pairs(val_rainy, val_clean, size=train.val_size, max_images=train.val_max_images)
+                 if val_rainy is not None and dist_info.is_main else None)
+
+    model = RainDiffusion(models).to(dev)
+    ema = EMA(model, train.ema_decay, train.ema_warmup)
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
+    step = 0
+    if ckpt is not None:
+        st = ckpt["state"]
+        for name in ("G_A", "G_B", "eps_A", "eps_B"):
+            getattr(model, name).load_state_dict(st[name])
+        ema.ema_A.load_state_dict(st["ema_A"])
+        ema.ema_B.load_state_dict(st["ema_B"])
+        ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for g in optimizer.param_groups:  # a resumed run may change the learning rate
+            g["lr"] = train.lr
+        step = int(ckpt["step"])
+        rngs = ckpt["rng"]
+        if dist_info.rank < len(rngs):
+            _set_rng_state(rngs[dist_info.rank], sampler, syn_gen, dev)
+    ema.ema_A.to(dev)
+    ema.ema_B.to(dev)
+    net: nn.Module = model
+    if dist_info.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    autocast_dtype = torch.bfloat16 if dev.type == "cuda" else None  # bf16 on GPU only
+
+    log_path = run_dir / "metrics.jsonl"
+    config_dict = {**models.to_dict(), "train": train.to_dict()}
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if ckpt is not None:
+            _truncate_log(log_path, step)
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
+    n_params = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("G_A", "G_B", "eps_A", "eps_B")}
+    reporter.start(step, train.steps, {"params": n_params, "device": str(dev), "world_size": dist_info.world_size,
+                                       "clean": len(clean), "rainy": len(rainy), "ntb": train.ntb})
+
+    def save(step: int) -> tuple[Path, Path]:
+        rngs = ddp.gather_objects(_rng_state(sampler, syn_gen, dev), dist_info)
+        last, shipped = run_dir / "last.pt", run_dir / "model.pt"
+        if dist_info.is_main:
+            full = {"config": config_dict, "step": step, "ema_updates": ema.updates,
+                    "state": {"G_A": model.G_A.state_dict(), "G_B": model.G_B.state_dict(),
+                              "eps_A": model.eps_A.state_dict(), "eps_B": model.eps_B.state_dict(),
+                              "ema_A": ema.ema_A.state_dict(), "ema_B": ema.ema_B.state_dict()},
+                    "optimizer": optimizer.state_dict(), "rng": rngs}
+            save_checkpoint(last, full)
+            save_checkpoint(shipped, strip_checkpoint(full))
+            reporter.checkpoint(last, step)
+        ddp.barrier(dist_info)
+        return last, shipped
+
+    # --- the loop
+    records: list[dict] = []
+    synthetic = NTBMode(train.ntb) in (NTBMode.synthetic, NTBMode.render)
+    t_last, step_last = time.perf_counter(), step
+    last = shipped = None
+    try:
+        while step < train.steps:
+            x, y = sampler.next_batch()  # 2: x ~ clean, y ~ rainy (unpaired)
+            x_syn = rain_batch(x, syn_gen) if synthetic else None
+            x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+            if x_syn is not None:
+                x_syn = x_syn.to(dev, non_blocking=True)
+            terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
+                                    lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
+                                    grad_clip=train.grad_clip, autocast_dtype=autocast_dtype)
+            if not math.isfinite(terms["loss"]):
+                raise RDError(f"loss is {terms['loss']} at step {step + 1}; lower --lr or resume from the last "
+                              f"checkpoint ({run_dir / 'last.pt'})")
+            ema.update(model)
+            step += 1
+            reporter.advance(step)
+
+            if step % train.log_every == 0 or step == train.steps:
+                now = time.perf_counter()
+                it_s = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                record = {"kind": "train", "step": step, **{k: round(v, 6) for k, v in terms.items()},
+                          "it_s": round(it_s, 4), "eta_s": round((train.steps - step) / max(it_s, 1e-9), 1),
+                          "time": round(time.time(), 3)}
+                records.append(record)
+                if dist_info.is_main:
+                    _append_jsonl(log_path, record)
+                    reporter.log(record)
+
+            if val_pairs is not None and (step % train.val_every == 0 or step == train.steps):
+                v = validate(ema.ema_A, val_pairs, steps=train.val_steps, seed=train.seed, schedule=models.schedule)
+                vrec = {"kind": "val", "step": step, **{k: round(val, 4) for k, val in v.items()},
+                        "images": len(val_pairs), "ddim_steps": train.val_steps, "size": train.val_size}
+                records.append(vrec)
+                _append_jsonl(log_path, vrec)
+                reporter.validation(vrec)
+                t_last = time.perf_counter()  # keep validation time out of it/s
+
+            if step % train.ckpt_every == 0 or step == train.steps:
+                last, shipped = save(step)
+                t_last = time.perf_counter()
+        if last is None:  # nothing to train (resumed at or past the target): still write the files
+            last, shipped = save(step)
+    finally:
+        reporter.close()
+        ddp.cleanup()
+    return FitResult(run_dir=run_dir, step=step, last=last, model=shipped, records=records)
