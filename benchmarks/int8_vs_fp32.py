@@ -200,15 +200,21 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_sensitivity(fp32: Path, calib: Path, manifest, *, steps: int, method: str, calib_images: int,
                     seed: int) -> list[dict]:
-    """All-but-one sensitivity of every layer on 2 held-out 128x128 crops (prints the table)."""
+    """All-but-one sensitivity of every layer on 2 held-out crops at the smaller calibration size."""
     from calibration.api import _eval_conds, _schedule_config, default_fp32_nodes
-    from calibration.collect import TrajectoryDataReader, make_session, record_trajectories, select_images
+    from calibration.collect import (
+        TrajectoryDataReader,
+        calibration_sizes,
+        make_session,
+        record_trajectories,
+        select_images,
+    )
     from calibration.quantize import calibrate, preprocess, quantize
     from calibration.report import compare_quality
     from calibration.sensitivity import format_table, sensitivity
 
     desc, cfg = manifest.step_descriptor, _schedule_config(manifest)
-    sizes = [(256, 256), (128, 128)]
+    sizes = calibration_sizes(desc)
     images, held = select_images(calib, calib_images=calib_images, eval_images=2, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -217,12 +223,12 @@ def run_sensitivity(fp32: Path, calib: Path, manifest, *, steps: int, method: st
                                     seed=seed)
         cache = calibrate(pre, TrajectoryDataReader.from_trajectories(trajs, desc), cache=work / "r.json",
                           method=method, workdir=work)
-        conds = _eval_conds(held, [(128, 128)], seed)
+        conds = _eval_conds(held, sizes[-1:], seed)
         s32 = make_session(fp32)
 
-        def probe(path: Path) -> float:
-            return compare_quality(s32, path, conds, descriptor=desc, schedule_config=cfg, steps=steps,
-                                   seed=seed).mean_psnr_db
+        def probe(path: Path) -> float:  # exact Q/DQ semantics (what TensorRT executes)
+            return compare_quality(s32, make_session(path, reference=True), conds, descriptor=desc,
+                                   schedule_config=cfg, steps=steps, seed=seed).mean_psnr_db
 
         base = quantize(pre, work / "all.onnx", cache=cache, method=method)
         baseline = probe(base)

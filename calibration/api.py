@@ -1,0 +1,394 @@
+"""``build_int8``: verified FP32 ONNX + a folder of real rainy photos -> INT8 Q/DQ ONNX + manifest.
+
+Stages (each a function of this package, callable on its own)::
+
+    1  select images        calib_images for calibration, eval_images held out (collect.select_images)
+    2  pre-process          shape inference + ORT optimiser (quantize.preprocess)
+    3  record trajectories  the FP32 step's inputs at every DDIM step, several sizes (collect)
+    4  calibrate once       activation ranges of every Conv/MatMul/Gemm tensor -> range cache (quantize)
+    5  quantize             Q/DQ graphs from that one cache: s8 (TensorRT / portable), u8r (x86 CPU)
+    6  keep FP32            layers whose quantization costs most, until the target PSNR (sensitivity)
+    7  verify + report      vs FP32: synthetic verification image (rd_export.verify, the gate) and
+                            held-out real images end to end; CPU latency INT8 vs FP32 (report)
+    8  write                <stem>.int8.onnx + <stem>.int8.json, each atomically (ONNX first)
+
+The INT8 artifact is an ordinary ONNX of the fused step (same inputs/outputs), so the runtime
+opens it like any other; the manifest says ``precision: int8`` and carries the ``calibration``
+report. Torch is never imported here (:func:`build_int8_from_checkpoint` imports the exporter).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from calibration.collect import (
+    ImageItem,
+    TrajectoryDataReader,
+    calibration_sizes,
+    crop_to_size,
+    make_session,
+    record_trajectories,
+    select_images,
+    timestep_coverage,
+    to_model_input,
+)
+from calibration.quantize import (
+    OP_TYPES,
+    RECIPES,
+    Method,
+    attention_head_nodes,
+    calibrate,
+    preprocess,
+    qdq_summary,
+    quantizable_nodes,
+    quantize,
+)
+from calibration.report import compare_latency, compare_quality, step_psnr
+from calibration.sensitivity import choose_fp32_nodes, sensitivity
+from runtime.errors import ArtifactError, UsageError, VerificationError
+from runtime.io import atomic_path
+from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.schedule import DDIMSchedule, ScheduleConfig
+
+__all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
+           "int8_path_for", "default_fp32_nodes"]
+
+#: end-to-end PSNR of INT8 vs FP32 that verification demands (issue 5 target; dB, peak 2 on [-1, 1])
+DEFAULT_MIN_PSNR_DB = 35.0
+#: ``model.int8.onnx`` is the s8 (TensorRT) graph; ``model.int8.cpu.onnx`` the onnxruntime x86 CPU one
+CPU_SUFFIX = ".int8.cpu"
+#: the CPU graph: UINT8 asymmetric activations, 7-bit weights. Measured (calibration/README.md):
+#: onnxruntime's x86 kernels without VNNI sum u8 x s8 products in pairs in int16 (vpmaddubsw) and
+#: saturate with 8-bit weights (-18 dB end to end on the tiny model); 7-bit weights remove that
+#: (fused = exact Q/DQ semantics) at the same speed. With VNNI the cost is at most ~1 bit of weight.
+CPU_RECIPE = "u8r"
+S8_ON_CPU_NOTE = ("the s8 graph run by onnxruntime's CPU kernels on the build machine; x86 CPUs without VNNI "
+                  "saturate 8-bit products in int16 pairs, so CPU users should run the .int8.cpu.onnx sibling")
+
+Progress = Callable[[str], None]
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def int8_path_for(fp32_onnx: str | os.PathLike, out: str | os.PathLike | None = None, *, suffix: str = ".int8") -> Path:
+    """``dir/model.onnx`` -> ``dir/model.int8.onnx``; ``out`` may be a directory or an ``.onnx`` path."""
+    src = Path(fp32_onnx)
+    stem = src.name.removesuffix(".onnx")
+    if out is None:
+        return src.with_name(f"{stem}{suffix}.onnx")
+    out = Path(out)
+    if out.suffix == ".onnx":
+        if suffix == ".int8":
+            return out
+        return out.with_name(out.name.removesuffix(".onnx").removesuffix(".int8") + f"{suffix}.onnx")
+    return out / f"{stem}{suffix}.onnx"
+
+
+def default_fp32_nodes(model) -> list[str]:
+    """Nodes kept FP32 before any measurement: the attention-fusion head (Eq. 14).
+
+    Its logits go through a softmax over the scales that mixes the three noise maps; an error
+    there reweights whole scales, and its three small convolutions are a few percent of the
+    step's compute. (Softmax, resizes and the DDIM update are never quantized: only Conv,
+    MatMul and Gemm are.) See calibration/README.md for the measurements behind this.
+    """
+    return attention_head_nodes(model)
+
+
+def _schedule_config(manifest: Manifest) -> ScheduleConfig:
+    s = manifest.schedule
+    try:
+        return ScheduleConfig(num_train_timesteps=int(s["num_train_timesteps"]), beta_start=float(s["beta_start"]),
+                              beta_end=float(s["beta_end"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"manifest of {manifest.artifact}: invalid schedule ({e})") from None
+
+
+def _load_fp32(fp32_onnx: Path) -> Manifest:
+    if not fp32_onnx.is_file():
+        raise ArtifactError(f"{fp32_onnx}: FP32 ONNX not found")
+    manifest = Manifest.for_artifact(fp32_onnx)
+    where = manifest_path_for(fp32_onnx)
+    if manifest.format != "onnx":
+        raise ArtifactError(f"{where}: describes a {manifest.format} artifact; INT8 is derived from the FP32 ONNX")
+    if manifest.artifact != fp32_onnx.name:
+        raise ArtifactError(f"{where}: describes '{manifest.artifact}', not '{fp32_onnx.name}'")
+    if manifest.precision != "fp32":
+        raise UsageError(f"{fp32_onnx.name} is {manifest.precision}; INT8 is derived from the FP32 ONNX")
+    manifest.check_artifact_hash(fp32_onnx)
+    return manifest
+
+
+def _eval_conds(items: Sequence[ImageItem], sizes: Sequence[tuple[int, int]],
+                seed: int) -> list[tuple[str, np.ndarray]]:
+    """Held-out frames at the calibration sizes, crops seeded apart from the calibration crops."""
+    out = []
+    for k, item in enumerate(items):
+        rng = np.random.Generator(np.random.PCG64(seed + 10_007 + k))
+        out.append((item.path.name, to_model_input(crop_to_size(item.rgb, sizes[k % len(sizes)], rng))))
+    return out
+
+
+def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
+               calib_images: int = 8, eval_images: int = 2, steps: int | None = None,
+               sizes: Sequence[int | tuple[int, int]] | None = None, seed: int = 0,
+               method: Method | str = Method.minmax, cpu_variant: bool = True,
+               fp32_nodes: Sequence[str] | None = None, target_psnr_db: float | None = None,
+               max_fp32_layers: int = 4, min_psnr_db: float | None = DEFAULT_MIN_PSNR_DB,
+               latency: bool = True, latency_size: tuple[int, int] | None = None, latency_repeats: int = 3,
+               threads: int | None = None, progress: Progress | None = None) -> Path:
+    """Derive ``<stem>.int8.onnx`` (+ ``<stem>.int8.json``) from a verified FP32 ONNX artifact.
+
+    Args:
+        fp32_onnx: ``model.onnx`` with its manifest ``model.json`` beside it.
+        calib_dir: real rainy photos. Missing / empty / nothing readable: InputError naming it;
+            unreadable files inside are skipped with a ``CalibrationWarning``.
+        out: output directory or ``.onnx`` path (default: beside the FP32 ONNX).
+        calib_images / eval_images: images calibrated on / held out for the quality report.
+        steps: DDIM steps of the recorded trajectories (default: the manifest's ``default_steps``).
+        sizes: calibration frame sizes, ints or (H, W) (default: the profile's opt size and half).
+        seed: image order, crops and x_T of every trajectory.
+        method: ``minmax`` (default), ``percentile`` or ``entropy``.
+        cpu_variant: also write ``<stem>.int8.cpu.onnx`` (default): UINT8 asymmetric activations and
+            7-bit weights from the same calibration, for onnxruntime on x86 CPUs (TensorRT cannot
+            build it: its zero points are not 0).
+        fp32_nodes: quantizable nodes to keep FP32 (default: :func:`default_fp32_nodes`).
+        target_psnr_db: if the held-out PSNR vs FP32 is below this, keep the most sensitive
+            layers FP32 (measured, all-but-one) up to ``max_fp32_layers``. None: no search.
+        min_psnr_db: verification gate, end-to-end PSNR vs FP32 on the synthetic verification image
+            (``rd_export.verify.compare_onnx``), each graph as its target executes it: s8 with exact
+            Q/DQ semantics, the CPU graph with onnxruntime's CPU kernels. Below it: VerificationError
+            and nothing is written. None disables the gate (the numbers are still recorded).
+        latency: measure CPU latency INT8 vs FP32 (blocks, same run) at ``latency_size``.
+
+    Returns the path of the INT8 (s8, TensorRT-compatible) ONNX.
+    """
+    from rd_export.verify import check_report, compare_onnx
+
+    progress = progress or _quiet
+    fp32_onnx = Path(fp32_onnx)
+    manifest = _load_fp32(fp32_onnx)
+    descriptor = manifest.step_descriptor
+    schedule_config = _schedule_config(manifest)
+    steps = int(steps or manifest.default_steps)
+    if not 1 <= steps <= schedule_config.num_train_timesteps:
+        raise UsageError(f"steps must be in 1..{schedule_config.num_train_timesteps}, got {steps}")
+    method = Method(method)
+    frame_sizes = calibration_sizes(descriptor, sizes)
+    dest = int8_path_for(fp32_onnx, out)
+    cpu_dest = int8_path_for(fp32_onnx, out, suffix=CPU_SUFFIX) if cpu_variant else None
+
+    # 1: images
+    calib, held = select_images(calib_dir, calib_images=calib_images, eval_images=eval_images, seed=seed)
+    progress(f"calibration images: {len(calib)} from {calib_dir} (held out: {len(held)})")
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=dest.parent) as tmp:
+        work = Path(tmp)
+        # 2: pre-process
+        pre = preprocess(fp32_onnx, work / "pre.onnx")
+        # 3: trajectories, every step
+        progress(f"recording {steps}-step FP32 trajectories at {', '.join(f'{h}x{w}' for h, w in frame_sizes)}")
+        trajectories = record_trajectories(fp32_onnx, calib, descriptor=descriptor, schedule_config=schedule_config,
+                                           steps=steps, sizes=frame_sizes, seed=seed, threads=threads)
+        coverage = timestep_coverage(trajectories)
+        expected = DDIMSchedule(schedule_config).set_timesteps(steps).tolist()
+        if sorted(coverage) != sorted(expected):  # a broken recorder must not calibrate silently
+            raise VerificationError(f"calibration covers timesteps {sorted(coverage)}, expected {sorted(expected)}")
+        reader = TrajectoryDataReader.from_trajectories(trajectories, descriptor)
+        # 4: calibrate once
+        progress(f"calibrating ({method.value}) on {len(reader)} step inputs")
+        cache = calibrate(pre, reader, cache=work / "ranges.json", method=method, workdir=work)
+
+        # 5-6: quantize; keep FP32 what must stay FP32
+        base_fp32 = list(default_fp32_nodes(pre) if fp32_nodes is None else fp32_nodes)
+        known = {n for n, _ in quantizable_nodes(pre)}
+        unknown = [n for n in base_fp32 if n not in known]
+        if unknown:
+            raise UsageError(f"fp32_nodes not found among the model's Conv/MatMul/Gemm nodes: {unknown[:5]}")
+        held_out = bool(held)
+        eval_conds = _eval_conds(held or calib, frame_sizes, seed)
+        if not held_out:
+            warnings.warn("no held-out image: the INT8 quality report uses a calibration image",
+                          RuntimeWarning, stacklevel=2)
+        fp32_session = make_session(fp32_onnx, threads=threads)
+
+        def probe(path: Path) -> float:  # the s8 graph's own Q/DQ semantics (what TensorRT executes)
+            return compare_quality(fp32_session, make_session(path, reference=True), eval_conds,
+                                   descriptor=descriptor, schedule_config=schedule_config, steps=steps,
+                                   seed=seed).mean_psnr_db
+
+        s8 = quantize(pre, work / "s8.onnx", cache=cache, recipe="s8", method=method, nodes_to_exclude=base_fp32)
+        extra_fp32: list[str] = []
+        searched = None
+        if target_psnr_db is not None:
+            first = probe(s8)
+            searched = {"target_psnr_db": target_psnr_db, "before_db": round(first, 3)}
+            if first < target_psnr_db:
+                progress(f"held-out PSNR {first:.2f} dB < {target_psnr_db} dB: measuring per-layer sensitivity")
+                ranked = sensitivity(pre, cache, probe, workdir=work, mode="all_but", recipe="s8", method=method,
+                                     base_exclude=base_fp32)
+                extra_fp32, after = choose_fp32_nodes(ranked, probe, pre, cache, target_db=target_psnr_db,
+                                                      workdir=work, recipe="s8", method=method,
+                                                      base_exclude=base_fp32, max_groups=max_fp32_layers)
+                searched.update(after_db=round(after, 3),
+                                ranking=[{"layer": r.group, "psnr_db_all_but": round(r.psnr_db, 3)}
+                                         for r in ranked[:10]])
+                s8 = quantize(pre, work / "s8.onnx", cache=cache, recipe="s8", method=method,
+                              nodes_to_exclude=[*base_fp32, *extra_fp32])
+        all_fp32 = [*base_fp32, *extra_fp32]
+        graphs = {"s8": s8}
+        if cpu_variant:
+            graphs[CPU_RECIPE] = quantize(pre, work / "cpu.onnx", cache=cache, recipe=CPU_RECIPE, method=method,
+                                          nodes_to_exclude=all_fp32)
+
+        # 7: verify (the gate) and report. Each graph is judged as its target executes it: the s8
+        # graph by its exact Q/DQ semantics (onnxruntime with fusions off: what TensorRT computes),
+        # the CPU graph by onnxruntime's CPU kernels. The s8 graph on onnxruntime CPU is reported too.
+        # Verification runs at the profile's minimum size, like the FP32/FP16 verification.
+        h, w = (int(v) for v in descriptor.profile.min_size)
+        reports: dict[str, dict] = {}
+        timed = {"fp32": fp32_session}
+        for name, path in graphs.items():
+            cpu_session = make_session(path, threads=threads)
+            target = make_session(path, reference=True, threads=threads) if name == "s8" else cpu_session
+            timed[f"int8_{name}"] = cpu_session
+            what = (dest if name == "s8" else cpu_dest).name
+            progress(f"verifying {what} against {fp32_onnx.name} ({steps} steps, {h}x{w})")
+            v = compare_onnx(_step_fn(target, descriptor), _step_fn(fp32_session, descriptor), steps=steps,
+                             seed=seed, size=(h, w), schedule_config=schedule_config)
+            v.update(provider="CPUExecutionProvider", onnxruntime=_ort_version(),
+                     semantics="Q/DQ reference (graph optimisations off)" if name == "s8"
+                     else "onnxruntime CPU kernels")
+            if min_psnr_db is not None:
+                v = check_report(v, min_psnr_db=min_psnr_db, max_step_abs=None, what=what)
+            quality = compare_quality(fp32_session, target, eval_conds, descriptor=descriptor,
+                                      schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out)
+            per_step = step_psnr(fp32_session, target, trajectories[0].samples, descriptor=descriptor)
+            reports[name] = {"verification": v, "quality": quality.to_dict(),
+                             "step_psnr_db": {str(k): round(min(val, 200.0), 3) for k, val in per_step.items()}}
+            if name == "s8":
+                on_cpu = compare_quality(fp32_session, cpu_session, eval_conds, descriptor=descriptor,
+                                         schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out)
+                reports[name]["quality_onnxruntime_cpu"] = dict(on_cpu.to_dict(), note=S8_ON_CPU_NOTE)
+        lat = None
+        if latency:
+            size = tuple(latency_size or frame_sizes[0])
+            progress(f"timing FP32 vs INT8 on CPU at {size[0]}x{size[1]}, {steps} steps")
+            lat = compare_latency(timed, size=size, steps=steps, descriptor=descriptor,
+                                  schedule_config=schedule_config, repeats=latency_repeats, threads=threads)
+        del timed
+
+        common = {
+            "method": method.value,
+            "op_types": list(OP_TYPES),
+            "images": [item.path.name for item in calib],
+            "folder": str(Path(calib_dir)),
+            "held_out_images": [item.path.name for item in held],
+            "sizes": [list(s) for s in frame_sizes],
+            "steps": steps,
+            "seed": seed,
+            "timesteps": list(coverage),
+            "samples": len(reader),
+            "samples_per_timestep": sorted(set(coverage.values())),
+            "fp32_nodes": all_fp32,
+            "fp32_search": searched,
+            "onnxruntime": _ort_version(),
+            "latency": lat,
+        }
+        # 8: write, the CPU variant first so the TensorRT artifact is the last thing to appear
+        if cpu_variant:
+            _write(graphs[CPU_RECIPE], cpu_dest, manifest, fp32_onnx, recipe=CPU_RECIPE, common=common,
+                   report=reports[CPU_RECIPE], siblings={"tensorrt": dest.name})
+        _write(graphs["s8"], dest, manifest, fp32_onnx, recipe="s8", common=common, report=reports["s8"],
+               siblings={"onnxruntime_cpu": cpu_dest.name} if cpu_dest else {})
+    return dest
+
+
+def _step_fn(session, descriptor):
+    """A ``rd_export.verify.StepFn`` over an open session (verification reuses our sessions)."""
+    d = descriptor
+
+    def step(x_t: np.ndarray, cond: np.ndarray, t: np.ndarray, coef: np.ndarray) -> np.ndarray:
+        feeds = {d.X: x_t, d.COND: cond, d.T: t, d.COEF: coef}
+        return session.run([d.OUT], {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0]
+
+    return step
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def _write(graph: Path, dest: Path, src_manifest: Manifest, fp32_onnx: Path, *, recipe: str, common: dict,
+           report: dict, siblings: dict) -> None:
+    r = RECIPES[recipe]
+    calibration = {
+        "recipe": recipe,
+        "activations": r.activation,
+        "activation_symmetric": r.symmetric,
+        "weights": f"int8 symmetric per channel{' (7-bit range)' if r.reduce_range else ''}",
+        "target": ("tensorrt (explicit Q/DQ), any onnxruntime" if recipe == "s8"
+                   else "onnxruntime x86 CPU (not TensorRT: activation zero points are not 0)"),
+        **common,
+        "graph": qdq_summary(graph),
+        "quality": report["quality"],
+        "step_psnr_db": report["step_psnr_db"],
+        "siblings": siblings,
+    }
+    if "quality_onnxruntime_cpu" in report:
+        calibration["quality_onnxruntime_cpu"] = report["quality_onnxruntime_cpu"]
+    extra = {k: v for k, v in src_manifest.extra.items()
+             if k not in ("verification", "created", "fp32_islands", "calibration")}
+    extra["source"] = dict(src_manifest.get("source") or {}, onnx=fp32_onnx.name, onnx_sha256=src_manifest.sha256)
+    extra.update(verification=report["verification"], calibration=calibration, created=_now())
+    manifest_dest = manifest_path_for(dest)
+    with atomic_path(manifest_dest) as tmp_manifest, atomic_path(dest) as tmp_onnx:
+        shutil.copyfile(graph, tmp_onnx)
+        manifest = Manifest(artifact=dest.name, format="onnx", precision="int8", model=src_manifest.model,
+                            sha256=sha256_file(tmp_onnx), descriptor=src_manifest.descriptor,
+                            schedule=src_manifest.schedule, model_config=src_manifest.model_config,
+                            toolkit_version=src_manifest.toolkit_version, extra=extra)
+        manifest.save(tmp_manifest)
+    # exiting the inner context renamed the ONNX, then the outer one the manifest
+
+
+def derive_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike | None = None, *, calib: str | os.PathLike,
+                steps: int | None = None, seed: int = 0, progress: Progress | None = None, **options) -> Path:
+    """The precision table's ``derive`` for INT8 (``rd_export.precision``): ``calib`` is the folder.
+
+    The verification threshold comes from the table's ``int8`` row when one is registered.
+    """
+    if "min_psnr_db" not in options:
+        from rd_export.precision import PRECISIONS
+
+        spec = PRECISIONS.get("int8")
+        options["min_psnr_db"] = spec.min_psnr_db if spec is not None else DEFAULT_MIN_PSNR_DB
+    return build_int8(fp32_onnx, calib, out=out, steps=steps, seed=seed, progress=progress, **options)
+
+
+def build_int8_from_checkpoint(checkpoint: str | os.PathLike, calib_dir: str | os.PathLike,
+                               out_dir: str | os.PathLike, *, name: str = "model", model: str = "derain",
+                               steps: int = 10, seed: int = 0, **options) -> Path:
+    """Export the verified FP32 ONNX from a checkpoint (needs torch), then :func:`build_int8`."""
+    from rd_export.export import export_onnx
+
+    fp32 = export_onnx(checkpoint, out_dir, model=model, name=name, steps=steps, seed=seed)
+    return build_int8(fp32, calib_dir, steps=steps, seed=seed, **options)
+
