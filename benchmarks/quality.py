@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", type=Path, default=DEFAULT_CKPT)
     ap.add_argument("--onnx", type=Path, default=DEFAULT_ONNX, help="DTB artifact run by the runtime")
     ap.add_argument("--torch", action="store_true", help="run the DTB with the torch reference sampler instead")
+    ap.add_argument("--no-dtb", action="store_true", help="score the NTB generator G_B only (cheap ablations)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0 = all)")
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             if est is not None:
                 dtb_out[n] = to_uint8(ddim_sample(est, x, steps=a.steps, seed=a.seed))
     # Block 2 (onnxruntime): the DTB through the runtime, as users run it.
-    if est is None:
+    if a.no_dtb:
+        dtb_out = dict(gb_out)
+    elif est is None:
         from runtime.derainer import Derainer
 
         with Derainer(a.onnx, steps=a.steps, seed=a.seed, threads=a.threads) as d:
@@ -104,17 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         mean[k]["gain_raw"] = mean[k]["psnr"] - mean["input"]["psnr"]
         mean[k]["gain_matched"] = mean[k]["psnr_matched"] - mean["input"]["psnr_matched"]
         mean[k]["ssim_gain"] = mean[k]["ssim"] - mean["input"]["ssim"]
-    report = {"checkpoint": str(a.checkpoint), "dtb": "torch" if a.torch else str(a.onnx), "steps": a.steps,
+    if a.no_dtb:
+        for r in rows:
+            del r["DTB"]
+        del mean["DTB"]
+    report = {"checkpoint": str(a.checkpoint), "dtb": None if a.no_dtb else "torch" if a.torch else str(a.onnx),
+              "steps": a.steps,
               "seed": a.seed, "pairs": len(rows), "mean": mean, "per_image": rows}
     if a.json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{len(rows)} pairs of dev/sirr, DTB {a.steps} DDIM steps (seed {a.seed})")
         print(f"{'':8s} {'PSNR':>7s} {'SSIM':>7s} {'PSNR(bright-matched)':>21s} {'corr':>6s}")
-        for k in ("input", "G_B", "DTB"):
+        for k in mean:
             m = mean[k]
             print(f"{k:8s} {m['psnr']:7.2f} {m['ssim']:7.4f} {m['psnr_matched']:21.2f} {m['corr']:6.3f}")
-        for k in ("G_B", "DTB"):
+        for k in [k for k in ("G_B", "DTB") if k in mean]:
             m = mean[k]
             print(f"{k} gain: raw {m['gain_raw']:+.2f} dB, brightness-matched {m['gain_matched']:+.2f} dB, "
                   f"SSIM {m['ssim_gain']:+.4f}")

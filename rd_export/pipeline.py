@@ -195,7 +195,7 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
         progress(f"stage 2/3 precision: FP32 ONNX -> {precision.upper()} ONNX")
         stem = base.name.removesuffix(".onnx")
         dest = out / onnx_name(stem, precision)
-        extra = {k: opts.options[k] for k in spec.requires}
+        extra = {k: opts.options[k] for k in (*spec.requires, *spec.accepts) if opts.options.get(k) is not None}
         target = spec.derive_fn()(base, out=dest, steps=opts.steps, seed=opts.seed, progress=progress, **extra)
         result.artifacts.append(BuiltArtifact.from_path(target))
     else:
@@ -225,7 +225,8 @@ def _check_requires(spec, opts: BuildOptions) -> None:
     missing = [r for r in spec.requires if opts.options.get(r) is None]
     if missing:
         raise UsageError(f"precision {spec.name} needs --{' --'.join(missing)}")
-    unused = [k for k, v in opts.options.items() if v is not None and k not in spec.requires]
+    unused = [k for k, v in opts.options.items()
+              if v is not None and k not in spec.requires and k not in spec.accepts]
     if unused:
         raise UsageError(f"--{' --'.join(unused)} is not used by precision {spec.name}")
 

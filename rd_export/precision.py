@@ -35,6 +35,8 @@ class PrecisionSpec:
     max_step_abs: float | None
     #: extra options derive() requires (e.g. ("calib",) for INT8); the CLI checks them
     requires: tuple[str, ...] = ()
+    #: optional options derive() accepts (e.g. ("calib_images", "method") for INT8)
+    accepts: tuple[str, ...] = ()
     description: str = ""
 
     def derive_fn(self) -> Callable[..., Path]:
@@ -58,6 +60,11 @@ register_precision(PrecisionSpec(
     name="fp16", suffix=".fp16", derive="rd_export.fp16:make_fp16", reference="fp32", min_psnr_db=40.0,
     max_step_abs=None,
     description="FP16 weights/activations with FP32 I/O and FP32 islands (rd_export.fp16.ISLANDS)"))
+register_precision(PrecisionSpec(
+    name="int8", suffix=".int8", derive="calibration.api:derive_int8", reference="fp32", min_psnr_db=35.0,
+    max_step_abs=None, requires=("calib",), accepts=("calib_images", "method", "cpu_variant"),
+    description="INT8 Q/DQ (Conv/MatMul/Gemm), calibrated along whole DDIM trajectories; "
+                "also <stem>.int8.cpu.onnx for onnxruntime on x86"))
 
 
 def get_precision(name: str) -> PrecisionSpec:

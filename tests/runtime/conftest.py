@@ -28,7 +28,7 @@ FAKES = ROOT / "tests" / "fakes"
 if str(FAKES) not in sys.path:  # fake_cuda, fake_trt_runtime (FAKE cuda-python / TensorRT for CPU tests)
     sys.path.insert(0, str(FAKES))
 
-TINY_PROFILE = dict(min_batch=1, opt_batch=1, max_batch=4, min_size=(8, 8), opt_size=(32, 32), max_size=(64, 64))
+TINY_PROFILE = dict(min_batch=1, opt_batch=1, max_batch=4, min_size=(8, 8), opt_size=(32, 32), max_size=(128, 128))
 
 
 def psnr_range(x: np.ndarray, ref: np.ndarray) -> float:

@@ -254,3 +254,13 @@ def test_artifact_written_by_export_onnx(request, tmp_path_factory, rng, psnr):
         torch.set_num_threads(threads)
     assert psnr(got, want) >= 60.0
     assert int(np.abs(out.astype(int) - to_uint8(want[0])).max()) <= 1
+
+
+def test_onnxruntime_tiles_frames_beyond_the_manifest_profile(tiny_model, rng):
+    """onnxruntime accepts any shape, but a frame beyond the manifest's profile (max 128 here) is
+    tiled at the profile's max size, which bounds memory (quadratic lowest-level attention)."""
+    frame = _frame(rng, 136, 72)
+    with Derainer(tiny_model.onnx, steps=2, seed=0, threads=1) as d:
+        out = d.derain(frame)
+        assert out.shape == frame.shape
+        assert d.backend.shape[1] == 128  # tiles of the profile height (the width 72 fits)
