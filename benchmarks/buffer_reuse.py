@@ -126,7 +126,7 @@ def runtime_block(onnx: Path, frame: np.ndarray, steps: int, runs: int, warmup: 
     from runtime.derainer import Derainer
 
     cond_p, x_T, _, _ = step_inputs(onnx, frame, steps)
-    with Derainer(onnx, steps=steps, seed=0, threads=threads) as d:
+    with Derainer(onnx, steps=steps, seed=0, threads=threads, tile=max(frame.shape[:2])) as d:  # full frame
         be = d.backend
         d.derain(frame)  # binds the shape and the schedule once
 

@@ -111,7 +111,7 @@ def runtime_step(path: Path, frame: np.ndarray, a) -> dict:
     """Median of single ``backend.run_step`` calls over the schedule; x reset (untimed) every S steps."""
     from runtime.derainer import Derainer
 
-    with Derainer(path, steps=a.steps, threads=a.threads) as d:
+    with Derainer(path, steps=a.steps, threads=a.threads, tile=a.size) as d:  # full frame, as torch
         x_T, cond_p, _, _ = step_inputs(frame, d.size_multiple, a.steps)
         be = d.backend
         be.bind(1, *cond_p.shape[-2:])

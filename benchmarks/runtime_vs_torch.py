@@ -43,7 +43,7 @@ def runtime_variants(artifacts: dict[str, Path], frame, steps: int, runs: int, w
 
     out = {}
     for name, path in artifacts.items():
-        with Derainer(path, steps=steps, threads=threads) as d:
+        with Derainer(path, steps=steps, threads=threads, tile=max(frame.shape[:2])) as d:  # full frame, as torch
             out[name] = median_ms(lambda d=d: d.derain(frame), runs=runs, warmup=warmup)
     return out
 
