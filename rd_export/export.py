@@ -179,12 +179,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             },
         )
     # the ONNX is in place and verified; the manifest makes it an artifact
-    try:
-        manifest.save(manifest_path_for(dest))
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return dest
+    return manifest.publish(dest)
 
 
 def load_onnx_manifest(onnx_path: str | os.PathLike) -> Manifest:

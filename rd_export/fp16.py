@@ -34,7 +34,7 @@ from rd_export.precision import get_precision
 from rd_export.verify import check_report, compare_onnx
 from runtime.errors import ArtifactError, UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.manifest import Manifest, sha256_file
 
 __all__ = ["ISLANDS", "DEFAULT_ISLANDS", "convert_fp16", "drop_cast_round_trips", "make_fp16", "measure_islands",
            "island_report", "tensor_errors", "time_embedding_tensors"]
@@ -216,12 +216,7 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
                             sha256=sha256_file(tmp), descriptor=src_manifest.descriptor,
                             schedule=src_manifest.schedule, model_config=src_manifest.model_config,
                             toolkit_version=src_manifest.toolkit_version, extra=extra)
-    try:
-        manifest.save(manifest_path_for(dest))
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return dest
+    return manifest.publish(dest)
 
 
 def _schedule_config(manifest: Manifest):

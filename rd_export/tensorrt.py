@@ -32,7 +32,7 @@ from rd_export.precision import plan_name
 from runtime.descriptor import ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, RDError, UsageError
 from runtime.io import atomic_path, atomic_write_bytes
-from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.manifest import Manifest, sha256_file
 
 __all__ = [
     "INSTALL_HINT",
@@ -270,12 +270,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         manifest = Manifest(artifact=dest.name, format="trt", precision=src.precision, model=src.model,
                             sha256=sha256_file(tmp), descriptor=descriptor.to_dict(), schedule=src.schedule,
                             model_config=src.model_config, toolkit_version=src.toolkit_version, extra=extra)
-    try:
-        manifest.save(manifest_path_for(dest))
-    except BaseException:
-        dest.unlink(missing_ok=True)
-        raise
-    return dest
+    return manifest.publish(dest)
 
 
 # --------------------------------------------------------------------------- run (verification)

@@ -134,6 +134,18 @@ class Manifest:
         validate(self.to_dict(), where=str(path))
         return atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n").encode())
 
+    def publish(self, artifact: str | os.PathLike) -> Path:
+        """Write this manifest beside ``artifact`` (already in place and verified) and return the
+        artifact; if the manifest cannot be written, the artifact is removed, so no artifact is
+        ever left without its manifest."""
+        artifact = Path(artifact)
+        try:
+            self.save(manifest_path_for(artifact))
+        except BaseException:
+            artifact.unlink(missing_ok=True)
+            raise
+        return artifact
+
     def check_artifact_hash(self, artifact: str | os.PathLike) -> None:
         actual = sha256_file(artifact)
         if actual != self.sha256:
