@@ -13,6 +13,7 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto
 
+from runtime.artifacts import check_external_data
 from runtime.descriptor import StepDescriptor
 from runtime.errors import ArtifactError
 
@@ -39,6 +40,7 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"{p}: no such ONNX file")
+    check_external_data(p)  # external-data locations must stay inside the model's folder
     try:
         return onnx.load(str(p))
     except Exception as e:  # protobuf DecodeError, OSError, ...

@@ -62,10 +62,11 @@ def measure_simplification(onnx_path: str | os.PathLike, *, size: tuple[int, int
 
     import onnxruntime as ort
 
+    from rd_export.graph import load_model
     from rd_export.verify import OnnxStep
 
     onnx_path = Path(onnx_path)
-    model = onnx.load(str(onnx_path))
+    model = load_model(onnx_path)  # checks external-data paths first
     t0 = time.perf_counter()
     slim = simplify_model(model)
     slim_s = time.perf_counter() - t0

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from rd_export.precision import plan_name
+from runtime.artifacts import check_external_data
 from runtime.descriptor import ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, RDError, UsageError
 from runtime.io import atomic_path, atomic_write_bytes
@@ -195,6 +196,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     progress = progress or (lambda s: None)
     onnx_path = Path(onnx_path)
     src = load_onnx_manifest(onnx_path)  # hash-checked before the GPU is touched
+    check_external_data(onnx_path)  # TensorRT's parser would open external-data files as named
     descriptor = descriptor or src.step_descriptor
     profile = resolve_profile(descriptor, min_size=min_size, opt_size=opt_size, max_size=max_size, batch=batch)
     descriptor = StepDescriptor(size_multiple=descriptor.size_multiple, channels=descriptor.channels,

@@ -53,6 +53,9 @@ class OnnxStep:
                  threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        from runtime.artifacts import check_external_data
+
+        check_external_data(path)  # refuse external-data paths that escape the model's folder
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3

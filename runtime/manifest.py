@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,8 +125,8 @@ class Manifest:
             raise ManifestError(f"{path}: manifest not found (every artifact needs its .json beside it)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, int too long, nesting
+            raise ManifestError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
         return cls.from_dict(data, where=str(path))
 
     @classmethod
@@ -181,16 +184,46 @@ def validate(d: Any, *, where: str = "manifest") -> None:
     art = d["artifact"]
     if not art or "/" in art or "\\" in art or art in (".", ".."):
         raise ManifestError(f"{where}: field 'artifact' must be a plain file name, got {art!r}")
-    if len(d["sha256"]) != 64:
+    if d["schema_version"] < 1:
+        raise ManifestError(f"{where}: field 'schema_version' must be >= 1, got {d['schema_version']}")
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", d["sha256"]):
         raise ManifestError(f"{where}: field 'sha256' must be 64 hex characters")
     desc = d["descriptor"]
     for key in ("size_multiple", "profile"):
         if key not in desc:
             raise ManifestError(f"{where}: field 'descriptor.{key}' is missing")
+    for key in ("size_multiple", "channels", "opset"):  # channels / opset are optional (defaults 3 / 17)
+        if key in desc and not (_is_int(desc[key]) and desc[key] >= 1):
+            raise ManifestError(f"{where}: field 'descriptor.{key}' must be a positive integer, got {desc[key]!r}")
+    profile = desc["profile"]
+    if not isinstance(profile, dict):
+        raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")
+    for key in ("min_batch", "opt_batch", "max_batch"):
+        if not _is_int(profile.get(key)):
+            raise ManifestError(f"{where}: field 'descriptor.profile.{key}' must be an integer")
+    for key in ("min_size", "opt_size", "max_size"):
+        v = profile.get(key)
+        if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) for x in v)):
+            raise ManifestError(f"{where}: field 'descriptor.profile.{key}' must be [height, width] integers")
     try:
         StepDescriptor.from_dict(desc).profile.validate(int(desc["size_multiple"]))
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"{where}: field 'descriptor' is invalid ({e})") from None
-    for key in ("num_train_timesteps", "beta_start", "beta_end"):
-        if not isinstance(d["schedule"].get(key), (int, float)):
-            raise ManifestError(f"{where}: field 'schedule.{key}' must be a number")
+    sched = d["schedule"]
+    if not (_is_int(sched.get("num_train_timesteps")) and sched["num_train_timesteps"] >= 1):
+        raise ManifestError(f"{where}: field 'schedule.num_train_timesteps' must be a positive integer")
+    for key in ("beta_start", "beta_end"):
+        v = sched.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ManifestError(f"{where}: field 'schedule.{key}' must be a finite number")
+    if not 0.0 < sched["beta_start"] <= sched["beta_end"] < 1.0:
+        raise ManifestError(f"{where}: field 'schedule.beta_start'/'schedule.beta_end' must satisfy "
+                            f"0 < beta_start <= beta_end < 1, got {sched['beta_start']}..{sched['beta_end']}")
+    steps = sched.get("default_steps")
+    if "default_steps" in sched and not (_is_int(steps) and 1 <= steps <= sched["num_train_timesteps"]):
+        raise ManifestError(f"{where}: field 'schedule.default_steps' must be an integer in "
+                            f"1..{sched['num_train_timesteps']}, got {steps!r}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from runtime.artifacts import check_external_data
 from runtime.backends.base import Backend, load_manifest, parse_device
 from runtime.errors import ArtifactError, DependencyError, UsageError
 from runtime.manifest import Manifest
@@ -48,6 +49,7 @@ class OnnxRuntimeBackend(Backend):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         manifest = manifest if manifest is not None else load_manifest(artifact, "onnx")
         super().__init__(artifact, manifest)
+        check_external_data(self.artifact)  # before onnxruntime opens any external-data file
         ort = _import_onnxruntime()
         self._ort = ort
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
