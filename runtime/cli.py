@@ -91,8 +91,9 @@ TileOpt = Annotated[int | None, typer.Option(
     help="Derain in PxP tiles blended over --overlap pixels (P a multiple of the model's size multiple), "
          "to bound memory. Default: whole frames; frames beyond the engine's shape profile are tiled "
          "automatically.")]
-OverlapOpt = Annotated[int, typer.Option(
-    "--overlap", min=0, metavar="O", help="Overlap between neighbouring tiles, in pixels (with --tile).")]
+OverlapOpt = Annotated[int | None, typer.Option(
+    "--overlap", min=0, metavar="O",
+    help="Overlap between neighbouring tiles, in pixels. Default: a quarter of the tile, at most 32.")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "
@@ -191,9 +192,9 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
 
 
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
-                  tile: int | None = None, overlap: int = 32, device: Device | None = None,
+                  tile: int | None = None, overlap: int | None = None, device: Device | None = None,
                   threads: int | None = None, batch: int | None = None):
-    if tile is not None and overlap >= tile:
+    if tile is not None and overlap is not None and overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
     artifact = resolve_engine(engine, precision)
     return derainer_factory(artifact, steps=steps, seed=seed, tile=tile, overlap=overlap,
@@ -302,7 +303,7 @@ def derain(
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
     tile: TileOpt = None,
-    overlap: OverlapOpt = 32,
+    overlap: OverlapOpt = None,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -339,7 +340,7 @@ def derain(
         items, warnings = discover_inputs(inputs, outdir=output_dir, recursive=recursive, suffix=suffix)
         for w in warnings:
             _say(w, "warning")
-        if tile is not None and overlap >= tile:
+        if tile is not None and overlap is not None and overlap >= tile:
             raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
         resolve_engine(engine, precision)  # fail fast on option errors, before any work
         try:
@@ -409,7 +410,7 @@ def eval_cmd(
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
     tile: TileOpt = None,
-    overlap: OverlapOpt = 32,
+    overlap: OverlapOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     save: Annotated[Path | None, typer.Option(
@@ -502,7 +503,7 @@ def bench(
                                         help="Untimed calls first (engine warm-up, allocations).")] = 2,
     runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed calls.")] = 10,
     tile: TileOpt = None,
-    overlap: OverlapOpt = 32,
+    overlap: OverlapOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
@@ -555,7 +556,7 @@ def stream(
     steps: StepsOpt = None,
     seed: SeedOpt = 0,
     tile: TileOpt = None,
-    overlap: OverlapOpt = 32,
+    overlap: OverlapOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option(

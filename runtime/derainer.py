@@ -39,7 +39,7 @@ from runtime.manifest import Manifest
 from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
-__all__ = ["Derainer", "default_artifact", "pad_reflect", "to_float", "to_uint8"]
+__all__ = ["Derainer", "default_artifact", "default_overlap", "pad_reflect", "to_float", "to_uint8"]
 
 _NOISE_CACHE_SIZE = 4
 
@@ -87,6 +87,11 @@ def pad_reflect(x: np.ndarray, height: int, width: int) -> np.ndarray:
     return y
 
 
+def default_overlap(tile: int) -> int:
+    """Overlap used when none is given: a quarter of the tile, at most 32 px (16 px for 64-px tiles)."""
+    return min(32, tile // 4)
+
+
 def _check_frame(frame: object, what: str = "frame") -> np.ndarray:
     if not isinstance(frame, np.ndarray):
         raise UsageError(f"{what} must be a numpy array (HxWx3 uint8), got {type(frame).__name__}")
@@ -108,15 +113,16 @@ class Derainer:
     Parameters: ``artifact`` (.onnx or .plan; None = the shipped default model), ``steps`` (DDIM
     steps S; None = the manifest's default), ``seed`` (initial noise), ``tile`` (tile size in
     pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
-    profile), ``overlap`` (pixels shared by neighbouring tiles), ``device`` ("cpu", "cuda",
+    profile), ``overlap`` (pixels shared by neighbouring tiles; None = a quarter of the tile, at
+    most 32), ``device`` ("cpu", "cuda",
     "cuda:N"; None = cpu for .onnx, cuda for .plan), ``threads`` (onnxruntime CPU threads),
     ``batch`` (frames or tiles per engine call; None = the profile's max batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph).
     """
 
     def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
-                 tile: int | None = None, overlap: int = 32, device: str | None = None, threads: int | None = None,
-                 batch: int | None = None, cuda_graph: bool = True) -> None:
+                 tile: int | None = None, overlap: int | None = None, device: str | None = None,
+                 threads: int | None = None, batch: int | None = None, cuda_graph: bool = True) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         path = default_artifact() if artifact is None else Path(artifact)
@@ -130,7 +136,7 @@ class Derainer:
         self._noise: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._blenders: dict[tuple, TileBlender] = {}
 
-    def _configure(self, *, steps: int | None, seed: int, tile: int | None, overlap: int,
+    def _configure(self, *, steps: int | None, seed: int, tile: int | None, overlap: int | None,
                    batch: int | None) -> None:
         manifest = self._backend.manifest
         sched = manifest.schedule
@@ -160,11 +166,15 @@ class Derainer:
                 raise UsageError(f"tile {tile} is outside the engine's profile "
                                  f"{min(lim.min_size)}..{min(lim.max_size)}")
         self._tile = None if tile is None else int(tile)
-        if isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer)) or overlap < 0:
+        if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer))
+                                    or overlap < 0):
             raise UsageError(f"overlap must be a non-negative integer, got {overlap!r}")
-        if self._tile is not None and overlap >= self._tile:
+        if self._tile is not None and overlap is not None and overlap >= self._tile:
             raise UsageError(f"overlap {overlap} must be smaller than tile {self._tile}")
-        self._overlap = int(overlap)
+        # Without an explicit overlap: a quarter of the tile that will be used (the given tile, or
+        # the profile's max size, at which frames beyond the profile are tiled).
+        auto_tile = self._tile or min((lim or self._backend.descriptor.profile).max_size)
+        self._overlap = default_overlap(auto_tile) if overlap is None else int(overlap)
         profile = lim if lim is not None else self._backend.descriptor.profile
         if batch is None:
             batch = profile.max_batch
