@@ -157,10 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                for name, path in arts.items()}
     lo, hi = a.ratio_sizes
     ratios = {name: growth_ratios(rows, lo, hi) for name, rows in results.items()}
-    note = (f"onnxruntime has no shape limits, so Derainer runs every size full-frame by default; it tiles by "
-            f"default only beyond a TensorRT profile (this manifest's: {profile.min_size[0]}..{profile.max_size[0]} "
-            f"px, opt {profile.opt_size[0]}). full = default (sizes <= {max_full}); tiled = tile={tile}, "
-            f"overlap={a.overlap} (sizes > {tile}).")
+    note = (f"Derainer tiles frames beyond the manifest's profile ({profile.min_size[0]}..{profile.max_size[0]} px, "
+            f"opt {profile.opt_size[0]}); full = one tile covering the frame (sizes <= {max_full}); "
+            f"tiled = tile={tile}, overlap={a.overlap} (sizes > {tile}).")
     report = {"machine": machine(), "threads": a.threads, "runs": a.runs, "note": note, "ratio_target": RATIO_TARGET,
               "results": results, "growth_ratios": ratios, "int8_skipped": int8_skipped}
     if not a.no_plot:
