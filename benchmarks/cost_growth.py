@@ -6,12 +6,11 @@ For every size in ``--sizes`` (default 128, 256, 512, 1024, square) and every S 
 cost the same per pixel at every size; the target is a ratio of at most 1.2 between 1024^2 and
 256^2 (``--ratio-sizes``).
 
-Tiling. ``Derainer`` tiles by default only frames larger than the engine's shape profile, and
-only a TensorRT engine has one: with onnxruntime every size runs full-frame unless ``tile=`` is
-given. So each size is measured
+Tiling. ``Derainer`` tiles frames larger than the manifest's shape profile by default (with
+onnxruntime too: it bounds the quadratic lowest-level attention). So each size is measured
 
-- ``full``: full-frame, the onnxruntime default (sizes up to ``--max-full``, default the
-  manifest's profile max, i.e. what a TensorRT engine of the same profile would accept), and
+- ``full``: one tile covering the whole frame (sizes up to ``--max-full``, default the largest
+  size), i.e. the plain full-frame cost of the step graph, and
 - ``tiled``: ``Derainer(tile=--tile, overlap=--overlap)`` for sizes larger than the tile
   (default tile = the profile's opt size), which is what happens beyond the profile on TensorRT.
   Its time per pixel-step counts output pixels, so the overlap's extra work shows up in it;

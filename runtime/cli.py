@@ -183,7 +183,10 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
                              "precision (from its manifest) applies: drop --precision")
         return engine
     if precision is Precision.int8:
-        path = DEFAULT_MODELS["int8"]
+        # calibration writes a TensorRT graph (.int8.onnx) and an x86 CPU graph (.int8.cpu.onnx,
+        # u8 activations + 7-bit weights: onnxruntime's s8 kernels saturate without VNNI)
+        cpu_path = ASSETS / "default.int8.cpu.onnx"
+        path = cpu_path if cpu_path.is_file() else DEFAULT_MODELS["int8"]
         if not path.is_file():
             raise ArtifactError(f"--precision int8: the INT8 model {path} is not shipped with this install; "
                                 f"use --precision fp32 or --engine ART")

@@ -76,3 +76,21 @@ def test_rd_run_never_imports_torch(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_precision_int8_prefers_the_x86_cpu_graph(tmp_path, monkeypatch):
+    """--precision int8 picks default.int8.cpu.onnx (u8 activations, 7-bit weights) when shipped,
+    else the TensorRT-style default.int8.onnx; neither shipped -> a clear ArtifactError."""
+    import pytest
+
+    import runtime.cli as cli
+    from runtime.errors import ArtifactError
+
+    monkeypatch.setattr(cli, "ASSETS", tmp_path)
+    monkeypatch.setitem(cli.DEFAULT_MODELS, "int8", tmp_path / "default.int8.onnx")
+    with pytest.raises(ArtifactError, match="not shipped"):
+        cli.resolve_engine(None, cli.Precision.int8)
+    (tmp_path / "default.int8.onnx").write_bytes(b"x")
+    assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.onnx"
+    (tmp_path / "default.int8.cpu.onnx").write_bytes(b"x")
+    assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.cpu.onnx"
