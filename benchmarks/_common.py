@@ -19,6 +19,13 @@ DEFAULT_INT8 = REPO / "runtime" / "assets" / "default.int8.onnx"
 EXAMPLE = REPO / "examples" / "rainy_street.jpg"
 
 
+def runtime_artifacts(fp32: Path, int8: Path) -> tuple[dict[str, Path], str | None]:
+    """The runtime variants to measure: FP32 always, INT8 where its file exists (else why not)."""
+    if int8.is_file():
+        return {"onnxruntime_fp32": fp32, "onnxruntime_int8": int8}, None
+    return {"onnxruntime_fp32": fp32}, f"{int8} not found"
+
+
 def real_frame(height: int, width: int) -> np.ndarray:
     """A real rainy photo (shared data if present, else the shipped example) resized to HxW."""
     from PIL import Image

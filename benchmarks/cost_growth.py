@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_INT8, DEFAULT_ONNX, REPO, machine, median_ms, real_frame
+from _common import DEFAULT_INT8, DEFAULT_ONNX, REPO, machine, median_ms, real_frame, runtime_artifacts
 
 RATIO_TARGET = 1.2
 
@@ -144,12 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = Manifest.for_artifact(a.onnx).step_descriptor.profile
     max_full = a.max_full or max(a.sizes)  # onnxruntime runs any shape; the profile only bounds engines
     tile = a.tile or min(profile.opt_size)
-    arts = {"onnxruntime_fp32": a.onnx}
-    int8_skipped = None
-    if a.int8.is_file():
-        arts["onnxruntime_int8"] = a.int8
-    else:
-        int8_skipped = f"{a.int8} not found"
+    arts, int8_skipped = runtime_artifacts(a.onnx, a.int8)
     # One block per backend: every size and step count of FP32, then of INT8.
     results = {name: measure_backend(path, a.sizes, a.steps, max_full=max_full, tile=tile, overlap=a.overlap,
                                      runs=a.runs, warmup=a.warmup, threads=a.threads)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_CKPT, DEFAULT_INT8, DEFAULT_ONNX, machine, median_ms, real_frame
+from _common import DEFAULT_CKPT, DEFAULT_INT8, DEFAULT_ONNX, machine, median_ms, real_frame, runtime_artifacts
 
 
 def step_inputs(frame: np.ndarray, multiple: int, steps: int, seed: int = 0):
@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 2
     frame = real_frame(a.size, a.size)
-    arts = {"onnxruntime_fp32": a.onnx}
-    int8_skipped = None
-    if a.int8.is_file():
-        arts["onnxruntime_int8"] = a.int8
-    else:
-        int8_skipped = f"{a.int8} not found"
+    arts, int8_skipped = runtime_artifacts(a.onnx, a.int8)
     # Block 1: torch (FLOP count, torch GEMM, eager step); block 2: numpy GEMM; block 3: onnxruntime.
     res = torch_block(a.checkpoint, frame, a)
     res.update(numpy_block(a))

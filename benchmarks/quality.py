@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=0, help="first N pairs only (0 = all)")
-    ap.add_argument("--panels", type=Path, default=None, help="write rainy | G_B | DTB | clean panels here")
+    ap.add_argument("--panels", type=Path, default=None,
+                    help="write rainy | G_B | DTB | clean panels here (no DTB column with --no-dtb)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -85,32 +86,27 @@ def main(argv: list[str] | None = None) -> int:
             if est is not None:
                 dtb_out[n] = to_uint8(ddim_sample(est, x, steps=a.steps, seed=a.seed))
     # Block 2 (onnxruntime): the DTB through the runtime, as users run it.
-    if a.no_dtb:
-        dtb_out = dict(gb_out)
-    elif est is None:
+    if est is None and not a.no_dtb:
         from runtime.derainer import Derainer
 
         with Derainer(a.onnx, steps=a.steps, seed=a.seed, threads=a.threads) as d:
             for n, rainy, _ in pairs:
                 dtb_out[n] = d.derain(rainy)
 
+    outputs = {"G_B": gb_out} if a.no_dtb else {"G_B": gb_out, "DTB": dtb_out}
     rows = []
     for n, rainy, clean in pairs:
-        row = {"name": n, "input": score(rainy, rainy, clean), "G_B": score(gb_out[n], rainy, clean),
-               "DTB": score(dtb_out[n], rainy, clean)}
+        row = {"name": n, "input": score(rainy, rainy, clean)}
+        row.update({k: score(out[n], rainy, clean) for k, out in outputs.items()})
         rows.append(row)
         if a.panels:
             save_image(a.panels / f"panel_{Path(n).stem}.png",
-                       np.concatenate([rainy, gb_out[n], dtb_out[n], clean], axis=1))
-    mean = {k: {m: statistics.fmean(r[k][m] for r in rows) for m in rows[0][k]} for k in ("input", "G_B", "DTB")}
-    for k in ("G_B", "DTB"):
+                       np.concatenate([rainy, *(out[n] for out in outputs.values()), clean], axis=1))
+    mean = {k: {m: statistics.fmean(r[k][m] for r in rows) for m in rows[0][k]} for k in ("input", *outputs)}
+    for k in outputs:
         mean[k]["gain_raw"] = mean[k]["psnr"] - mean["input"]["psnr"]
         mean[k]["gain_matched"] = mean[k]["psnr_matched"] - mean["input"]["psnr_matched"]
         mean[k]["ssim_gain"] = mean[k]["ssim"] - mean["input"]["ssim"]
-    if a.no_dtb:
-        for r in rows:
-            del r["DTB"]
-        del mean["DTB"]
     report = {"checkpoint": str(a.checkpoint), "dtb": None if a.no_dtb else "torch" if a.torch else str(a.onnx),
               "steps": a.steps,
               "seed": a.seed, "pairs": len(rows), "mean": mean, "per_image": rows}
@@ -122,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in mean:
             m = mean[k]
             print(f"{k:8s} {m['psnr']:7.2f} {m['ssim']:7.4f} {m['psnr_matched']:21.2f} {m['corr']:6.3f}")
-        for k in [k for k in ("G_B", "DTB") if k in mean]:
+        for k in outputs:
             m = mean[k]
             print(f"{k} gain: raw {m['gain_raw']:+.2f} dB, brightness-matched {m['gain_matched']:+.2f} dB, "
                   f"SSIM {m['ssim_gain']:+.4f}")

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_CKPT, DEFAULT_INT8, DEFAULT_ONNX, machine, median_ms, real_frame
+from _common import DEFAULT_CKPT, DEFAULT_INT8, DEFAULT_ONNX, machine, median_ms, real_frame, runtime_artifacts
 
 
 def torch_variants(ckpt: Path, frame, steps: int, runs: int, warmup: int, threads: int, bf16: bool) -> dict:
@@ -67,9 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"runtime_vs_torch: {p} not found (train/export the default model first)", file=sys.stderr)
             return 2
     frame = real_frame(a.size, a.size)
-    arts = {"onnxruntime_fp32": a.onnx}
-    if a.int8.is_file():
-        arts["onnxruntime_int8"] = a.int8
+    arts, _ = runtime_artifacts(a.onnx, a.int8)
     # Block 1: torch; block 2: onnxruntime (never interleaved).
     res = torch_variants(a.checkpoint, frame, a.steps, a.runs, a.warmup, a.threads, not a.no_bf16)
     res.update(runtime_variants(arts, frame, a.steps, a.runs, a.warmup, a.threads))
