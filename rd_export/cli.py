@@ -25,7 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rd_export.precision import PRECISIONS
-from runtime.errors import RDError
+from runtime.cli_errors import error_exits
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export RainDiffusion checkpoints to verified ONNX (FP32/FP16) and TensorRT engines.")
@@ -53,30 +53,19 @@ def _console() -> Console:
 def _run(fn, debug: bool = False):
     """Toolkit errors -> one stderr line + exit code; --debug re-raises (full traceback)."""
     console = _console()
-    debug = debug or _state["debug"]
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
         console.print(f"[yellow]warning:[/] {escape(str(message))}")
 
-    warnings.showwarning = showwarning
+    def say(text: str) -> None:
+        console.print(f"[red]error:[/] {escape(text)}")
+
+    previous, warnings.showwarning = warnings.showwarning, showwarning
     try:
-        return fn()
-    except RDError as e:
-        if debug:
-            raise
-        console.print(f"[red]error:[/] {escape(str(e))}")
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        console.print("[red]interrupted[/] (no partial artifacts are left)")
-        raise typer.Exit(130) from None
-    except Exception as e:  # a bug: still one line unless --debug
-        if debug:
-            raise
-        console.print(f"[red]internal error:[/] {e.__class__.__name__}: {escape(str(e))} "
-                      "(rerun with --debug for the traceback)")
-        raise typer.Exit(1) from None
+        with error_exits(say, debug=debug or _state["debug"]):
+            return fn()
+    finally:
+        warnings.showwarning = previous
 
 
 @app.callback()

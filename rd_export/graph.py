@@ -163,12 +163,19 @@ def descendants(model: onnx.ModelProto, node_names: list[str]) -> list[str]:
     return [n for n in out if n not in set(node_names)]
 
 
+#: Node-name scope of the v -> eps conversion in exported graphs (TorchScript exporter scopes).
+TO_EPS_SCOPE = "/estimator/to_eps/"
+
+
 def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
     """Node names of a structural FP32 island of the fused step graph.
 
     - ``time_embedding``: every node computed from ``t`` alone.
     - ``ddim_update``: the slicing of ``coef`` and everything downstream of the nodes that read
-      it (eps_hat does not depend on coef, so this is exactly the DDIM update arithmetic).
+      it (eps_hat does not depend on coef, so this is exactly the DDIM update arithmetic), plus,
+      for v-prediction estimators, the v -> eps conversion (nodes scoped ``/estimator/to_eps/``,
+      see training.multiscale.ToEps): with the update it computes x0 = a * x_t - b * eps_hat,
+      a cancellation that FP16 rounding of eps_hat would wreck at high t.
     """
     if island == "time_embedding":
         nodes = input_cone(model, StepDescriptor.T)
@@ -178,6 +185,8 @@ def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
         readers = [n.name for n in model.graph.node if n.name not in set(coef_cone)
                    and any(i in cone_out or i == StepDescriptor.COEF for i in n.input)]
         nodes = coef_cone + readers + [d for d in descendants(model, readers) if d not in set(readers)]
+        to_eps = [n.name for n in model.graph.node if n.name.startswith(TO_EPS_SCOPE) and n.name not in set(nodes)]
+        nodes += to_eps + [d for d in descendants(model, to_eps) if d not in set(nodes) | set(to_eps)]
     else:
         raise ValueError(f"unknown structural island {island!r}")
     return nodes + _feeding_constants(model, nodes)

@@ -15,15 +15,15 @@ import importlib.metadata
 import json
 import os
 import platform
-import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from runtime.cli_errors import Terminated, error_exits
 from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
 from runtime.io import DEFAULT_MAX_PIXELS
 
@@ -116,50 +116,14 @@ MaxPixelsOpt = Annotated[int, typer.Option(
 # --------------------------------------------------------------------------- error handling
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C (same cleanup) but exiting 143."""
-
-
 def _say(message: str, kind: str = "error") -> None:
     text = " ".join(str(message).split("\n")).strip()
     typer.echo(f"rd-run: {kind}: {text}", err=True)
 
 
-@contextlib.contextmanager
-def _guard(debug: bool, json_out: bool = False) -> Iterator[None]:
+def _guard(debug: bool, json_out: bool = False):
     """Turn toolkit errors into one line on stderr and their exit code (STYLE #11)."""
-    previous = None
-    with contextlib.suppress(ValueError):  # only possible in the main thread
-
-        def on_term(signum: int, frame: Any) -> None:
-            raise _Terminated
-
-        previous = signal.signal(signal.SIGTERM, on_term)
-    try:
-        yield
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt as e:
-        code = 143 if isinstance(e, _Terminated) else 130
-        _say("terminated" if code == 143 else "interrupted", "error")
-        raise typer.Exit(code) from None
-    except RDError as e:
-        if debug:
-            raise
-        _say(str(e))
-        if json_out:
-            _emit_json({"error": str(e), "error_type": type(e).__name__, "exit_code": e.exit_code})
-        raise typer.Exit(e.exit_code) from None
-    except Exception as e:
-        if debug:
-            raise
-        _say(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)")
-        if json_out:
-            _emit_json({"error": str(e), "error_type": type(e).__name__, "exit_code": 1})
-        raise typer.Exit(1) from None
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    return error_exits(_say, debug=debug, report=_emit_json if json_out else None)
 
 
 def _emit_json(obj: Any) -> None:
@@ -368,11 +332,11 @@ def derain(
             stopped = e  # the report so far is still printed (and --json emitted) below
         try:
             code = _finish_derain(runner, engine, device, threads, json_out, console,
-                                  terminated=isinstance(stopped, _Terminated))
+                                  terminated=isinstance(stopped, Terminated))
         finally:
             _close(runner._derainer)
         if stopped is not None:
-            raise typer.Exit(143 if isinstance(stopped, _Terminated) else 130)
+            raise typer.Exit(143 if isinstance(stopped, Terminated) else 130)
     raise typer.Exit(code)
 
 
@@ -465,7 +429,7 @@ def eval_cmd(
         finally:
             _close(derainer)
         if stopped is not None:
-            raise typer.Exit(143 if isinstance(stopped, _Terminated) else 130)
+            raise typer.Exit(143 if isinstance(stopped, Terminated) else 130)
     raise typer.Exit(code)
 
 

@@ -130,7 +130,7 @@ def build_estimator(ckpt: dict, model: str = "derain", ema: bool = True) -> Mult
         cfg = EstimatorConfig.from_dict(ckpt["config"]["estimator"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{_where(ckpt)}: invalid config.estimator ({e.__class__.__name__}: {e})") from None
-    net = MultiScaleEstimator(cfg)
+    net = MultiScaleEstimator(cfg, model_configs(ckpt).schedule)
     state = _state(ckpt, key)
     check_state_dict(net, state, key, _where(ckpt))
     net.load_state_dict(state)

@@ -22,7 +22,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runtime.errors import RDError, UsageError
+from runtime.cli_errors import error_exits
+from runtime.errors import UsageError
 from training.config import NTBMode, Preset
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -40,6 +41,12 @@ class Model(str, Enum):
     rain = "rain"
 
 
+class Prediction(str, Enum):  # training.multiscale.PREDICTIONS
+    eps = "eps"
+    v = "v"
+    v_residual = "v_residual"
+
+
 def _console() -> Console:
     return Console(stderr=True, soft_wrap=True)
 
@@ -51,19 +58,13 @@ def _run(fn):
     def showwarning(message, category, filename, lineno, file=None, line=None):
         console.print(f"[yellow]warning:[/] {message}", highlight=False)
 
+    def say(text: str) -> None:
+        console.print(f"[red]error:[/] {text}", highlight=False, soft_wrap=True)
+
     previous, warnings.showwarning = warnings.showwarning, showwarning
     try:
-        return fn()
-    except RDError as e:
-        if _state["debug"]:
-            raise
-        console.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(e.exit_code) from None
-    except KeyboardInterrupt:
-        if _state["debug"]:
-            raise
-        console.print("[red]interrupted[/]")
-        raise typer.Exit(130) from None
+        with error_exits(say, debug=_state["debug"]):
+            return fn()
     finally:
         warnings.showwarning = previous
 
@@ -166,6 +167,13 @@ def fit(
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
     scales: Annotated[str | None, typer.Option(
         help="Estimator scales, comma-separated (ablation): '1', '1,0.5', '1,0.5,0.25' (default).")] = None,
+    prediction: Annotated[Prediction | None, typer.Option(
+        help="What the estimators predict: eps (the paper), v, or v_residual (v of x_0 - cond; documented "
+             "deviations, issue 8: an undertrained eps model's 10-step DDIM output is noise). [eps]")] = None,
+    init: Annotated[Path | None, typer.Option(
+        help="Warm-start a new run from this checkpoint's weights (model.pt or last.pt); step 0, fresh "
+             "optimiser. Only --prediction may differ from the checkpoint's model.", exists=True,
+        dir_okay=False)] = None,
     crop: Annotated[int | None, typer.Option(help="Random crop size (pixels). [128]")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process. [4]")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (betas 0.5, 0.999). [2e-5]")] = None,
@@ -196,22 +204,38 @@ def fit(
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
             "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
         }.items() if v is not None}
-        train = resolve_train_config(resume, overrides, config.value if config else None)
+        preset = config.value if config else None
+        init_ckpt = None
+        if init is not None:
+            if scales is not None or config is not None:
+                raise UsageError("--init takes the model's shape from the checkpoint: drop --scales/--config")
+            from training.checkpoint import load_checkpoint
+
+            init_ckpt = load_checkpoint(init)
+            preset = (init_ckpt.get("config", {}).get("train") or {}).get("preset") if resume is None else None
+        train = resolve_train_config(resume, overrides, preset)
         models = None
-        if resume is None:
+        pred = prediction.value if prediction else "eps"
+        if init_ckpt is not None:
+            from training.checkpoint import model_configs
+
+            models = model_configs(init_ckpt)
+            if prediction is not None:
+                models.estimator.prediction = pred
+        elif resume is None:
             try:
                 sc = tuple(float(s) for s in scales.split(",")) if scales else None
             except ValueError:
                 raise UsageError(f"--scales must be comma-separated numbers like 1,0.5,0.25, got {scales!r}") from None
-            models = model_preset(train.preset, scales=sc)
-        elif scales is not None:
-            raise UsageError("--scales cannot change when resuming (the checkpoint fixes the model)")
+            models = model_preset(train.preset, scales=sc, prediction=pred)
+        elif scales is not None or prediction is not None:
+            raise UsageError("--scales/--prediction cannot change when resuming (the checkpoint fixes the model)")
         import os
 
         rank = int(os.environ.get("RANK", "0"))
         reporter = RichReporter(_console(), enabled=not quiet and rank == 0)
         result = fit_run(clean, rainy, out, train=train, models=models, resume=resume, device=device.value,
-                         val_rainy=val_rainy, val_clean=val_clean, reporter=reporter)
+                         val_rainy=val_rainy, val_clean=val_clean, reporter=reporter, init=init)
         if rank == 0 and not quiet:
             _console().print(f"done: step {result.step}; {result.model} (shipped) and {result.last} (resume)",
                              highlight=False)

@@ -135,8 +135,10 @@ def schedule_from_dict(d: dict) -> ScheduleConfig:
                           beta_end=float(d["beta_end"]))
 
 
-def model_preset(name: str | Preset, *, scales: tuple[float, ...] | None = None) -> ModelConfigs:
-    """The model shapes of a preset; ``scales`` overrides the estimator's scales (Table 5 ablation)."""
+def model_preset(name: str | Preset, *, scales: tuple[float, ...] | None = None,
+                 prediction: str = "eps") -> ModelConfigs:
+    """The model shapes of a preset; ``scales`` overrides the estimator's scales (Table 5 ablation),
+    ``prediction`` what the estimator's maps predict (eps = the paper; v, v_residual: issue 8)."""
     try:
         name = Preset(name)
     except ValueError:
@@ -158,7 +160,7 @@ def model_preset(name: str | Preset, *, scales: tuple[float, ...] | None = None)
         attn_hidden = 32
     try:
         est = EstimatorConfig(unet=unet, scales=tuple(scales) if scales else (1.0, 0.5, 0.25),
-                              attn_hidden=attn_hidden)
+                              attn_hidden=attn_hidden, prediction=prediction)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ModelConfigs(estimator=est, ntb_unet=ntb, schedule=ScheduleConfig())

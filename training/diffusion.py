@@ -37,6 +37,8 @@ def q_sample(x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: t
 def noise_loss(estimator: nn.Module, x_0: torch.Tensor, cond: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """|| eps - eps_hat(x_t, cond, t) ||^2 with t ~ U{1..T} per sample, eps ~ N(0, I).
 
+    For the v kinds of estimator (``EstimatorConfig.prediction``) the same draw is scored on the
+    estimator's own output: || v - v_hat ||^2 (see training.multiscale).
     Draws from torch's global RNG (its state is saved in the checkpoint, so resume is exact).
     """
     T = alpha_bar.shape[0] - 1
@@ -44,8 +46,11 @@ def noise_loss(estimator: nn.Module, x_0: torch.Tensor, cond: torch.Tensor, alph
     t = torch.randint(1, T + 1, (n,)).to(x_0.device)
     eps = torch.randn(x_0.shape).to(device=x_0.device, dtype=x_0.dtype)
     x_t = q_sample(x_0, t, eps, alpha_bar)
-    eps_hat = estimator(x_t, cond, t.to(x_0.dtype))
-    return F.mse_loss(eps_hat.float(), eps.float())
+    tf = t.to(x_0.dtype)
+    if not hasattr(estimator, "predict"):  # any plain eps network
+        return F.mse_loss(estimator(x_t, cond, tf).float(), eps.float())
+    raw = estimator.predict(x_t, cond, tf)
+    return F.mse_loss(raw.float(), estimator.target(x_0, eps, cond, tf).float())
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

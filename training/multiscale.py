@@ -5,6 +5,22 @@
 to full size (explicit sizes, ``align_corners=False``, no antialias: export-safe); a small
 attention head looks at the condition and the upsampled maps and outputs one logit per
 scale per pixel; softmax over scales gives the weights, and eps_hat is the weighted sum.
+
+What the fused maps predict is ``EstimatorConfig.prediction`` (issue 8):
+
+- ``eps`` (the paper): the maps are eps_hat itself.
+- ``v`` (documented deviation, Salimans & Ho 2022): the maps predict
+  v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, and ``ToEps`` turns them into
+  eps_hat = sqrt(ab_t) v_hat + sqrt(1 - ab_t) x_t.
+- ``v_residual`` (documented deviation): as ``v``, for the residual x_0 - cond, i.e.
+  v_hat = maps - sqrt(1 - ab_t) cond. At high t, where the sample is nearly pure noise, the
+  estimator's x_0 estimate starts from the condition instead of from nothing.
+
+Either way the estimator **returns eps_hat**: the fused step, the exporter, the runtimes and the
+schedule's (a, b, c, d) encoding are the same for every kind. Only the training target differs
+(:meth:`MultiScaleEstimator.target`): with eps-prediction the loss weights x_0 errors by the SNR,
+about 1e-4 at t = 900, so an undertrained eps model knows almost nothing about x_0 at high t and a
+10-step DDIM trajectory from pure noise never recovers (measured in docs/quality.md).
 """
 
 from __future__ import annotations
@@ -18,7 +34,10 @@ from torch import nn
 
 from training.unet import UNet, UNetConfig
 
-__all__ = ["EstimatorConfig", "FusedStep", "MultiScaleEstimator", "fused_step"]
+__all__ = ["EstimatorConfig", "FusedStep", "MultiScaleEstimator", "PREDICTIONS", "ToEps", "fused_step"]
+
+#: What the estimator's fused maps predict (see the module docstring).
+PREDICTIONS = ("eps", "v", "v_residual")
 
 
 @dataclass
@@ -26,8 +45,11 @@ class EstimatorConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     scales: tuple[float, ...] = (1.0, 0.5, 0.25)
     attn_hidden: int = 16
+    prediction: str = "eps"
 
     def __post_init__(self) -> None:
+        if self.prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if isinstance(self.unet, dict):
             self.unet = UNetConfig.from_dict(self.unet)
         self.scales = tuple(float(s) for s in self.scales)
@@ -59,13 +81,52 @@ class EstimatorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EstimatorConfig:
         return cls(unet=UNetConfig.from_dict(d["unet"]), scales=tuple(d["scales"]),
-                   attn_hidden=int(d.get("attn_hidden", 16)))
+                   attn_hidden=int(d.get("attn_hidden", 16)), prediction=str(d.get("prediction", "eps")))
+
+
+class ToEps(nn.Module):
+    """v or v_residual maps -> eps_hat, with sqrt(ab_t) and sqrt(1 - ab_t) gathered from runtime's table.
+
+    Its own module so the exported nodes are scoped ``/estimator/to_eps/...``: the FP16 export keeps
+    them FP32 (with the DDIM update they form a cancellation a * x_t - b * eps_hat with a, b ~ 156
+    at t = 1000). The tables are not persistent: they come from the schedule, not the weights.
+    """
+
+    def __init__(self, prediction: str, schedule=None) -> None:
+        super().__init__()
+        from runtime.schedule import DDIMSchedule, ScheduleConfig
+
+        self.residual = prediction == "v_residual"
+        ab = torch.from_numpy(DDIMSchedule(schedule or ScheduleConfig()).alpha_bar.copy())
+        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_1m_ab", (1.0 - ab).sqrt().float(), persistent=False)
+
+    def _tables(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = t.long()
+        s = self.sqrt_ab[idx].to(like.dtype)[:, None, None, None]
+        r = self.sqrt_1m_ab[idx].to(like.dtype)[:, None, None, None]
+        return s, r
+
+    def forward(self, raw: torch.Tensor, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s, r = self._tables(t, raw)
+        v = raw - r * cond if self.residual else raw
+        return s * v + r * x_t
+
+    def target(self, x_0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """What ``raw`` should be for this (x_0, eps, cond, t)."""
+        s, r = self._tables(t, x_0)
+        return s * eps - r * (x_0 - cond if self.residual else x_0)
 
 
 class MultiScaleEstimator(nn.Module):
-    def __init__(self, config: EstimatorConfig) -> None:
+    """``forward`` returns eps_hat whatever ``config.prediction`` is; ``predict`` returns the raw
+    fused maps and ``target`` what they are trained toward. ``schedule`` (a ScheduleConfig) is
+    needed by the v kinds only."""
+
+    def __init__(self, config: EstimatorConfig, schedule=None) -> None:
         super().__init__()
         self.config = config
+        self.to_eps = ToEps(config.prediction, schedule) if config.prediction != "eps" else None
         self.unet = UNet(config.unet)
         k = len(config.scales)
         self.factors = config.factors
@@ -118,12 +179,22 @@ class MultiScaleEstimator(nn.Module):
         logits = self.attn_head(torch.cat([cond, maps.reshape(n, k * c, h, w)], dim=1))
         return torch.softmax(logits, dim=1).unsqueeze(2)
 
-    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def predict(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The fused maps (Eq. 15): eps_hat, or v_hat for the v kinds."""
         if not torch.jit.is_tracing() and not torch.compiler.is_compiling():
             self.check_input_size(int(x_t.shape[-2]), int(x_t.shape[-1]))
         maps = self.scale_maps(x_t, cond, t)
         weights = self.fusion_weights(cond, maps)
-        return (weights * maps).sum(dim=1)  # eps_hat, Eq. 15
+        return (weights * maps).sum(dim=1)
+
+    def target(self, x_0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The training target of :meth:`predict` (eps for the paper's kind)."""
+        return eps if self.to_eps is None else self.to_eps.target(x_0, eps, cond, t)
+
+    def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """eps_hat(x_t, cond, t)."""
+        raw = self.predict(x_t, cond, t)
+        return raw if self.to_eps is None else self.to_eps(raw, x_t, cond, t)
 
 
 def fused_step(estimator: nn.Module, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,

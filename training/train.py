@@ -32,7 +32,7 @@ from runtime.io import atomic_path, iter_image_files, load_rgb
 from runtime.metrics import brightness_matched, psnr_y, ssim_y
 from training import ddp
 from training.algorithm import RainDiffusion, algorithm1_step
-from training.checkpoint import load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
+from training.checkpoint import check_state_dict, load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
 from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
 from training.data import UnpairedSampler, load_folder
 from training.diffusion import ddim_sample, to_tensor, to_uint8
@@ -192,10 +192,33 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------- fit
+def _warm_start(model: RainDiffusion, ema: EMA, ckpt: dict) -> None:
+    """Copy a checkpoint's four networks into ``model`` and its EMA (shapes checked by name)."""
+    st = ckpt.get("state")
+    if not isinstance(st, dict):
+        raise CheckpointError(f"{ckpt.get('_path', 'checkpoint')}: no 'state' to initialise from")
+    where = f"{ckpt.get('_path', 'checkpoint')} (--init)"
+    for name, keys in (("G_A", ("G_A",)), ("G_B", ("G_B",)), ("eps_A", ("eps_A", "ema_A")),
+                       ("eps_B", ("eps_B", "ema_B"))):
+        key = next((k for k in keys if k in st), None)
+        if key is None:
+            raise CheckpointError(f"{where}: missing {' or '.join(keys)}")
+        check_state_dict(getattr(model, name), st[key], key, where)
+        getattr(model, name).load_state_dict(st[key])
+    for name, key in (("ema_A", "ema_A"), ("ema_B", "ema_B")):
+        src = st[key] if key in st else st["eps_" + key[-1]]
+        getattr(ema, name).load_state_dict(src)
+
+
 def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, models: ModelConfigs | None = None,
         resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
-        val_clean: Path | None = None, reporter: Reporter | None = None) -> FitResult:
-    """Train RainDiffusion (Algorithm 1) until ``train.steps``; resumable from ``last.pt``."""
+        val_clean: Path | None = None, reporter: Reporter | None = None, init: Path | None = None) -> FitResult:
+    """Train RainDiffusion (Algorithm 1) until ``train.steps``; resumable from ``last.pt``.
+
+    ``init`` warm-starts a new run (step 0, fresh optimiser) from a checkpoint's weights (a
+    model.pt or last.pt; EMA estimators where the raw ones are absent). ``models`` may then
+    differ from the checkpoint's only in ``estimator.prediction``: the network shapes must match.
+    """
     reporter = reporter or Reporter()
     run_dir = Path(run_dir)
     if (val_rainy is None) != (val_clean is None):
@@ -210,6 +233,11 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
             raise CheckpointError(f"{resume}: missing key optimizer/rng (a stripped model.pt cannot be resumed; "
                                   f"use last.pt)")
         models = model_configs(ckpt)
+    init_ckpt = None
+    if init is not None:
+        if ckpt is not None:
+            raise UsageError("--init starts a new run; it cannot be combined with --resume")
+        init_ckpt = load_checkpoint(init)
     models = models or model_preset(train.preset)
     seed = train.seed + 1000003 * dist_info.rank  # each rank its own noise / synthetic rain stream
     torch.manual_seed(seed)
@@ -228,6 +256,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     ema = EMA(model, train.ema_decay, train.ema_warmup)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
     step = 0
+    if init_ckpt is not None:
+        _warm_start(model, ema, init_ckpt)
     if ckpt is not None:
         st = ckpt["state"]
         for name in ("G_A", "G_B", "eps_A", "eps_B"):
@@ -251,6 +281,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
 
     log_path = run_dir / "metrics.jsonl"
     config_dict = {**models.to_dict(), "train": train.to_dict()}
+    if init is not None:
+        config_dict["init"] = str(init)
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:

@@ -21,7 +21,7 @@ def perturbed_estimator_state(estimator, seed: int) -> dict:
     return {k: v.clone() for k, v in estimator.state_dict().items()}
 
 
-def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
+def write_random_checkpoint(path: Path, seed: int = 0, prediction: str = "eps") -> Path:
     """A stripped-format checkpoint of the tiny preset with random (perturbed) weights."""
     import torch
 
@@ -30,10 +30,10 @@ def write_random_checkpoint(path: Path, seed: int = 0) -> Path:
     from training.multiscale import MultiScaleEstimator
     from training.unet import UNet
 
-    cfgs = model_preset("tiny")
+    cfgs = model_preset("tiny", prediction=prediction)
     torch.manual_seed(seed)
-    ema_a = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator), seed + 1)
-    ema_b = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator), seed + 2)
+    ema_a = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator, cfgs.schedule), seed + 1)
+    ema_b = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator, cfgs.schedule), seed + 2)
     g_a, g_b = UNet(cfgs.ntb_unet), UNet(cfgs.ntb_unet)
     config = dict(cfgs.to_dict(), train=TrainConfig(preset="tiny").to_dict())
     return save_checkpoint(path, {"config": config, "step": 0,

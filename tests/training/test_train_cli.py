@@ -65,3 +65,36 @@ def test_usage_errors_exit_2(tmp_path, image_dirs):
     res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r"),
                               "--config", "tiny", "--val-rainy", str(rainy)])
     assert res.exit_code == 2 and "go together" in res.output
+
+
+def test_init_warm_starts_a_v_residual_run(tmp_path, image_dirs, tiny_checkpoint):
+    """--init copies all four networks (step 0, new optimiser) and may switch --prediction."""
+    import torch
+
+    from training.checkpoint import build_estimator, build_generators, load_checkpoint
+
+    clean, rainy = image_dirs
+    run = tmp_path / "warm"
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
+                              "--init", str(tiny_checkpoint), "--prediction", "v_residual", "--steps", "1",
+                              "--crop", "16", "--batch", "2", "--lr", "1e-12", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    src, dst = load_checkpoint(tiny_checkpoint), load_checkpoint(run / "model.pt")
+    assert dst["step"] == 1 and dst["config"]["estimator"]["prediction"] == "v_residual"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["init"] == str(tiny_checkpoint) and cfg["train"]["preset"] == "tiny"
+    for a, b in zip(build_generators(src), build_generators(dst)):  # lr ~ 0: the weights came across
+        for (k, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=k)
+    ea, eb = build_estimator(src, "derain"), build_estimator(dst, "derain")
+    assert eb.to_eps is not None and ea.to_eps is None
+    for (k, p), q in zip(ea.state_dict().items(), eb.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=k)
+
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "x"),
+                              "--init", str(tiny_checkpoint), "--resume", str(tiny_checkpoint.parent / "last.pt"),
+                              "--steps", "1", "--quiet"])
+    assert res.exit_code == 2 and "--init starts a new run" in res.output
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "y"),
+                              "--init", str(tiny_checkpoint), "--scales", "1", "--steps", "1", "--quiet"])
+    assert res.exit_code == 2 and "--init takes the model's shape" in res.output
