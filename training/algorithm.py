@@ -37,7 +37,7 @@ class RainDiffusion(nn.Module):
         self.G_A = UNet(configs.ntb_unet)  # clean -> rainy
         self.G_B = UNet(configs.ntb_unet)  # rainy -> clean
         self.eps_A = MultiScaleEstimator(configs.estimator, configs.schedule)  # derain: x | rainy condition
-        self.eps_B = MultiScaleEstimator(configs.estimator, configs.schedule)  # rain generation: rainy | clean condition
+        self.eps_B = MultiScaleEstimator(configs.estimator, configs.schedule)  # rain gen.: rainy | clean cond
         self.register_buffer("alpha_bar", alpha_bar_tensor(configs.schedule), persistent=False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, lambda_cyc: float = 1.0, ntb: str = "faithful",

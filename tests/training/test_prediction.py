@@ -87,8 +87,9 @@ def test_checkpoint_round_trip_keeps_prediction(tmp_path):
     cfgs = model_preset("tiny", prediction="v_residual")
     e = MultiScaleEstimator(cfgs.estimator, cfgs.schedule).state_dict()
     g = UNet(cfgs.ntb_unet).state_dict()
-    path = save_checkpoint(tmp_path / "m.pt", {"config": dict(cfgs.to_dict(), train=TrainConfig(preset="tiny").to_dict()),
-                                               "step": 0, "state": {"G_A": g, "G_B": g, "ema_A": e, "ema_B": e}})
+    config = dict(cfgs.to_dict(), train=TrainConfig(preset="tiny").to_dict())
+    path = save_checkpoint(tmp_path / "m.pt", {"config": config, "step": 0,
+                                               "state": {"G_A": g, "G_B": g, "ema_A": e, "ema_B": e}})
     ck = load_checkpoint(path)
     est = build_estimator(ck, "derain")
     assert est.config.prediction == "v_residual" and est.to_eps is not None
