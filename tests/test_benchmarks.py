@@ -1,0 +1,52 @@
+"""benchmarks/dtb_curve.py: skips without the dev set, scores a checkpoint on a tiny paired set."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str, monkeypatch, data: Path):
+    monkeypatch.setenv("RD_DATA", str(data))
+    monkeypatch.syspath_prepend(str(BENCH))
+    for mod in ("_common", name):
+        sys.modules.pop(mod, None)
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dtb_curve_skips_without_data(tmp_path, monkeypatch, capsys):
+    mod = _load("dtb_curve", monkeypatch, tmp_path / "nowhere")
+    assert mod.main(["x.pt"]) == 0
+    assert "skipped: paired dev set not found" in capsys.readouterr().err
+
+
+def test_dtb_curve_scores_a_checkpoint(tmp_path, monkeypatch, capsys, image_dirs, tiny_checkpoint):
+    clean, rainy = image_dirs
+    dev = tmp_path / "data" / "dev" / "sirr"
+    (dev / "clean").mkdir(parents=True)
+    shutil.copytree(rainy, dev / "rainy")
+    for i, p in enumerate(sorted((dev / "rainy").iterdir())):  # pair by name: rainy rNN <-> clean cNN as rNN
+        shutil.copy(sorted(clean.iterdir())[i], dev / "clean" / p.name)
+    mod = _load("dtb_curve", monkeypatch, tmp_path / "data")
+    assert mod.main([str(tiny_checkpoint), "--size", "16", "--per-image", "1", "--steps", "2", "--json",
+                     "--plot", str(tmp_path / "curve.png")]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (row,) = out["rows"]
+    assert row["crops"] == 4 and row["prediction"] == "eps" and row["step"] >= 1
+    assert all(0 < row[k] < 100 for k in ("x0@101", "x0@501", "x0@901", "ddim", "ddim_matched"))
+    assert -1 <= row["ddim_corr"] <= 1 and 0 < out["baseline"]["input"] < 100
+    assert (tmp_path / "curve.png").stat().st_size > 1000
+    assert mod.main([str(tmp_path / "missing.pt")]) == 2
+
