@@ -19,6 +19,16 @@ DEFAULT_INT8 = REPO / "runtime" / "assets" / "default.int8.onnx"
 EXAMPLE = REPO / "examples" / "rainy_street.jpg"
 
 
+def dev_pair_dirs(script: str) -> tuple[Path, Path] | None:
+    """(rainy, clean) folders of the paired dev set, or None after printing the script's skip line."""
+    root = DATA / "dev" / "sirr"
+    rainy, clean = root / "rainy", root / "clean"
+    if rainy.is_dir() and clean.is_dir():
+        return rainy, clean
+    print(f"{script}: skipped: paired dev set not found under {root}", file=sys.stderr)
+    return None
+
+
 def runtime_artifacts(fp32: Path, int8: Path) -> tuple[dict[str, Path], str | None]:
     """The runtime variants to measure: FP32 always, INT8 where its file exists (else why not)."""
     if int8.is_file():

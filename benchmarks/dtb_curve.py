@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA
+from _common import dev_pair_dirs
 
 X0_TIMESTEPS = (101, 501, 901)
 
@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=None, help="PNG of DDIM PSNR vs step (one line per prediction)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    rainy_dir, clean_dir = DATA / "dev" / "sirr" / "rainy", DATA / "dev" / "sirr" / "clean"
-    if not rainy_dir.is_dir() or not clean_dir.is_dir():
-        print(f"dtb_curve: skipped: paired dev set not found under {DATA / 'dev' / 'sirr'}", file=sys.stderr)
+    dirs = dev_pair_dirs("dtb_curve")
+    if dirs is None:
         return 0
+    rainy_dir, clean_dir = dirs
     missing = [str(p) for p in a.checkpoints if not p.is_file()]
     if missing:
         print(f"dtb_curve: not found: {', '.join(missing)}", file=sys.stderr)

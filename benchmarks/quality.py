@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, DEFAULT_CKPT, DEFAULT_ONNX
+from _common import DEFAULT_CKPT, DEFAULT_ONNX, dev_pair_dirs
 
 
 def score(out: np.ndarray, rainy: np.ndarray, clean: np.ndarray) -> dict:
@@ -52,10 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    rainy_dir, clean_dir = DATA / "dev" / "sirr" / "rainy", DATA / "dev" / "sirr" / "clean"
-    if not rainy_dir.is_dir() or not clean_dir.is_dir():
-        print(f"quality: skipped: paired dev set not found under {DATA / 'dev' / 'sirr'}", file=sys.stderr)
+    dirs = dev_pair_dirs("quality")
+    if dirs is None:
         return 0
+    rainy_dir, clean_dir = dirs
     if not a.checkpoint.is_file():
         print(f"quality: {a.checkpoint} not found", file=sys.stderr)
         return 2
