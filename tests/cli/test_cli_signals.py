@@ -19,8 +19,11 @@ LAUNCHER = Path(__file__).with_name("rd_run_fake.py")
 
 def _start(args: list, delay: float) -> subprocess.Popen:
     env = dict(os.environ, RD_FAKE_DELAY=str(delay))
+    # A shell's background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN
+    # (no KeyboardInterrupt): restore the default so the test does not depend on how pytest runs.
     return subprocess.Popen([sys.executable, str(LAUNCHER), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env, text=True)
+                            stderr=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(cond, proc: subprocess.Popen, timeout: float = 30.0) -> None:
