@@ -235,7 +235,7 @@ def fit(
         rank = int(os.environ.get("RANK", "0"))
         reporter = RichReporter(_console(), enabled=not quiet and rank == 0)
         result = fit_run(clean, rainy, out, train=train, models=models, resume=resume, device=device.value,
-                         val_rainy=val_rainy, val_clean=val_clean, reporter=reporter, init=init)
+                         val_rainy=val_rainy, val_clean=val_clean, reporter=reporter, init=init_ckpt)
         if rank == 0 and not quiet:
             _console().print(f"done: step {result.step}; {result.model} (shipped) and {result.last} (resume)",
                              highlight=False)

@@ -205,18 +205,21 @@ def _warm_start(model: RainDiffusion, ema: EMA, ckpt: dict) -> None:
             raise CheckpointError(f"{where}: missing {' or '.join(keys)}")
         check_state_dict(getattr(model, name), st[key], key, where)
         getattr(model, name).load_state_dict(st[key])
-    for name, key in (("ema_A", "ema_A"), ("ema_B", "ema_B")):
-        src = st[key] if key in st else st["eps_" + key[-1]]
-        getattr(ema, name).load_state_dict(src)
+    for name in ("ema_A", "ema_B"):  # the EMA from the EMA where the checkpoint has one
+        key = name if name in st else "eps_" + name[-1]
+        check_state_dict(getattr(ema, name), st[key], key, where)
+        getattr(ema, name).load_state_dict(st[key])
 
 
 def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, models: ModelConfigs | None = None,
         resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
-        val_clean: Path | None = None, reporter: Reporter | None = None, init: Path | None = None) -> FitResult:
+        val_clean: Path | None = None, reporter: Reporter | None = None,
+        init: Path | dict | None = None) -> FitResult:
     """Train RainDiffusion (Algorithm 1) until ``train.steps``; resumable from ``last.pt``.
 
     ``init`` warm-starts a new run (step 0, fresh optimiser) from a checkpoint's weights (a
-    model.pt or last.pt; EMA estimators where the raw ones are absent). ``models`` may then
+    model.pt or last.pt, as a path or as the dict ``load_checkpoint`` returned; EMA estimators
+    where the raw ones are absent). ``models`` may then
     differ from the checkpoint's only in ``estimator.prediction``: the network shapes must match.
     """
     reporter = reporter or Reporter()
@@ -237,7 +240,7 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     if init is not None:
         if ckpt is not None:
             raise UsageError("--init starts a new run; it cannot be combined with --resume")
-        init_ckpt = load_checkpoint(init)
+        init_ckpt = init if isinstance(init, dict) else load_checkpoint(init)
     models = models or model_preset(train.preset)
     seed = train.seed + 1000003 * dist_info.rank  # each rank its own noise / synthetic rain stream
     torch.manual_seed(seed)
@@ -281,8 +284,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
 
     log_path = run_dir / "metrics.jsonl"
     config_dict = {**models.to_dict(), "train": train.to_dict()}
-    if init is not None:
-        config_dict["init"] = str(init)
+    if init_ckpt is not None:
+        config_dict["init"] = init_ckpt.get("_path", "(a checkpoint dict)")
     if dist_info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if ckpt is not None:
