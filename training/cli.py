@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runtime.cli_errors import error_exits
 from runtime.errors import UsageError
 from training.config import NTBMode, Preset
+from training.multiscale import PREDICTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train RainDiffusion (Algorithm 1) and sample with the torch reference DDIM sampler.")
@@ -41,10 +42,8 @@ class Model(str, Enum):
     rain = "rain"
 
 
-class Prediction(str, Enum):  # training.multiscale.PREDICTIONS
-    eps = "eps"
-    v = "v"
-    v_residual = "v_residual"
+#: --prediction's choices: what the estimators may predict (training.multiscale.PREDICTIONS).
+Prediction = Enum("Prediction", {p: p for p in PREDICTIONS}, type=str)
 
 
 def _console() -> Console:

@@ -44,13 +44,6 @@ def test_v_residual_starts_from_the_condition_at_high_t():
     assert float((x0_hat - cond).abs().max()) < 0.03
 
 
-def test_cli_choices_are_the_model_kinds():
-    from training.cli import Prediction
-    from training.multiscale import PREDICTIONS
-
-    assert tuple(p.value for p in Prediction) == PREDICTIONS
-
-
 def test_eps_estimator_is_unchanged_and_v_kinds_have_no_new_weights():
     eps_cfg, v_cfg = model_preset("tiny"), model_preset("tiny", prediction="v_residual")
     a, b = MultiScaleEstimator(eps_cfg.estimator), MultiScaleEstimator(v_cfg.estimator, v_cfg.schedule)
