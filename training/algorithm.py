@@ -19,13 +19,14 @@ from torch import nn
 
 from training.config import ModelConfigs, NTBMode
 from training.diffusion import alpha_bar_tensor, noise_loss
+from training.gan import Discriminators, lsgan_generator_loss
 from training.multiscale import MultiScaleEstimator
 from training.unet import UNet
 
 __all__ = ["RainDiffusion", "algorithm1_step", "LOSS_TERMS"]
 
-#: Keys of the dict algorithm1_step returns (besides "id_dist").
-LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn")
+#: Keys of the dict algorithm1_step returns (besides "id_dist"); "adv" and "D" are 0 without discriminators.
+LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "D")
 
 
 class RainDiffusion(nn.Module):
@@ -42,10 +43,16 @@ class RainDiffusion(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, lambda_cyc: float = 1.0, ntb: str = "faithful",
                 lambda_syn: float = 0.0, x_syn: torch.Tensor | None = None,
-                detach_cond: bool = False) -> dict[str, torch.Tensor]:
-        """Losses of Algorithm 1 for a clean batch x and a rainy batch y (both [-1, 1])."""
+                detach_cond: bool = False, disc: Discriminators | None = None,
+                lambda_adv: float = 0.0) -> dict[str, torch.Tensor]:
+        """Losses of Algorithm 1 for a clean batch x and a rainy batch y (both [-1, 1]).
+
+        With ``disc`` (``--lambda-adv``, a deviation: training.gan) the generators also get
+        ``lambda_adv`` times the LSGAN generator loss of G_B(y) under D_clean and of G_A(x) under
+        D_rainy; the detached fakes come back under "fakes" for the discriminators' own step.
+        """
         # 3: NTB translations.
-        x_p = self.G_A(x)  # x'  = G_A(x)    clean -> rainy
+        g_a_x = x_p = self.G_A(x)  # x'  = G_A(x)    clean -> rainy
         if NTBMode(ntb) is NTBMode.render:
             # Deviation (--ntb render, issue 8): the rain renderer plays G_A on the clean branch,
             # so x' is a real rainy version of x and every clean-branch term learns from it.
@@ -74,30 +81,60 @@ class RainDiffusion(nn.Module):
                 raise ValueError("ntb='synthetic' needs x_syn = synthrain(x)")
             syn = F.l1_loss(x_p, x_syn)
             loss = loss + lambda_syn * syn
+        # Deviation (--lambda-adv, issue 8): CycleGAN's discriminators judge the NTB's outputs.
+        adv = torch.zeros((), device=x.device)
+        out: dict = {}
+        if disc is not None:
+            adv = lsgan_generator_loss(disc.D_clean, y_p) + lsgan_generator_loss(disc.D_rainy, g_a_x)
+            loss = loss + lambda_adv * adv
+            out["fakes"] = (y_p.detach(), g_a_x.detach())
         # |G_B(y) - y|: how far the derain generator is from identity (a collapse monitor).
         id_dist = (y_p - y).abs().mean().detach()
-        return {"loss": loss, "A_x": A_x, "B_xp": B_xp, "B_y": B_y, "A_yp": A_yp, "cyc": cyc, "syn": syn,
-                "id_dist": id_dist}
+        out.update({"loss": loss, "A_x": A_x, "B_xp": B_xp, "B_y": B_y, "A_yp": A_yp, "cyc": cyc, "syn": syn,
+                    "adv": adv, "id_dist": id_dist})
+        return out
 
 
 def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, *,
                     lambda_cyc: float = 1.0, ntb: str = "faithful", lambda_syn: float = 0.0,
                     x_syn: torch.Tensor | None = None, detach_cond: bool = False, grad_clip: float = 0.0,
-                    autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
+                    autocast_dtype: torch.dtype | None = None, disc: nn.Module | None = None,
+                    disc_optimizer: torch.optim.Optimizer | None = None,
+                    lambda_adv: float = 0.0) -> dict[str, float]:
     """1-7: one step of Algorithm 1 - losses, backward, ONE optimiser step over theta and phi.
 
     ``model`` is a :class:`RainDiffusion` or its DDP wrapper. Returns the loss terms as floats.
+    With ``disc`` (a :class:`Discriminators` or its DDP wrapper) and ``disc_optimizer`` the
+    generators also get the adversarial term, and the discriminators then take their own step on
+    the detached fakes (the deviation of ``--lambda-adv``; the main step stays one step over
+    theta and phi).
     """
+    if (disc is None) != (disc_optimizer is None):
+        raise ValueError("disc and disc_optimizer go together")
+    inner_disc = getattr(disc, "module", disc)  # the generators' term calls the unwrapped nets
     model.train()
     optimizer.zero_grad(set_to_none=True)
     device_type = x.device.type
-    ctx = (torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None
-           else contextlib.nullcontext())
-    with ctx:
+
+    def ctx():
+        return (torch.autocast(device_type=device_type, dtype=autocast_dtype) if autocast_dtype is not None
+                else contextlib.nullcontext())
+
+    with ctx():
         terms = model(x, y, lambda_cyc=lambda_cyc, ntb=ntb, lambda_syn=lambda_syn, x_syn=x_syn,
-                      detach_cond=detach_cond)
+                      detach_cond=detach_cond, disc=inner_disc, lambda_adv=lambda_adv)
+    fakes = terms.pop("fakes", None)
     terms["loss"].backward()
     if grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()  # 7: theta, phi <- Adam step
+    terms["D"] = torch.zeros(())
+    if disc is not None:
+        disc.train()
+        disc_optimizer.zero_grad(set_to_none=True)  # drops what the generators' term left on D
+        with ctx():
+            d_loss = disc(x, fakes[0], y, fakes[1])
+        d_loss.backward()
+        disc_optimizer.step()
+        terms["D"] = d_loss
     return {k: float(v.detach()) for k, v in terms.items()}

@@ -161,6 +161,10 @@ def fit(
              "replaces G_A on the clean branch (x' = synthrain(x)).")] = None,
     lambda_syn: Annotated[float | None, typer.Option(help="Weight of the synthetic-rain prior. [1.0]")] = None,
     lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
+    lambda_adv: Annotated[float | None, typer.Option(
+        help="Weight of CycleGAN's LSGAN term: PatchGAN discriminators judge G_B(y) against clean photos "
+             "and G_A(x) against rainy ones (documented deviation, issue 8; 0 = off, the paper). CycleGAN's "
+             "ratio to the cycle L1 is 1:10, i.e. 0.1 here. [0]")] = None,
     detach_cond: Annotated[bool | None, typer.Option(
         "--detach-cond/--no-detach-cond",
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
@@ -200,6 +204,7 @@ def fit(
         overrides = {k: v for k, v in {
             "steps": steps, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
+            "lambda_adv": lambda_adv,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
             "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
         }.items() if v is not None}

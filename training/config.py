@@ -68,6 +68,10 @@ class TrainConfig:
     lambda_syn: float = 1.0
     #: Detach the generator outputs used as diffusion conditions (the paper does not).
     detach_cond: bool = False
+    #: Weight of CycleGAN's LSGAN term for the NTB (0 = off, the paper; training.gan).
+    lambda_adv: float = 0.0
+    #: Width of the PatchGAN discriminators' first layer (used when lambda_adv > 0).
+    disc_channels: int = 64
     ema_decay: float = 0.999
     #: EMA decay ramps as min(decay, (1 + n) / (ema_warmup + n)) over the first updates.
     ema_warmup: int = 10
@@ -82,13 +86,15 @@ class TrainConfig:
     preset: str = Preset.small.value
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch", "crop", "ckpt_every", "val_every", "log_every", "val_steps", "val_size",
-                     "val_max_images"):
+        for name in ("steps", "batch", "crop", "disc_channels", "ckpt_every", "val_every", "log_every",
+                     "val_steps", "val_size", "val_max_images"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        if not (isinstance(self.lambda_adv, (int, float)) and self.lambda_adv >= 0):
+            raise UsageError(f"lambda_adv must be >= 0, got {self.lambda_adv!r}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         try:

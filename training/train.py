@@ -36,6 +36,7 @@ from training.checkpoint import check_state_dict, load_checkpoint, model_configs
 from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
 from training.data import UnpairedSampler, load_folder
 from training.diffusion import ddim_sample, to_tensor, to_uint8
+from training.gan import Discriminators
 from training.synthrain import rain_batch
 
 __all__ = ["EMA", "Reporter", "FitResult", "fit", "resolve_train_config", "validate", "load_val_pairs"]
@@ -258,6 +259,10 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     model = RainDiffusion(models).to(dev)
     ema = EMA(model, train.ema_decay, train.ema_warmup)
     optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
+    disc = disc_optimizer = None
+    if train.lambda_adv > 0:  # deviation (issue 8): CycleGAN's discriminators for the NTB, own optimiser
+        disc = Discriminators(channels=train.disc_channels).to(dev)
+        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
     step = 0
     if init_ckpt is not None:
         _warm_start(model, ema, init_ckpt)
@@ -269,8 +274,12 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
         ema.ema_B.load_state_dict(st["ema_B"])
         ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
         optimizer.load_state_dict(ckpt["optimizer"])
-        for g in optimizer.param_groups:  # a resumed run may change the learning rate
-            g["lr"] = train.lr
+        if disc is not None and "disc" in st:  # else: discriminators added on resume start fresh
+            check_state_dict(disc, st["disc"], "disc", str(resume))
+            disc.load_state_dict(st["disc"])
+            disc_optimizer.load_state_dict(ckpt["optimizer_disc"])
+        for g in optimizer.param_groups + (disc_optimizer.param_groups if disc_optimizer else []):
+            g["lr"] = train.lr  # a resumed run may change the learning rate
         step = int(ckpt["step"])
         rngs = ckpt["rng"]
         if dist_info.rank < len(rngs):
@@ -278,8 +287,12 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     ema.ema_A.to(dev)
     ema.ema_B.to(dev)
     net: nn.Module = model
+    disc_net: nn.Module | None = disc
     if dist_info.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        ids = [dev.index] if dev.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        if disc is not None:
+            disc_net = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
     autocast_dtype = torch.bfloat16 if dev.type == "cuda" else None  # bf16 on GPU only
 
     log_path = run_dir / "metrics.jsonl"
@@ -305,6 +318,9 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                               "eps_A": model.eps_A.state_dict(), "eps_B": model.eps_B.state_dict(),
                               "ema_A": ema.ema_A.state_dict(), "ema_B": ema.ema_B.state_dict()},
                     "optimizer": optimizer.state_dict(), "rng": rngs}
+            if disc is not None:
+                full["state"]["disc"] = disc.state_dict()
+                full["optimizer_disc"] = disc_optimizer.state_dict()
             save_checkpoint(last, full)
             save_checkpoint(shipped, strip_checkpoint(full))
             reporter.checkpoint(last, step)
@@ -325,7 +341,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                 x_syn = x_syn.to(dev, non_blocking=True)
             terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
                                     lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
-                                    grad_clip=train.grad_clip, autocast_dtype=autocast_dtype)
+                                    grad_clip=train.grad_clip, autocast_dtype=autocast_dtype,
+                                    disc=disc_net, disc_optimizer=disc_optimizer, lambda_adv=train.lambda_adv)
             if not math.isfinite(terms["loss"]):
                 raise RDError(f"loss is {terms['loss']} at step {step + 1}; lower --lr or resume from the last "
                               f"checkpoint ({run_dir / 'last.pt'})")

@@ -98,3 +98,25 @@ def test_init_warm_starts_a_v_residual_run(tmp_path, image_dirs, tiny_checkpoint
     res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "y"),
                               "--init", str(tiny_checkpoint), "--scales", "1", "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and "--init takes the model's shape" in res.output
+
+
+def test_lambda_adv_adds_discriminators_to_a_warm_start(tmp_path, image_dirs, tiny_checkpoint):
+    """--init + --lambda-adv: the checkpoint has no discriminators, so they start fresh; last.pt keeps
+    them and their optimiser, model.pt (what ships) does not."""
+    import torch
+
+    clean, rainy = image_dirs
+    run = tmp_path / "gan"
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
+                              "--init", str(tiny_checkpoint), "--ntb", "render", "--lambda-adv", "0.1",
+                              "--steps", "2", "--crop", "16", "--batch", "2", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["config"]["train"]["lambda_adv"] == 0.1 and "optimizer_disc" in last
+    assert {"D_clean.net.0.weight", "D_rainy.net.0.weight"} <= set(last["state"]["disc"])
+    assert "disc" not in torch.load(run / "model.pt", weights_only=True)["state"]
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["adv"] > 0 and rec["D"] > 0
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "bad"),
+                              "--config", "tiny", "--lambda-adv", "-1", "--steps", "1", "--quiet"])
+    assert res.exit_code == 2 and "lambda_adv must be >= 0" in res.output

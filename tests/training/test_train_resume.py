@@ -25,10 +25,10 @@ def records(run_dir):
     return out
 
 
-@pytest.mark.parametrize("ntb", ["synthetic", "faithful"])
-def test_resume_is_equivalent(tmp_path, image_dirs, ntb):
+@pytest.mark.parametrize("ntb,lambda_adv", [("synthetic", 0.0), ("faithful", 0.0), ("render", 0.1)])
+def test_resume_is_equivalent(tmp_path, image_dirs, ntb, lambda_adv):
     clean, rainy = image_dirs
-    cfg = dict(preset="tiny", batch=2, crop=16, log_every=1, seed=5, ntb=ntb)
+    cfg = dict(preset="tiny", batch=2, crop=16, log_every=1, seed=5, ntb=ntb, lambda_adv=lambda_adv)
     full = fit(clean, rainy, tmp_path / "full", train=TrainConfig(steps=4, ckpt_every=4, **cfg))
     fit(clean, rainy, tmp_path / "split", train=TrainConfig(steps=2, ckpt_every=2, **cfg))
     resumed_cfg = resolve_train_config(tmp_path / "split" / "last.pt", {"steps": 4})
@@ -42,6 +42,13 @@ def test_resume_is_equivalent(tmp_path, image_dirs, ntb):
     for pid, st in a["optimizer"]["state"].items():
         assert torch.equal(st["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
     assert a["ema_updates"] == b["ema_updates"] == 4
+    assert ("disc" in a["state"]) == ("optimizer_disc" in a) == (lambda_adv > 0)
+    if lambda_adv > 0:  # the discriminators and their optimiser resume too
+        for k, v in a["state"]["disc"].items():
+            assert torch.equal(v, b["state"]["disc"][k]), f"disc.{k} differs after resume"
+        for pid, st in a["optimizer_disc"]["state"].items():
+            assert torch.equal(st["exp_avg"], b["optimizer_disc"]["state"][pid]["exp_avg"])
+        assert "disc" not in torch.load(full.model, weights_only=True)["state"]  # not shipped
     assert records(tmp_path / "full") == records(tmp_path / "split")  # log truncated and continued
 
 
