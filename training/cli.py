@@ -118,7 +118,8 @@ class RichReporter:
         eta = r["eta_s"]
         self.progress.console.print(
             f"step {r['step']}: loss {r['loss']:.4f} = A(x|x') {r['A_x']:.4f} + B(x'|x'') {r['B_xp']:.4f} + "
-            f"B(y|y') {r['B_y']:.4f} + A(y'|y'') {r['A_yp']:.4f} + cyc {r['cyc']:.4f} + syn {r['syn']:.4f}; "
+            f"B(y|y') {r['B_y']:.4f} + A(y'|y'') {r['A_yp']:.4f} + cyc {r['cyc']:.4f} + syn {r['syn']:.4f}"
+            + (f" + adv {r['adv']:.4f} (D {r['D']:.4f})" if r.get("D") else "") + "; "
             f"|G_B(y)-y| {r['id_dist']:.4f}; {r['it_s']:.3f} it/s; ETA {eta // 3600:.0f}h{eta % 3600 / 60:02.0f}m",
             highlight=False)
 

@@ -19,6 +19,7 @@ import copy
 import json
 import math
 import random
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from runtime.cli_errors import Terminated
 from runtime.errors import CheckpointError, InputError, RDError, UsageError
 from runtime.io import atomic_path, iter_image_files, load_rgb
 from runtime.metrics import brightness_matched, psnr_y, ssim_y
@@ -81,6 +83,42 @@ class Reporter:
     def checkpoint(self, path: Path, step: int) -> None: ...
 
     def close(self) -> None: ...
+
+
+class _DeferredStop:
+    """Ctrl-C / SIGTERM in a single-process run: finish the step, save last.pt, then stop.
+
+    The first signal only sets a flag, which the loop checks between steps, so the checkpoint is
+    consistent (weights, EMA, optimiser, RNG and step counter of one step boundary); a second
+    signal stops at once. An inherited SIG_IGN (a background job's SIGINT) is kept. Nothing is
+    installed off the main thread or in a distributed run (every rank would have to agree on the step).
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+        if not enabled:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                return
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            self.stop(signum)
+        self.signum = signum
+
+    @staticmethod
+    def stop(signum: int) -> None:
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 @dataclass
@@ -332,6 +370,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     synthetic = NTBMode(train.ntb) in (NTBMode.synthetic, NTBMode.render)
     t_last, step_last = time.perf_counter(), step
     last = shipped = None
+    saved_step = None
+    stop = _DeferredStop(enabled=not dist_info.distributed)
     try:
         while step < train.steps:
             x, y = sampler.next_batch()  # 2: x ~ clean, y ~ rainy (unpaired)
@@ -373,10 +413,17 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
 
             if step % train.ckpt_every == 0 or step == train.steps:
                 last, shipped = save(step)
+                saved_step = step
                 t_last = time.perf_counter()
+            if stop.signum is not None:  # interrupted: keep this step's work, then stop
+                stop.restore()
+                if saved_step != step:
+                    save(step)
+                stop.stop(stop.signum)
         if last is None:  # nothing to train (resumed at or past the target): still write the files
             last, shipped = save(step)
     finally:
+        stop.restore()
         reporter.close()
         ddp.cleanup()
     return FitResult(run_dir=run_dir, step=step, last=last, model=shipped, records=records)
