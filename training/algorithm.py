@@ -52,8 +52,11 @@ class RainDiffusion(nn.Module):
         D_rainy; the detached fakes come back under "fakes" for the discriminators' own step.
         """
         # 3: NTB translations.
-        g_a_x = x_p = self.G_A(x)  # x'  = G_A(x)    clean -> rainy
-        if NTBMode(ntb) is NTBMode.render:
+        render = NTBMode(ntb) is NTBMode.render
+        # G_A(x) is unused in render mode unless the discriminators judge it: not computed then.
+        g_a_x = self.G_A(x) if not render or disc is not None else None
+        x_p = g_a_x  # x'  = G_A(x)    clean -> rainy
+        if render:
             # Deviation (--ntb render, issue 8): the rain renderer plays G_A on the clean branch,
             # so x' is a real rainy version of x and every clean-branch term learns from it.
             if x_syn is None:
