@@ -25,8 +25,9 @@ from training.unet import UNet
 
 __all__ = ["RainDiffusion", "algorithm1_step", "LOSS_TERMS"]
 
-#: Keys of the dict algorithm1_step returns (besides "id_dist"); "adv" and "D" are 0 without discriminators.
-LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "D")
+#: Keys of the dict algorithm1_step returns (besides "id_dist"); "adv" and "D" are 0 without discriminators,
+#: "idt" without lambda_idt.
+LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "D", "idt")
 
 
 class RainDiffusion(nn.Module):
@@ -44,12 +45,15 @@ class RainDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, lambda_cyc: float = 1.0, ntb: str = "faithful",
                 lambda_syn: float = 0.0, x_syn: torch.Tensor | None = None,
                 detach_cond: bool = False, disc: Discriminators | None = None,
-                lambda_adv: float = 0.0) -> dict[str, torch.Tensor]:
+                lambda_adv: float = 0.0, lambda_idt: float = 0.0) -> dict[str, torch.Tensor]:
         """Losses of Algorithm 1 for a clean batch x and a rainy batch y (both [-1, 1]).
 
         With ``disc`` (``--lambda-adv``, a deviation: training.gan) the generators also get
         ``lambda_adv`` times the LSGAN generator loss of G_B(y) under D_clean and of G_A(x) under
         D_rainy; the detached fakes come back under "fakes" for the discriminators' own step.
+        ``lambda_idt > 0`` (``--lambda-idt``, CycleGAN's identity loss, a deviation) adds
+        ``lambda_idt * (|G_B(x) - x|_1 + |G_A(y) - y|_1)``: each generator leaves an image that is
+        already in its target domain unchanged, which keeps colour and tone.
         """
         # 3: NTB translations.
         render = NTBMode(ntb) is NTBMode.render
@@ -91,10 +95,15 @@ class RainDiffusion(nn.Module):
             adv = lsgan_generator_loss(disc.D_clean, y_p) + lsgan_generator_loss(disc.D_rainy, g_a_x)
             loss = loss + lambda_adv * adv
             out["fakes"] = (y_p.detach(), g_a_x.detach())
+        # Deviation (--lambda-idt, issue 8): CycleGAN's identity loss.
+        idt = torch.zeros((), device=x.device)
+        if lambda_idt > 0:
+            idt = F.l1_loss(self.G_B(x), x) + F.l1_loss(self.G_A(y), y)
+            loss = loss + lambda_idt * idt
         # |G_B(y) - y|: how far the derain generator is from identity (a collapse monitor).
         id_dist = (y_p - y).abs().mean().detach()
         out.update({"loss": loss, "A_x": A_x, "B_xp": B_xp, "B_y": B_y, "A_yp": A_yp, "cyc": cyc, "syn": syn,
-                    "adv": adv, "id_dist": id_dist})
+                    "adv": adv, "idt": idt, "id_dist": id_dist})
         return out
 
 
@@ -103,7 +112,7 @@ def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
                     x_syn: torch.Tensor | None = None, detach_cond: bool = False, grad_clip: float = 0.0,
                     autocast_dtype: torch.dtype | None = None, disc: nn.Module | None = None,
                     disc_optimizer: torch.optim.Optimizer | None = None,
-                    lambda_adv: float = 0.0) -> dict[str, float]:
+                    lambda_adv: float = 0.0, lambda_idt: float = 0.0) -> dict[str, float]:
     """1-7: one step of Algorithm 1 - losses, backward, ONE optimiser step over theta and phi.
 
     ``model`` is a :class:`RainDiffusion` or its DDP wrapper. Returns the loss terms as floats.
@@ -125,7 +134,7 @@ def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
 
     with ctx():
         terms = model(x, y, lambda_cyc=lambda_cyc, ntb=ntb, lambda_syn=lambda_syn, x_syn=x_syn,
-                      detach_cond=detach_cond, disc=inner_disc, lambda_adv=lambda_adv)
+                      detach_cond=detach_cond, disc=inner_disc, lambda_adv=lambda_adv, lambda_idt=lambda_idt)
     fakes = terms.pop("fakes", None)
     terms["loss"].backward()
     if grad_clip > 0:

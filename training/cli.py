@@ -119,7 +119,8 @@ class RichReporter:
         self.progress.console.print(
             f"step {r['step']}: loss {r['loss']:.4f} = A(x|x') {r['A_x']:.4f} + B(x'|x'') {r['B_xp']:.4f} + "
             f"B(y|y') {r['B_y']:.4f} + A(y'|y'') {r['A_yp']:.4f} + cyc {r['cyc']:.4f} + syn {r['syn']:.4f}"
-            + (f" + adv {r['adv']:.4f} (D {r['D']:.4f})" if r.get("D") else "") + "; "
+            + (f" + adv {r['adv']:.4f} (D {r['D']:.4f})" if r.get("D") else "")
+            + (f" + idt {r['idt']:.4f}" if r.get("idt") else "") + "; "
             f"|G_B(y)-y| {r['id_dist']:.4f}; {r['it_s']:.3f} it/s; ETA {eta // 3600:.0f}h{eta % 3600 / 60:02.0f}m",
             highlight=False)
 
@@ -166,6 +167,10 @@ def fit(
         help="Weight of CycleGAN's LSGAN term: PatchGAN discriminators judge G_B(y) against clean photos "
              "and G_A(x) against rainy ones (documented deviation, issue 8; 0 = off, the paper). CycleGAN's "
              "ratio to the cycle L1 is 1:10, i.e. 0.1 here. [0]")] = None,
+    lambda_idt: Annotated[float | None, typer.Option(
+        help="Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1, which keeps the "
+             "generators from changing colour and tone (documented deviation, issue 8; 0 = off). CycleGAN "
+             "uses half the cycle weight, i.e. 0.5 here. [0]")] = None,
     detach_cond: Annotated[bool | None, typer.Option(
         "--detach-cond/--no-detach-cond",
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
@@ -205,7 +210,7 @@ def fit(
         overrides = {k: v for k, v in {
             "steps": steps, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
-            "lambda_adv": lambda_adv,
+            "lambda_adv": lambda_adv, "lambda_idt": lambda_idt,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
             "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
         }.items() if v is not None}

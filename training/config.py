@@ -70,6 +70,8 @@ class TrainConfig:
     detach_cond: bool = False
     #: Weight of CycleGAN's LSGAN term for the NTB (0 = off, the paper; training.gan).
     lambda_adv: float = 0.0
+    #: Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1 (0 = off, the paper).
+    lambda_idt: float = 0.0
     #: Width of the PatchGAN discriminators' first layer (used when lambda_adv > 0).
     disc_channels: int = 64
     ema_decay: float = 0.999
@@ -93,8 +95,10 @@ class TrainConfig:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
-        if not (isinstance(self.lambda_adv, (int, float)) and self.lambda_adv >= 0):
-            raise UsageError(f"lambda_adv must be >= 0, got {self.lambda_adv!r}")
+        for name in ("lambda_adv", "lambda_idt"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and v >= 0):
+                raise UsageError(f"{name} must be >= 0, got {v!r}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         try:

@@ -382,7 +382,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
             terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
                                     lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
                                     grad_clip=train.grad_clip, autocast_dtype=autocast_dtype,
-                                    disc=disc_net, disc_optimizer=disc_optimizer, lambda_adv=train.lambda_adv)
+                                    disc=disc_net, disc_optimizer=disc_optimizer, lambda_adv=train.lambda_adv,
+                                    lambda_idt=train.lambda_idt)
             if not math.isfinite(terms["loss"]):
                 raise RDError(f"loss is {terms['loss']} at step {step + 1}; lower --lr or resume from the last "
                               f"checkpoint ({run_dir / 'last.pt'})")

@@ -1,4 +1,4 @@
-"""CycleGAN's discriminators for the NTB (--lambda-adv, issue 8): losses, gradients, the D step."""
+"""CycleGAN's discriminators (--lambda-adv) and identity loss (--lambda-idt) for the NTB (issue 8)."""
 
 from __future__ import annotations
 
@@ -79,8 +79,29 @@ def test_step_trains_discriminators_with_their_own_optimizer():
         algorithm1_step(m, opt, x, y, disc=disc)
 
 
-def test_lambda_adv_is_validated():
+def test_identity_loss_is_zero_for_identity_generators_and_trains_them():
+    torch.manual_seed(0)
+    m = RainDiffusion(model_preset("tiny"))  # zero-initialised residual generators: the identity
+    x, y = batch()
+    x_syn = rain_batch(x, torch.Generator().manual_seed(0))
+    assert float(m(x, y, ntb="render", x_syn=x_syn, lambda_idt=0.5)["idt"]) == 0.0
+    with torch.no_grad():
+        for g in (m.G_A, m.G_B):
+            for p in g.parameters():
+                p.add_(0.05 * torch.randn(p.shape))
+    base = m(x, y, ntb="render", x_syn=x_syn)
+    terms = m(x, y, ntb="render", x_syn=x_syn, lambda_idt=0.5, lambda_cyc=0.0)
+    idt = torch.nn.functional.l1_loss(m.G_B(x), x) + torch.nn.functional.l1_loss(m.G_A(y), y)
+    assert float(base["idt"]) == 0.0 and float(terms["idt"].detach()) == pytest.approx(float(idt), rel=1e-6)
+    terms["idt"].backward()
+    for name in ("G_A", "G_B"):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(m, name).parameters()), name
+
+
+def test_lambda_adv_and_idt_are_validated():
     with pytest.raises(UsageError, match="lambda_adv"):
         TrainConfig(lambda_adv=-1.0)
+    with pytest.raises(UsageError, match="lambda_idt"):
+        TrainConfig(lambda_idt=-0.5)
     with pytest.raises(UsageError, match="disc_channels"):
         TrainConfig(disc_channels=0)

@@ -109,10 +109,12 @@ def test_lambda_adv_adds_discriminators_to_a_warm_start(tmp_path, image_dirs, ti
     run = tmp_path / "gan"
     res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
                               "--init", str(tiny_checkpoint), "--ntb", "render", "--lambda-adv", "0.1",
-                              "--steps", "2", "--crop", "16", "--batch", "2", "--quiet", "--threads", "1"])
+                              "--lambda-idt", "0.5", "--steps", "2", "--crop", "16", "--batch", "2", "--quiet",
+                              "--threads", "1"])
     assert res.exit_code == 0, res.output
     last = torch.load(run / "last.pt", weights_only=True)
     assert last["config"]["train"]["lambda_adv"] == 0.1 and "optimizer_disc" in last
+    assert last["config"]["train"]["lambda_idt"] == 0.5
     assert {"D_clean.net.0.weight", "D_rainy.net.0.weight"} <= set(last["state"]["disc"])
     assert "disc" not in torch.load(run / "model.pt", weights_only=True)["state"]
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
