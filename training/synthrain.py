@@ -104,8 +104,11 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         amp = 0.3 + 0.7 * torch.rand(n, 1, h, w, generator=generator)
         drops = (seeds < density).float() * amp * bright
         pad = _MAX_KERNEL // 2
+        # The randomness is drawn on the CPU (the checkpointed generator); the convolution runs on
+        # x's device (on a GPU it would otherwise cost more than the training step).
+        drops, kernels = drops.to(x.device), kernels.to(x.device)
         streaks = F.conv2d(F.pad(drops.reshape(1, n, h, w), (pad, pad, pad, pad)), kernels, groups=n)
-        streaks = streaks.reshape(n, 1, h, w).clamp(0.0, 1.0).to(x.device, x.dtype)
+        streaks = streaks.reshape(n, 1, h, w).clamp(0.0, 1.0).to(x.dtype)
         img01 = (x.detach() + 1.0) * 0.5
         screen = 1.0 - (1.0 - img01) * (1.0 - streaks)
         out = (1.0 - haze.to(x.device, x.dtype)) * screen + haze.to(x.device, x.dtype) * 0.95
