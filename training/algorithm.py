@@ -18,16 +18,50 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import ModelConfigs, NTBMode
-from training.diffusion import alpha_bar_tensor, noise_loss
+from training.diffusion import alpha_bar_tensor, noise_loss, q_sample
 from training.gan import Discriminators, lsgan_generator_loss
 from training.multiscale import MultiScaleEstimator
 from training.unet import UNet
 
-__all__ = ["RainDiffusion", "algorithm1_step", "LOSS_TERMS"]
+__all__ = ["RainDiffusion", "algorithm1_step", "sds_loss", "drop_condition", "LOSS_TERMS", "SDS_T_RANGE"]
 
 #: Keys of the dict algorithm1_step returns (besides "id_dist"); "adv" and "D" are 0 without discriminators,
-#: "idt" without lambda_idt.
-LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "D", "idt")
+#: "idt" without lambda_idt, "sds" without lambda_sds.
+LOSS_TERMS = ("loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "D", "idt", "sds")
+
+#: Timesteps the score-distillation prior is queried at (inclusive): low and middle noise levels,
+#: where the unconditional estimate sees local structure (streaks) rather than inventing content.
+SDS_T_RANGE = (50, 600)
+
+
+def drop_condition(cond: torch.Tensor, p: float) -> torch.Tensor:
+    """Classifier-free-guidance style condition dropout: each sample's condition is replaced by
+    zeros (the "no condition" input, mid grey) with probability ``p`` (torch's global RNG)."""
+    if p <= 0:
+        return cond
+    keep = (torch.rand(cond.shape[0]) >= p).to(device=cond.device, dtype=cond.dtype)
+    return cond * keep[:, None, None, None]
+
+
+def sds_loss(estimator: nn.Module, g: torch.Tensor, alpha_bar: torch.Tensor,
+             t_range: tuple[int, int] = SDS_T_RANGE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score distillation (DreamFusion's SDS) of a generator output ``g`` under an unconditional prior.
+
+    Draws t ~ U{t_range}, eps ~ N(0, I), noises ``g`` to z_t and asks ``estimator(z_t, 0, t)`` (the
+    condition-dropped model: the prior of its domain) for eps_hat. The gradient w(t) (eps_hat - eps)
+    with w(t) = 1 - alpha_bar_t reaches ``g`` only (no gradient through the estimator), averaged
+    over the elements like the other losses. Returns (surrogate whose gradient that is, monitor =
+    mean |w (eps_hat - eps)|); the surrogate's value itself means nothing.
+    """
+    n = g.shape[0]
+    t = torch.randint(t_range[0], t_range[1] + 1, (n,)).to(g.device)
+    eps = torch.randn(g.shape).to(device=g.device, dtype=g.dtype)
+    with torch.no_grad():
+        z_t = q_sample(g.detach(), t, eps, alpha_bar)
+        eps_hat = estimator(z_t, torch.zeros_like(g), t.to(g.dtype))
+        w = (1.0 - alpha_bar.to(g.device)[t.long()]).to(torch.float32)[:, None, None, None]
+        grad = w * (eps_hat.float() - eps.float())
+    return (grad.to(g.dtype) * g).sum() / g.numel(), grad.abs().mean()
 
 
 class RainDiffusion(nn.Module):
@@ -45,7 +79,8 @@ class RainDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor, *, lambda_cyc: float = 1.0, ntb: str = "faithful",
                 lambda_syn: float = 0.0, x_syn: torch.Tensor | None = None,
                 detach_cond: bool = False, disc: Discriminators | None = None,
-                lambda_adv: float = 0.0, lambda_idt: float = 0.0) -> dict[str, torch.Tensor]:
+                lambda_adv: float = 0.0, lambda_idt: float = 0.0, cond_drop: float = 0.0,
+                lambda_sds: float = 0.0) -> dict[str, torch.Tensor]:
         """Losses of Algorithm 1 for a clean batch x and a rainy batch y (both [-1, 1]).
 
         With ``disc`` (``--lambda-adv``, a deviation: training.gan) the generators also get
@@ -54,11 +89,16 @@ class RainDiffusion(nn.Module):
         ``lambda_idt > 0`` (``--lambda-idt``, CycleGAN's identity loss, a deviation) adds
         ``lambda_idt * (|G_B(x) - x|_1 + |G_A(y) - y|_1)``: each generator leaves an image that is
         already in its target domain unchanged, which keeps colour and tone.
+        ``cond_drop`` and ``lambda_sds`` are issue 8's candidate 1 (a non-adversarial prior, a
+        deviation): the noise losses of the two *real* images (A on clean x, B on rainy y) drop their
+        condition with probability ``cond_drop``, so eps_A(., 0, t) learns the clean photos and
+        eps_B(., 0, t) the rainy ones; ``lambda_sds`` times :func:`sds_loss` then pulls G_B(y) toward
+        the clean prior (and G_A(x), where it is computed, toward the rainy one).
         """
         # 3: NTB translations.
         render = NTBMode(ntb) is NTBMode.render
         # G_A(x) is unused in render mode unless the discriminators judge it: not computed then.
-        g_a_x = self.G_A(x) if not render or disc is not None else None
+        g_a_x = self.G_A(x) if not render or disc is not None or lambda_sds > 0 else None
         x_p = g_a_x  # x'  = G_A(x)    clean -> rainy
         if render:
             # Deviation (--ntb render, issue 8): the rain renderer plays G_A on the clean branch,
@@ -74,9 +114,9 @@ class RainDiffusion(nn.Module):
             return v.detach() if detach_cond else v
 
         # 4-5: t ~ U{1..T}, eps ~ N(0, I) and the four noise-prediction losses (inside noise_loss).
-        A_x = noise_loss(self.eps_A, x, c(x_p), self.alpha_bar)  # A: clean x   | rainy x'
+        A_x = noise_loss(self.eps_A, x, drop_condition(c(x_p), cond_drop), self.alpha_bar)  # A: clean x | rainy x'
         B_xp = noise_loss(self.eps_B, x_p, c(x_pp), self.alpha_bar)  # B: rainy x'  | clean x''
-        B_y = noise_loss(self.eps_B, y, c(y_p), self.alpha_bar)  # B: rainy y   | clean y'
+        B_y = noise_loss(self.eps_B, y, drop_condition(c(y_p), cond_drop), self.alpha_bar)  # B: rainy y | clean y'
         A_yp = noise_loss(self.eps_A, y_p, c(y_pp), self.alpha_bar)  # A: clean y'  | rainy y''
         # 6: cycle consistency L_cyc = |x'' - x|_1 + |y'' - y|_1.
         cyc = F.l1_loss(x_pp, x) + F.l1_loss(y_pp, y)
@@ -100,10 +140,18 @@ class RainDiffusion(nn.Module):
         if lambda_idt > 0:
             idt = F.l1_loss(self.G_B(x), x) + F.l1_loss(self.G_A(y), y)
             loss = loss + lambda_idt * idt
+        # Deviation (--lambda-sds, issue 8 candidate 1): score distillation under the unconditional priors.
+        sds = torch.zeros((), device=x.device)
+        if lambda_sds > 0:
+            surrogate, sds = sds_loss(self.eps_A, y_p, self.alpha_bar)  # G_B(y) toward clean photos
+            if g_a_x is not None:
+                s_a, m_a = sds_loss(self.eps_B, g_a_x, self.alpha_bar)  # G_A(x) toward rainy photos
+                surrogate, sds = surrogate + s_a, sds + m_a
+            loss = loss + lambda_sds * surrogate
         # |G_B(y) - y|: how far the derain generator is from identity (a collapse monitor).
         id_dist = (y_p - y).abs().mean().detach()
         out.update({"loss": loss, "A_x": A_x, "B_xp": B_xp, "B_y": B_y, "A_yp": A_yp, "cyc": cyc, "syn": syn,
-                    "adv": adv, "idt": idt, "id_dist": id_dist})
+                    "adv": adv, "idt": idt, "sds": sds, "id_dist": id_dist})
         return out
 
 
@@ -112,7 +160,8 @@ def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
                     x_syn: torch.Tensor | None = None, detach_cond: bool = False, grad_clip: float = 0.0,
                     autocast_dtype: torch.dtype | None = None, disc: nn.Module | None = None,
                     disc_optimizer: torch.optim.Optimizer | None = None,
-                    lambda_adv: float = 0.0, lambda_idt: float = 0.0) -> dict[str, float]:
+                    lambda_adv: float = 0.0, lambda_idt: float = 0.0, cond_drop: float = 0.0,
+                    lambda_sds: float = 0.0) -> dict[str, float]:
     """1-7: one step of Algorithm 1 - losses, backward, ONE optimiser step over theta and phi.
 
     ``model`` is a :class:`RainDiffusion` or its DDP wrapper. Returns the loss terms as floats.
@@ -134,7 +183,8 @@ def algorithm1_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch
 
     with ctx():
         terms = model(x, y, lambda_cyc=lambda_cyc, ntb=ntb, lambda_syn=lambda_syn, x_syn=x_syn,
-                      detach_cond=detach_cond, disc=inner_disc, lambda_adv=lambda_adv, lambda_idt=lambda_idt)
+                      detach_cond=detach_cond, disc=inner_disc, lambda_adv=lambda_adv, lambda_idt=lambda_idt,
+                      cond_drop=cond_drop, lambda_sds=lambda_sds)
     fakes = terms.pop("fakes", None)
     terms["loss"].backward()
     if grad_clip > 0:

@@ -171,6 +171,14 @@ def fit(
         help="Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1, which keeps the "
              "generators from changing colour and tone (documented deviation, issue 8; 0 = off). CycleGAN "
              "uses half the cycle weight, i.e. 0.5 here. [0]")] = None,
+    cond_drop: Annotated[float | None, typer.Option(
+        help="Probability that the noise losses of the real images drop their condition, so the "
+             "estimators also learn unconditional priors of clean and rainy photos (classifier-free "
+             "guidance style; issue 8 candidate 1, a documented deviation). [0]")] = None,
+    lambda_sds: Annotated[float | None, typer.Option(
+        help="Weight of the score-distillation prior: the unconditional derain estimator pulls G_B(y) "
+             "toward clean photos (and the rain estimator G_A(x) toward rainy ones). Needs --cond-drop "
+             "(issue 8 candidate 1, a documented deviation; 0 = off). [0]")] = None,
     detach_cond: Annotated[bool | None, typer.Option(
         "--detach-cond/--no-detach-cond",
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
@@ -210,7 +218,7 @@ def fit(
         overrides = {k: v for k, v in {
             "steps": steps, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
-            "lambda_adv": lambda_adv, "lambda_idt": lambda_idt,
+            "lambda_adv": lambda_adv, "lambda_idt": lambda_idt, "cond_drop": cond_drop, "lambda_sds": lambda_sds,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
             "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
         }.items() if v is not None}

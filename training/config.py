@@ -72,6 +72,11 @@ class TrainConfig:
     lambda_adv: float = 0.0
     #: Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1 (0 = off, the paper).
     lambda_idt: float = 0.0
+    #: Probability that the noise losses of the real images (A on clean x, B on rainy y) drop their
+    #: condition (issue 8 candidate 1: the estimators also learn unconditional priors).
+    cond_drop: float = 0.0
+    #: Weight of the score-distillation prior on the generators (needs cond_drop > 0; 0 = off).
+    lambda_sds: float = 0.0
     #: Width of the PatchGAN discriminators' first layer (used when lambda_adv > 0).
     disc_channels: int = 64
     ema_decay: float = 0.999
@@ -95,10 +100,15 @@ class TrainConfig:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
-        for name in ("lambda_adv", "lambda_idt"):
+        for name in ("lambda_adv", "lambda_idt", "lambda_sds"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):
                 raise UsageError(f"{name} must be >= 0, got {v!r}")
+        if not (isinstance(self.cond_drop, (int, float)) and 0 <= self.cond_drop < 1):
+            raise UsageError(f"cond_drop must be in [0, 1), got {self.cond_drop!r}")
+        if self.lambda_sds > 0 and self.cond_drop == 0:
+            raise UsageError("lambda_sds needs cond_drop > 0: the prior is the estimators' unconditional "
+                             "model, which only condition dropout trains")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         try:

@@ -375,15 +375,14 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     try:
         while step < train.steps:
             x, y = sampler.next_batch()  # 2: x ~ clean, y ~ rainy (unpaired)
-            x_syn = rain_batch(x, syn_gen) if synthetic else None
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            if x_syn is not None:
-                x_syn = x_syn.to(dev, non_blocking=True)
+            x_syn = rain_batch(x, syn_gen) if synthetic else None  # rendered on dev
             terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
                                     lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
                                     grad_clip=train.grad_clip, autocast_dtype=autocast_dtype,
                                     disc=disc_net, disc_optimizer=disc_optimizer, lambda_adv=train.lambda_adv,
-                                    lambda_idt=train.lambda_idt)
+                                    lambda_idt=train.lambda_idt, cond_drop=train.cond_drop,
+                                    lambda_sds=train.lambda_sds)
             if not math.isfinite(terms["loss"]):
                 raise RDError(f"loss is {terms['loss']} at step {step + 1}; lower --lr or resume from the last "
                               f"checkpoint ({run_dir / 'last.pt'})")

@@ -122,3 +122,23 @@ def test_lambda_adv_adds_discriminators_to_a_warm_start(tmp_path, image_dirs, ti
     res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "bad"),
                               "--config", "tiny", "--lambda-adv", "-1", "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and "lambda_adv must be >= 0" in res.output
+
+
+def test_score_distillation_options(tmp_path, image_dirs, tiny_checkpoint):
+    """--cond-drop + --lambda-sds (issue 8 candidate 1) reach the run's config and its logged terms;
+    --lambda-sds without condition dropout has no prior to distil and is refused."""
+    import torch
+
+    clean, rainy = image_dirs
+    run = tmp_path / "sds"
+    common = ["fit", "--clean", str(clean), "--rainy", str(rainy), "--steps", "2", "--crop", "16", "--batch", "2",
+              "--quiet", "--threads", "1", "--log-every", "1"]
+    res = runner.invoke(app, [*common, "--out", str(run), "--init", str(tiny_checkpoint), "--ntb", "render",
+                              "--cond-drop", "0.2", "--lambda-sds", "1"])
+    assert res.exit_code == 0, res.output
+    train = torch.load(run / "last.pt", weights_only=True)["config"]["train"]
+    assert (train["cond_drop"], train["lambda_sds"]) == (0.2, 1.0)
+    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["sds"] > 0
+    res = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--config", "tiny", "--lambda-sds", "1"])
+    assert res.exit_code == 2 and "lambda_sds needs cond_drop > 0" in res.output
