@@ -1,4 +1,4 @@
-"""benchmarks/dtb_curve.py: skips without the dev set, scores a checkpoint on a tiny paired set."""
+"""benchmarks/dtb_curve.py and train_step.py: skip where they must, measure on tiny inputs."""
 
 from __future__ import annotations
 
@@ -50,3 +50,25 @@ def test_dtb_curve_scores_a_checkpoint(tmp_path, monkeypatch, capsys, image_dirs
     assert (tmp_path / "curve.png").stat().st_size > 1000
     assert mod.main([str(tmp_path / "missing.pt")]) == 2
 
+
+
+def test_train_step_times_each_size_against_the_first(tmp_path, monkeypatch, capsys):
+    mod = _load("train_step", monkeypatch, tmp_path)
+    assert mod.main(["--preset", "tiny", "--sizes", "1x16,2x16", "--steps", "1", "--warmup", "1",
+                     "--threads", "1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    rows = info["rows"]
+    assert [(r["batch"], r["crop"]) for r in rows] == [(1, 16), (2, 16)]
+    assert rows[0]["samples_ratio"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
+    assert rows[1]["samples_ratio"] == pytest.approx(rows[1]["samples_s"] / rows[0]["samples_s"], rel=0.02)
+
+
+def test_train_step_rejects_a_bad_size_and_skips_without_cuda(tmp_path, monkeypatch, capsys):
+    import torch
+
+    mod = _load("train_step", monkeypatch, tmp_path)
+    with pytest.raises(SystemExit, match="not BATCHxCROP"):
+        mod.main(["--sizes", "4y64"])
+    if not torch.cuda.is_available():
+        assert mod.main(["--device", "cuda"]) == 0
+        assert "skipped: --device cuda" in capsys.readouterr().err
