@@ -13,6 +13,11 @@ from training.cli import app
 runner = CliRunner()
 
 
+def fit(clean, rainy, out, args):
+    """``rd-train fit --clean CLEAN --rainy RAINY --out OUT *args`` through the CliRunner."""
+    return runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(out), *args])
+
+
 def test_fit_resume_and_sample(tmp_path, image_dirs):
     clean, rainy = image_dirs
     run = tmp_path / "run"
@@ -30,8 +35,7 @@ def test_fit_resume_and_sample(tmp_path, image_dirs):
     assert len(val) == 1 and val[0]["psnr_in"] == 100.0  # rainy vs itself: inf, capped
     assert "step 3: loss" in res.output and "val step 3" in res.output
 
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
-                              "--resume", str(run / "last.pt"), "--steps", "4", "--quiet", "--threads", "1"])
+    res = fit(clean, rainy, run, ["--resume", str(run / "last.pt"), "--steps", "4", "--quiet", "--threads", "1"])
     assert res.exit_code == 0, res.output
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["kind"] == "train"] == [1, 2, 3, 4]
@@ -49,8 +53,7 @@ def test_bad_checkpoint_is_one_line_and_exit_3(tmp_path, image_dirs):
     clean, rainy = image_dirs
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r"),
-                              "--resume", str(bad)])
+    res = fit(clean, rainy, tmp_path / "r", ["--resume", str(bad)])
     assert res.exit_code == 3
     assert "error:" in res.output and "bad.pt" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["sample", str(bad), str(bad), "-o", str(tmp_path)])
@@ -59,11 +62,9 @@ def test_bad_checkpoint_is_one_line_and_exit_3(tmp_path, image_dirs):
 
 def test_usage_errors_exit_2(tmp_path, image_dirs):
     clean, rainy = image_dirs
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r"),
-                              "--config", "tiny", "--scales", "1,0.3"])
+    res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--scales", "1,0.3"])
     assert res.exit_code == 2 and "scale 0.3" in res.output
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r"),
-                              "--config", "tiny", "--val-rainy", str(rainy)])
+    res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--val-rainy", str(rainy)])
     assert res.exit_code == 2 and "go together" in res.output
 
 
@@ -75,8 +76,7 @@ def test_init_warm_starts_a_v_residual_run(tmp_path, image_dirs, tiny_checkpoint
 
     clean, rainy = image_dirs
     run = tmp_path / "warm"
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
-                              "--init", str(tiny_checkpoint), "--prediction", "v_residual", "--steps", "1",
+    res = fit(clean, rainy, run, ["--init", str(tiny_checkpoint), "--prediction", "v_residual", "--steps", "1",
                               "--crop", "16", "--batch", "2", "--lr", "1e-12", "--quiet", "--threads", "1"])
     assert res.exit_code == 0, res.output
     src, dst = load_checkpoint(tiny_checkpoint), load_checkpoint(run / "model.pt")
@@ -91,12 +91,11 @@ def test_init_warm_starts_a_v_residual_run(tmp_path, image_dirs, tiny_checkpoint
     for (k, p), q in zip(ea.state_dict().items(), eb.state_dict().values()):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=k)
 
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "x"),
-                              "--init", str(tiny_checkpoint), "--resume", str(tiny_checkpoint.parent / "last.pt"),
-                              "--steps", "1", "--quiet"])
+    res = fit(clean, rainy, tmp_path / "x", ["--init", str(tiny_checkpoint), "--resume",
+                                             str(tiny_checkpoint.parent / "last.pt"), "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and "--init starts a new run" in res.output
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "y"),
-                              "--init", str(tiny_checkpoint), "--scales", "1", "--steps", "1", "--quiet"])
+    res = fit(clean, rainy, tmp_path / "y", ["--init", str(tiny_checkpoint), "--scales", "1", "--steps", "1",
+                                             "--quiet"])
     assert res.exit_code == 2 and "--init takes the model's shape" in res.output
 
 
@@ -107,8 +106,7 @@ def test_lambda_adv_adds_discriminators_to_a_warm_start(tmp_path, image_dirs, ti
 
     clean, rainy = image_dirs
     run = tmp_path / "gan"
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(run),
-                              "--init", str(tiny_checkpoint), "--ntb", "render", "--lambda-adv", "0.1",
+    res = fit(clean, rainy, run, ["--init", str(tiny_checkpoint), "--ntb", "render", "--lambda-adv", "0.1",
                               "--lambda-idt", "0.5", "--steps", "2", "--crop", "16", "--batch", "2", "--quiet",
                               "--threads", "1"])
     assert res.exit_code == 0, res.output
@@ -119,8 +117,7 @@ def test_lambda_adv_adds_discriminators_to_a_warm_start(tmp_path, image_dirs, ti
     assert "disc" not in torch.load(run / "model.pt", weights_only=True)["state"]
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["adv"] > 0 and rec["D"] > 0
-    res = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "bad"),
-                              "--config", "tiny", "--lambda-adv", "-1", "--steps", "1", "--quiet"])
+    res = fit(clean, rainy, tmp_path / "bad", ["--config", "tiny", "--lambda-adv", "-1", "--steps", "1", "--quiet"])
     assert res.exit_code == 2 and "lambda_adv must be >= 0" in res.output
 
 
@@ -131,14 +128,13 @@ def test_score_distillation_options(tmp_path, image_dirs, tiny_checkpoint):
 
     clean, rainy = image_dirs
     run = tmp_path / "sds"
-    common = ["fit", "--clean", str(clean), "--rainy", str(rainy), "--steps", "2", "--crop", "16", "--batch", "2",
-              "--quiet", "--threads", "1", "--log-every", "1"]
-    res = runner.invoke(app, [*common, "--out", str(run), "--init", str(tiny_checkpoint), "--ntb", "render",
-                              "--cond-drop", "0.2", "--lambda-sds", "1"])
+    common = ["--steps", "2", "--crop", "16", "--batch", "2", "--quiet", "--threads", "1", "--log-every", "1"]
+    res = fit(clean, rainy, run, [*common, "--init", str(tiny_checkpoint), "--ntb", "render", "--cond-drop", "0.2",
+                                  "--lambda-sds", "1"])
     assert res.exit_code == 0, res.output
     train = torch.load(run / "last.pt", weights_only=True)["config"]["train"]
     assert (train["cond_drop"], train["lambda_sds"]) == (0.2, 1.0)
     rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rec["sds"] > 0
-    res = runner.invoke(app, [*common, "--out", str(tmp_path / "bad"), "--config", "tiny", "--lambda-sds", "1"])
+    res = fit(clean, rainy, tmp_path / "bad", [*common, "--config", "tiny", "--lambda-sds", "1"])
     assert res.exit_code == 2 and "lambda_sds needs cond_drop > 0" in res.output
