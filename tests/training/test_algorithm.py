@@ -37,7 +37,7 @@ def test_shapes():
     assert m.eps_A(x, y, t).shape == x.shape
     assert m.eps_A.size_multiple == 8
     terms = m(x, y)
-    assert set(terms) == {"loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "idt", "id_dist"}
+    assert set(terms) == {"loss", "A_x", "B_xp", "B_y", "A_yp", "cyc", "syn", "adv", "idt", "sds", "id_dist"}
     assert all(v.ndim == 0 and torch.isfinite(v) for v in terms.values())
     # zero-initialised residual generators start as the identity
     assert torch.equal(m.G_B(y), y) and float(terms["id_dist"]) == 0.0
