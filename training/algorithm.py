@@ -97,7 +97,7 @@ class RainDiffusion(nn.Module):
         """
         # 3: NTB translations.
         render = NTBMode(ntb) is NTBMode.render
-        # G_A(x) is unused in render mode unless the discriminators judge it: not computed then.
+        # G_A(x) is unused in render mode unless the discriminators or the SDS prior judge it: not computed then.
         g_a_x = self.G_A(x) if not render or disc is not None or lambda_sds > 0 else None
         x_p = g_a_x  # x'  = G_A(x)    clean -> rainy
         if render:
