@@ -35,9 +35,24 @@ _REQUIRED = ("format_version", "toolkit_version", "config", "state")
 _CONFIG_KEYS = ("estimator", "ntb_unet", "diffusion")
 
 
+def _on_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU (others untouched)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> Path:
-    """Write ``ckpt`` atomically (temp file beside ``path``, then rename); adds the version keys."""
-    ckpt = {"format_version": FORMAT_VERSION, "toolkit_version": toolkit_version, **ckpt}
+    """Write ``ckpt`` atomically (temp file beside ``path``, then rename); adds the version keys.
+
+    Tensors are saved from the CPU, so a checkpoint trained with ``--device cuda`` loads anywhere,
+    also with a plain ``torch.load`` (no ``map_location``) on a machine without a GPU.
+    """
+    ckpt = _on_cpu({"format_version": FORMAT_VERSION, "toolkit_version": toolkit_version, **ckpt})
     with atomic_path(path) as tmp:
         torch.save(ckpt, tmp)
     return Path(path)

@@ -144,3 +144,38 @@ def test_state_mismatch_names_keys(tiny_checkpoint, tmp_path):
     torch.save(ck, p)
     with pytest.raises(CheckpointError, match="format_version 99"):
         load_checkpoint(p)
+
+
+class _RecordingTensor(torch.Tensor):
+    """Stands in for a device tensor: records that save_checkpoint asked for its CPU copy."""
+
+    moved: list = []
+
+    def cpu(self, *args, **kwargs):
+        _RecordingTensor.moved.append(tuple(self.shape))
+        return self.as_subclass(torch.Tensor)
+
+
+def test_save_moves_every_tensor_to_the_cpu_and_keeps_the_structure(tmp_path):
+    _RecordingTensor.moved = []
+    w = torch.arange(6.0).reshape(2, 3)
+    ckpt = {"config": {"a": 1, "name": "x"}, "step": 7,
+            "state": {"net": {"w": w.as_subclass(_RecordingTensor), "b": torch.zeros(4).as_subclass(_RecordingTensor)}},
+            "rng": [torch.ones(2, dtype=torch.uint8).as_subclass(_RecordingTensor), None],
+            "pair": (1, torch.full((5,), 2.0).as_subclass(_RecordingTensor))}
+    save_checkpoint(tmp_path / "c.pt", ckpt)
+    assert sorted(_RecordingTensor.moved) == [(2,), (2, 3), (4,), (5,)]
+    back = torch.load(tmp_path / "c.pt", weights_only=True)  # no map_location needed
+    assert back["config"] == {"a": 1, "name": "x"} and back["step"] == 7 and back["rng"][1] is None
+    assert type(back["state"]["net"]["w"]) is torch.Tensor and torch.equal(back["state"]["net"]["w"], w)
+    assert isinstance(back["pair"], tuple) and back["pair"][0] == 1
+    assert torch.equal(back["pair"][1], torch.full((5,), 2.0))
+    assert back["rng"][0].dtype == torch.uint8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checkpoint_saved_from_cuda_loads_without_map_location(tmp_path):
+    net = torch.nn.Linear(3, 2).cuda()
+    save_checkpoint(tmp_path / "g.pt", {"config": {}, "state": {"net": net.state_dict()}})
+    back = torch.load(tmp_path / "g.pt", weights_only=True)
+    assert all(t.device.type == "cpu" for t in back["state"]["net"].values())
