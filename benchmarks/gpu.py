@@ -20,7 +20,7 @@ Per variant: ``step_ms`` (one step, inputs on the device, synchronised; for grap
 S-step loop / S), ``loop_ms`` (S steps on device inputs), ``frame_ms`` (u8 frame in, u8 frame out:
 host pre/post, H2D, S steps, D2H).
 
-    python benchmarks/gpu.py --size 512 --steps 10 [--plan model.fp16.trt.plan] [--json]
+    python benchmarks/gpu.py --size 512 --steps 10 [--plan model.fp16.trt.plan] [--variants a,b] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_CKPT, DEFAULT_ONNX, machine, real_frame
+
+VARIANTS = ("torch_eager_fp32", "torch_eager_fp32_cudagraph", "torch_compile", "torch_compile_cudagraph",
+            "tensorrt_fp16", "tensorrt_fp16_cudagraph")
 
 
 def skip_reason() -> str | None:
@@ -203,10 +206,11 @@ def torch_compiled(case: TorchCase, a, *, cudagraph: bool) -> dict:
     return res
 
 
-def torch_block(ckpt: Path, frame: np.ndarray, a) -> dict:
+def torch_block(ckpt: Path, frame: np.ndarray, a, emit=None) -> dict:
     from training.multiscale import fused_step
 
-    case = TorchCase(ckpt, frame, a.steps)
+
+    case = TorchCase(ckpt, frame, a.steps, device=a.device)
     est = case.est
     variants = {
         "torch_eager_fp32": lambda: torch_plain(case, lambda x, c, t, k: fused_step(est, x, c, t, k), a),
@@ -216,10 +220,14 @@ def torch_block(ckpt: Path, frame: np.ndarray, a) -> dict:
     }
     out = {}
     for name, run in variants.items():  # one block per variant
+        if name not in a.variants:
+            continue
         try:
             out[name] = run()
         except Exception as e:  # one failing variant must not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
+        if emit is not None:
+            emit(name, out[name])
     return out
 
 
@@ -281,14 +289,28 @@ def tensorrt_variant(plan: Path, frame: np.ndarray, a, *, graph: bool) -> dict:
     return res
 
 
-def tensorrt_block(plan: Path, frame: np.ndarray, a) -> dict:
+def tensorrt_block(plan: Path, frame: np.ndarray, a, emit=None) -> dict:
     out = {}
     for name, graph in (("tensorrt_fp16", False), ("tensorrt_fp16_cudagraph", True)):
+        if name not in a.variants:
+            continue
         try:
             out[name] = tensorrt_variant(plan, frame, a, graph=graph)
         except Exception as e:  # one failing variant must not hide the others
             out[name] = {"error": f"{type(e).__name__}: {e}"}
+        if emit is not None:
+            emit(name, out[name])
     return out
+
+
+def print_row(name: str, v: dict) -> None:
+    """One table row, printed (and flushed) as soon as its variant is measured."""
+    if "error" in v:
+        print(f"{name:28s} failed: {v['error']}", flush=True)
+        return
+    f = v["frame_ms"]["median_ms"]
+    print(f"{name:28s} {v['step_ms']['median_ms']:9.3f} {v['loop_ms']['median_ms']:11.2f} {f:9.2f} "
+          f"{1e3 / f:9.1f}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,9 +322,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help="comma-separated subset of: " + ", ".join(VARIANTS) + " (default: all)")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu runs the torch eager variant off-GPU (a smoke test, not a GPU number)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    why = skip_reason()
+    a.variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    unknown = [v for v in a.variants if v not in VARIANTS]
+    if unknown or not a.variants:
+        print(f"gpu: unknown --variants {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}",
+              file=sys.stderr)
+        return 2
+    if a.device == "cpu" and set(a.variants) != {"torch_eager_fp32"}:
+        print("gpu: --device cpu runs only --variants torch_eager_fp32 (the others need CUDA)", file=sys.stderr)
+        return 2
+    why = skip_reason() if a.device == "cuda" else None
     if why is not None:
         print(json.dumps({"skipped": True, "reason": why}) if a.json else f"gpu: skipped: {why}")
         return 0
@@ -313,32 +348,31 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     frame = real_frame(a.size, a.size)
-    report = {"size": a.size, "steps": a.steps, "machine": machine(), "gpu": torch.cuda.get_device_name(0),
+    gpu = torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu (smoke test)"
+    report = {"size": a.size, "steps": a.steps, "machine": machine(), "gpu": gpu,
               "torch": torch.__version__}
-    # Block 1: torch (each variant a block); block 2: TensorRT.
-    variants = torch_block(a.checkpoint, frame, a)
-    with tempfile.TemporaryDirectory(prefix="rd_gpu_bench_") as tmp:
-        try:
-            plan, why_trt = tensorrt_plan(a, Path(tmp))
-        except Exception as e:
-            plan, why_trt = None, f"building a FP16 plan failed: {type(e).__name__}: {e}"
-        if plan is not None:
-            variants.update(tensorrt_block(plan, frame, a))
+    # Block 1: torch (each variant a block); block 2: TensorRT. Text rows stream as each variant
+    # finishes, so a run cut short (a lease's time limit) still reports what it measured.
+    emit = None
+    if not a.json:
+        print(f"{a.size}x{a.size}, {a.steps} steps, {report['gpu']}, torch {report['torch']}")
+        print(f"{'variant':28s} {'ms/step':>9s} {'ms/S steps':>11s} {'ms/frame':>9s} {'frames/s':>9s}", flush=True)
+        emit = print_row
+    variants = torch_block(a.checkpoint, frame, a, emit)
+    why_trt = None
+    if any(v.startswith("tensorrt") for v in a.variants):
+        with tempfile.TemporaryDirectory(prefix="rd_gpu_bench_") as tmp:
+            try:
+                plan, why_trt = tensorrt_plan(a, Path(tmp))
+            except Exception as e:
+                plan, why_trt = None, f"building a FP16 plan failed: {type(e).__name__}: {e}"
+            if plan is not None:
+                variants.update(tensorrt_block(plan, frame, a, emit))
     report["variants"] = variants
     report["tensorrt_skipped"] = why_trt
     if a.json:
         print(json.dumps(report, indent=2))
-        return 0
-    print(f"{a.size}x{a.size}, {a.steps} steps, {report['gpu']}, torch {report['torch']}")
-    print(f"{'variant':28s} {'ms/step':>9s} {'ms/S steps':>11s} {'ms/frame':>9s} {'frames/s':>9s}")
-    for name, v in variants.items():
-        if "error" in v:
-            print(f"{name:28s} failed: {v['error']}")
-            continue
-        f = v["frame_ms"]["median_ms"]
-        print(f"{name:28s} {v['step_ms']['median_ms']:9.3f} {v['loop_ms']['median_ms']:11.2f} {f:9.2f} "
-              f"{1e3 / f:9.1f}")
-    if why_trt:
+    elif why_trt:
         print(f"tensorrt: skipped: {why_trt}")
     return 0
 

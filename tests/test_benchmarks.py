@@ -72,3 +72,31 @@ def test_train_step_rejects_a_bad_size_and_skips_without_cuda(tmp_path, monkeypa
     if not torch.cuda.is_available():
         assert mod.main(["--device", "cuda"]) == 0
         assert "skipped: --device cuda" in capsys.readouterr().err
+
+
+def test_gpu_skips_without_cuda_and_checks_its_variants(tmp_path, monkeypatch, capsys):
+    mod = _load("gpu", monkeypatch, tmp_path)
+    if mod.skip_reason() is None:
+        pytest.skip("a CUDA GPU is present: the skip path does not apply")
+    assert mod.main(["--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] is True
+    assert mod.main(["--variants", "torch_eager_fp32,nope"]) == 2
+    assert "unknown --variants nope" in capsys.readouterr().err
+    assert mod.main(["--device", "cpu"]) == 2  # only the eager variant runs off-GPU
+    assert "only --variants torch_eager_fp32" in capsys.readouterr().err
+
+
+def test_gpu_streams_each_variant_row(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+    mod = _load("gpu", monkeypatch, tmp_path)
+    args = ["--device", "cpu", "--variants", "torch_eager_fp32", "--checkpoint", str(tiny_checkpoint),
+            "--size", "16", "--steps", "2", "--runs", "1", "--warmup", "0"]
+    assert mod.main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("16x16, 2 steps, cpu (smoke test)")
+    (row,) = [ln for ln in lines if ln.startswith("torch_eager_fp32")]
+    step_ms, loop_ms, frame_ms, fps = map(float, row.split()[1:])
+    assert 0 < step_ms and 0 < loop_ms and 0 < frame_ms and fps > 0
+    assert mod.main([*args, "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert list(rep["variants"]) == ["torch_eager_fp32"] and rep["tensorrt_skipped"] is None
+    assert rep["variants"]["torch_eager_fp32"]["loop_ms"]["runs"] == 1
