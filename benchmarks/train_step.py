@@ -4,11 +4,15 @@ Builds the model of a preset (random weights: speed does not depend on them), fe
 batches and times ``algorithm1_step`` (with the synthetic rain of ``--ntb`` and the EMA update, as
 ``rd-train fit`` does; bf16 autocast on CUDA like ``rd-train --device cuda``). Each size is
 measured in its own block after warm-up steps; the table gives it/s, samples/s and the ratio of
-samples/s to the first size (the baseline, measured in the same run). ``--profile`` adds
+samples/s to the first row (the baseline, measured in the same run). ``--calls unbatched,batched``
+measures every size twice: one network call per loss term (the literal Algorithm 1) and
+``RainDiffusion.batch_calls`` (each network once on its two batches, rd-train's default). ``--profile`` adds
 torch.profiler's top operators for the baseline size and the kernel launches per step (CUDA).
 
     python benchmarks/train_step.py --device cuda --sizes 4x64,16x64,64x64,16x128 --steps 20
     python benchmarks/train_step.py --sizes 4x64 --steps 3          # this CPU
+    python benchmarks/train_step.py --device cuda --sizes 64x64 --calls unbatched,batched \
+        --cond-drop 0.2 --lambda-sds 10
 
 Not a test: numbers go to docs/benchmarks.md with the machine.
 """
@@ -51,10 +55,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps per size")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--profile", action="store_true", help="torch.profiler table for the baseline size")
+    ap.add_argument("--calls", default="batched",
+                    help="comma-separated: batched (rd-train's default) and / or unbatched (one call per term)")
+    ap.add_argument("--cond-drop", type=float, default=0.0, help="as rd-train fit --cond-drop")
+    ap.add_argument("--lambda-sds", type=float, default=0.0, help="as rd-train fit --lambda-sds (needs --cond-drop)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler table for the baseline row")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = parse_sizes(args.sizes)
+    calls = [c.strip() for c in args.calls.split(",") if c.strip()]
+    if not calls or any(c not in ("batched", "unbatched") for c in calls):
+        ap.error(f"--calls takes batched and / or unbatched, got {args.calls!r}")
+    if args.lambda_sds > 0 and args.cond_drop <= 0:
+        ap.error("--lambda-sds needs --cond-drop > 0 (the unconditional prior it distils)")
 
     import torch
 
@@ -87,52 +100,61 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.rand(b, 3, c, c, device=dev) * 2 - 1
         y = torch.rand(b, 3, c, c, device=dev) * 2 - 1
         x_syn = rain_batch(x, gen) if synthetic else None
-        algorithm1_step(model, opt, x, y, ntb=args.ntb, x_syn=x_syn, grad_clip=1.0, autocast_dtype=autocast)
+        algorithm1_step(model, opt, x, y, ntb=args.ntb, x_syn=x_syn, grad_clip=1.0, autocast_dtype=autocast,
+                        cond_drop=args.cond_drop, lambda_sds=args.lambda_sds)
         ema.update(model)
 
     rows = []
     for b, c in sizes:
-        for _ in range(args.warmup):
-            step(b, c)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step(b, c)
-        sync()
-        sec = (time.perf_counter() - t0) / args.steps
-        rows.append({"batch": b, "crop": c, "step_ms": round(sec * 1e3, 1), "it_s": round(1 / sec, 3),
-                     "samples_s": round(b / sec, 2)})
+        for mode in calls:  # each (size, calls) its own block
+            model.batch_calls = mode == "batched"
+            for _ in range(args.warmup):
+                step(b, c)
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step(b, c)
+            sync()
+            sec = (time.perf_counter() - t0) / args.steps
+            rows.append({"batch": b, "crop": c, "calls": mode, "step_ms": round(sec * 1e3, 1),
+                         "it_s": round(1 / sec, 3), "samples_s": round(b / sec, 2)})
     base = rows[0]["samples_s"]
     for r in rows:
         r["samples_ratio"] = round(r["samples_s"] / base, 2)
     info = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else machine()["cpu"],
             "torch": torch.__version__, "preset": args.preset, "prediction": args.prediction, "ntb": args.ntb,
-            "steps": args.steps, "rows": rows}
-    if args.profile:
+            "cond_drop": args.cond_drop, "lambda_sds": args.lambda_sds, "steps": args.steps, "rows": rows}
+    if args.profile:  # the first size, once per call mode
         acts = [torch.profiler.ProfilerActivity.CPU]
         if dev.type == "cuda":
             acts.append(torch.profiler.ProfilerActivity.CUDA)
         b, c = sizes[0]
         n = 3
-        with torch.profiler.profile(activities=acts) as prof:
-            for _ in range(n):
-                step(b, c)
-            sync()
-        avg = prof.key_averages()
-        if dev.type == "cuda":
-            info["kernel_launches_per_step"] = sum(e.count for e in avg if e.key == "cudaLaunchKernel") / n
-        sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
-        print(avg.table(sort_by=sort, row_limit=15, max_name_column_width=50))
+        launches = {}
+        for i, mode in enumerate(calls):
+            model.batch_calls = mode == "batched"
+            with torch.profiler.profile(activities=acts) as prof:
+                for _ in range(n):
+                    step(b, c)
+                sync()
+            avg = prof.key_averages()
+            if dev.type == "cuda":
+                launches[mode] = sum(e.count for e in avg if e.key == "cudaLaunchKernel") / n
+            if i == 0:
+                sort = "cuda_time_total" if dev.type == "cuda" else "cpu_time_total"
+                print(avg.table(sort_by=sort, row_limit=15, max_name_column_width=50))
+        if launches:
+            info["kernel_launches_per_step"] = launches
     if args.json:
         print(json.dumps(info, indent=2))
     else:
         print(f"{info['device']} | torch {info['torch']} | {args.preset}, {args.prediction}, ntb {args.ntb}")
-        print(f"{'batch x crop':>13} {'step ms':>9} {'it/s':>7} {'samples/s':>10} {'vs first':>9}")
+        print(f"{'batch x crop':>13} {'calls':>10} {'step ms':>9} {'it/s':>7} {'samples/s':>10} {'vs first':>9}")
         for r in rows:
-            print(f"{r['batch']:>6} x {r['crop']:<4} {r['step_ms']:>9} {r['it_s']:>7} {r['samples_s']:>10} "
-                  f"{r['samples_ratio']:>8}x")
-        if "kernel_launches_per_step" in info:
-            print(f"kernel launches per step: {info['kernel_launches_per_step']:.0f}")
+            print(f"{r['batch']:>6} x {r['crop']:<4} {r['calls']:>10} {r['step_ms']:>9} {r['it_s']:>7} "
+                  f"{r['samples_s']:>10} {r['samples_ratio']:>8}x")
+        for mode, k in info.get("kernel_launches_per_step", {}).items():
+            print(f"kernel launches per step ({mode}, {sizes[0][0]}x{sizes[0][1]}): {k:.0f}")
     return 0
 
 

@@ -61,6 +61,20 @@ def test_train_step_times_each_size_against_the_first(tmp_path, monkeypatch, cap
     assert [(r["batch"], r["crop"]) for r in rows] == [(1, 16), (2, 16)]
     assert rows[0]["samples_ratio"] == 1.0 and all(r["step_ms"] > 0 for r in rows)
     assert rows[1]["samples_ratio"] == pytest.approx(rows[1]["samples_s"] / rows[0]["samples_s"], rel=0.02)
+    assert all(r["calls"] == "batched" for r in rows)  # rd-train's default
+
+
+def test_train_step_measures_both_call_modes_with_the_sds_recipe(tmp_path, monkeypatch, capsys):
+    mod = _load("train_step", monkeypatch, tmp_path)
+    assert mod.main(["--preset", "tiny", "--sizes", "2x16", "--calls", "unbatched,batched", "--steps", "1",
+                     "--warmup", "1", "--threads", "1", "--cond-drop", "0.2", "--lambda-sds", "10", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [r["calls"] for r in info["rows"]] == ["unbatched", "batched"]
+    assert info["lambda_sds"] == 10 and info["rows"][0]["samples_ratio"] == 1.0
+    with pytest.raises(SystemExit):
+        mod.main(["--calls", "fast"])
+    with pytest.raises(SystemExit):
+        mod.main(["--lambda-sds", "1"])  # needs --cond-drop
 
 
 def test_train_step_rejects_a_bad_size_and_skips_without_cuda(tmp_path, monkeypatch, capsys):

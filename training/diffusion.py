@@ -17,8 +17,8 @@ from torch import nn
 from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
 from training.multiscale import fused_step
 
-__all__ = ["alpha_bar_tensor", "q_sample", "noise_loss", "ddim_sample", "pad_to_multiple", "to_tensor",
-           "to_uint8"]
+__all__ = ["alpha_bar_tensor", "q_sample", "noise_loss", "noise_draw", "noise_errors", "ddim_sample",
+           "pad_to_multiple", "to_tensor", "to_uint8"]
 
 
 def alpha_bar_tensor(schedule_config: ScheduleConfig | None = None) -> torch.Tensor:
@@ -34,6 +34,32 @@ def q_sample(x_0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor, alpha_bar: t
     return sqrt_ab * x_0 + sqrt_1m_ab * eps
 
 
+def noise_draw(x_0: torch.Tensor, alpha_bar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The random half of :func:`noise_loss`: t ~ U{1..T} per sample, then eps ~ N(0, I) (in that
+    order, from torch's global RNG; its state is saved in the checkpoint, so resume is exact)."""
+    T = alpha_bar.shape[0] - 1
+    t = torch.randint(1, T + 1, (x_0.shape[0],)).to(x_0.device)
+    eps = torch.randn(x_0.shape).to(device=x_0.device, dtype=x_0.dtype)
+    return t, eps
+
+
+def noise_errors(estimator: nn.Module, x_0: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, eps: torch.Tensor,
+                 alpha_bar: torch.Tensor) -> torch.Tensor:
+    """Per-sample mean squared error of the estimator on one draw (t, eps): shape [N], float32.
+
+    eps-prediction is scored on eps; the v kinds of estimator (``EstimatorConfig.prediction``) on
+    their own output, || v - v_hat ||^2 (see training.multiscale). No randomness: the samples of a
+    batch are independent, so the errors of a concatenation are the concatenation of the errors.
+    """
+    x_t = q_sample(x_0, t, eps, alpha_bar)
+    tf = t.to(x_0.dtype)
+    if not hasattr(estimator, "predict"):  # any plain eps network
+        out, target = estimator(x_t, cond, tf), eps
+    else:
+        out, target = estimator.predict(x_t, cond, tf), estimator.target(x_0, eps, cond, tf)
+    return (out.float() - target.float()).square().flatten(1).mean(1)
+
+
 def noise_loss(estimator: nn.Module, x_0: torch.Tensor, cond: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
     """|| eps - eps_hat(x_t, cond, t) ||^2 with t ~ U{1..T} per sample, eps ~ N(0, I).
 
@@ -41,16 +67,8 @@ def noise_loss(estimator: nn.Module, x_0: torch.Tensor, cond: torch.Tensor, alph
     estimator's own output: || v - v_hat ||^2 (see training.multiscale).
     Draws from torch's global RNG (its state is saved in the checkpoint, so resume is exact).
     """
-    T = alpha_bar.shape[0] - 1
-    n = x_0.shape[0]
-    t = torch.randint(1, T + 1, (n,)).to(x_0.device)
-    eps = torch.randn(x_0.shape).to(device=x_0.device, dtype=x_0.dtype)
-    x_t = q_sample(x_0, t, eps, alpha_bar)
-    tf = t.to(x_0.dtype)
-    if not hasattr(estimator, "predict"):  # any plain eps network
-        return F.mse_loss(estimator(x_t, cond, tf).float(), eps.float())
-    raw = estimator.predict(x_t, cond, tf)
-    return F.mse_loss(raw.float(), estimator.target(x_0, eps, cond, tf).float())
+    t, eps = noise_draw(x_0, alpha_bar)
+    return noise_errors(estimator, x_0, cond, t, eps, alpha_bar).mean()
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int]]:

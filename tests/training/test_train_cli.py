@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -138,3 +139,26 @@ def test_score_distillation_options(tmp_path, image_dirs, tiny_checkpoint):
     assert rec["sds"] > 0
     res = fit(clean, rainy, tmp_path / "bad", [*common, "--config", "tiny", "--lambda-sds", "1"])
     assert res.exit_code == 2 and "lambda_sds needs cond_drop > 0" in res.output
+
+
+@pytest.mark.gpu
+def test_fit_on_cuda_with_the_sds_recipe_saves_a_cpu_checkpoint(tmp_path, image_dirs):
+    """rd-train fit --device cuda (bf16 autocast, batched calls, render + SDS): finite losses, and
+    model.pt / last.pt hold CPU tensors (a plain torch.load works without a GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    clean, rainy = image_dirs
+    run = tmp_path / "run"
+    res = fit(clean, rainy, run, ["--config", "tiny", "--crop", "16", "--batch", "4", "--steps", "4", "--ntb", "render",
+                                  "--prediction", "v_residual", "--cond-drop", "0.2", "--lambda-sds", "10",
+                                  "--device", "cuda", "--log-every", "1", "--ckpt-every", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    train = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+    assert [r["step"] for r in train] == [1, 2, 3, 4]
+    assert all(np.isfinite(r[k]) for r in train for k in ("loss", "A_x", "B_xp", "B_y", "A_yp", "sds"))
+    for name in ("model.pt", "last.pt"):
+        ck = torch.load(run / name, map_location=None, weights_only=True)
+        devices = {t.device.type for net in ck["state"].values() for t in net.values()}
+        assert devices == {"cpu"}, name
