@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-quality", action="store_true", help="latency only")
     p.add_argument("--sensitivity", action="store_true", help="per-layer sensitivity table (slow: one "
                    "quantization + evaluation per layer)")
+    p.add_argument("--target-psnr", type=float, default=None,
+                   help="as rd-export build --calib-target-psnr: keep sensitive layers FP32 until reached")
+    p.add_argument("--max-fp32", type=int, default=4, help="as rd-export build --calib-max-fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="keep the INT8 artifacts here (default: a temp dir)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
@@ -157,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             int8 = build_int8(args.fp32, args.calib, out=out, calib_images=args.calib_images, steps=steps,
                               seed=args.seed, method=method, cpu_variant=not args.no_cpu_variant, min_psnr_db=None,
-                              latency=False, threads=args.threads, progress=lambda s: log(f"  {s}"))
+                              target_psnr_db=args.target_psnr, max_fp32_layers=args.max_fp32, latency=False,
+                              threads=args.threads, progress=lambda s: log(f"  {s}"))
             entry: dict = {"build_s": round(time.perf_counter() - t0, 1), "artifact": str(int8)}
             cal = Manifest.for_artifact(int8).get("calibration")
             entry["held_out_psnr_db"] = cal["quality"]["psnr_db_mean"]

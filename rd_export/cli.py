@@ -141,6 +141,11 @@ def build(
     calib_method: Annotated[str | None, typer.Option(help=(
         "INT8: activation range method minmax|percentile|entropy (default minmax: within 0.5 dB of the others, "
         "7x faster than entropy; see calibration/README.md)."))] = None,
+    calib_target_psnr: Annotated[float | None, typer.Option(help=(
+        "INT8: if the held-out end-to-end PSNR vs FP32 is under this (dB), keep the most sensitive layers FP32 "
+        "(measured one by one; minutes) until it is reached. Default: no search."))] = None,
+    calib_max_fp32: Annotated[int | None, typer.Option(min=0, help=(
+        "INT8: at most this many layers kept FP32 by --calib-target-psnr (default 4)."))] = None,
     seed: Annotated[int, typer.Option(help="Seed of the verification noise.")] = 0,
     simplify: Annotated[bool, typer.Option("--simplify/--no-simplify", help=(
         "Run onnxslim on the export (off: measured no latency gain, see docs/export.md)."))] = False,
@@ -161,7 +166,8 @@ def build(
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,
             timing_cache=timing_cache or ((out or source.parent) / "timing.cache"),
-            options={"calib": calib, "calib_images": calib_images, "method": calib_method},
+            options={"calib": calib, "calib_images": calib_images, "method": calib_method,
+                     "target_psnr_db": calib_target_psnr, "max_fp32_layers": calib_max_fp32},
         )
         result = run_build(source, out, opts, progress=lambda msg: console.print(f"[bold cyan]>[/] {escape(msg)}"))
         for note in result.notes:

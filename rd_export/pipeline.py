@@ -221,14 +221,23 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
     return result
 
 
+#: BuildOptions.options keys -> the rd-export build flag that sets each (for error messages).
+OPTION_FLAGS = {"calib": "--calib", "calib_images": "--calib-images", "method": "--calib-method",
+                "target_psnr_db": "--calib-target-psnr", "max_fp32_layers": "--calib-max-fp32"}
+
+
+def _flag(key: str) -> str:
+    return OPTION_FLAGS.get(key, "--" + key.replace("_", "-"))
+
+
 def _check_requires(spec, opts: BuildOptions) -> None:
     missing = [r for r in spec.requires if opts.options.get(r) is None]
     if missing:
-        raise UsageError(f"precision {spec.name} needs --{' --'.join(missing)}")
+        raise UsageError(f"precision {spec.name} needs {' '.join(_flag(k) for k in missing)}")
     unused = [k for k, v in opts.options.items()
               if v is not None and k not in spec.requires and k not in spec.accepts]
     if unused:
-        raise UsageError(f"--{' --'.join(unused)} is not used by precision {spec.name}")
+        raise UsageError(f"{' '.join(_flag(k) for k in unused)} is not used by precision {spec.name}")
 
 
 # --------------------------------------------------------------------------- inspect

@@ -62,7 +62,8 @@ register_precision(PrecisionSpec(
     description="FP16 weights/activations with FP32 I/O and FP32 islands (rd_export.fp16.ISLANDS)"))
 register_precision(PrecisionSpec(
     name="int8", suffix=".int8", derive="calibration.api:derive_int8", reference="fp32", min_psnr_db=35.0,
-    max_step_abs=None, requires=("calib",), accepts=("calib_images", "method", "cpu_variant"),
+    max_step_abs=None, requires=("calib",),
+    accepts=("calib_images", "method", "cpu_variant", "target_psnr_db", "max_fp32_layers"),
     description="INT8 Q/DQ (Conv/MatMul/Gemm), calibrated along whole DDIM trajectories; "
                 "also <stem>.int8.cpu.onnx for onnxruntime on x86"))
 

@@ -141,3 +141,27 @@ def test_edge_path_never_imports_torch(exported, tmp_path):
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+def test_int8_calibration_flags_reach_build_int8_and_misuse_names_the_flag(cli, exported, tmp_path, monkeypatch):
+    """--calib-target-psnr / --calib-max-fp32 (the FP32-fallback search) are forwarded to build_int8;
+    given to a precision that takes no calibration, the error names the flag the user typed."""
+    seen = {}
+
+    def fake_build_int8(fp32_onnx, calib_dir, **kw):
+        seen.update(calib_dir=calib_dir, **kw)
+        raise InputError("stop here: the options were recorded")
+
+    monkeypatch.setattr("calibration.api.build_int8", fake_build_int8)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    src = tmp_path / "src"
+    shutil.copytree(exported.out_dir, src)
+    res = cli("build", src / "model.onnx", "--precision", "int8", "--format", "onnx", "--calib", calib,
+              "--calib-images", 3, "--calib-method", "percentile", "--calib-target-psnr", 38, "--calib-max-fp32", 6)
+    assert res.exit_code == 3 and "stop here" in _one_error_line(res)
+    assert seen["calib_dir"] == calib and seen["calib_images"] == 3 and seen["method"] == "percentile"
+    assert seen["target_psnr_db"] == 38.0 and seen["max_fp32_layers"] == 6
+    res = cli("build", src / "model.onnx", "--precision", "fp16", "--format", "onnx", "--calib-target-psnr", 38)
+    assert res.exit_code == 2
+    assert "--calib-target-psnr is not used by precision fp16" in _one_error_line(res)
