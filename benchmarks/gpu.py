@@ -209,7 +209,8 @@ def torch_compiled(case: TorchCase, a, *, cudagraph: bool) -> dict:
 def torch_block(ckpt: Path, frame: np.ndarray, a, emit=None) -> dict:
     from training.multiscale import fused_step
 
-
+    if not any(v.startswith("torch") for v in a.variants):
+        return {}  # no torch variant asked for: do not load the checkpoint onto the GPU
     case = TorchCase(ckpt, frame, a.steps, device=a.device)
     est = case.est
     variants = {

@@ -75,10 +75,11 @@ class RainDiffusion(nn.Module):
         self.eps_A = MultiScaleEstimator(configs.estimator, configs.schedule)  # derain: x | rainy condition
         self.eps_B = MultiScaleEstimator(configs.estimator, configs.schedule)  # rain gen.: rainy | clean cond
         self.register_buffer("alpha_bar", alpha_bar_tensor(configs.schedule), persistent=False)
-        #: Run each network once on the two batches it gets (concatenated) instead of twice: half the
-        #: kernel launches on a GPU, where the step is launch-bound; the same losses (per-sample
-        #: networks: GroupNorm, no batch statistics) and the same random draws. False = the literal
-        #: one-call-per-term transcription (tests compare the two; benchmarks/train_step.py --unbatched).
+        #: Run each network once on the two batches it gets (concatenated) instead of twice: 42% fewer
+        #: kernel launches on a GPU, where the step is launch-bound (docs/benchmarks.md); the same
+        #: losses (per-sample networks: GroupNorm, no batch statistics) and the same random draws.
+        #: False = the literal one-call-per-term transcription (tests compare the two;
+        #: benchmarks/train_step.py --calls unbatched,batched times them).
         self.batch_calls = True
 
     def _pair(self, net: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
