@@ -199,6 +199,9 @@ def fit(
     grad_clip: Annotated[float | None, typer.Option(
         help="Clip the global grad norm (0 = off; not in the paper). [1.0]")] = None,
     ckpt_every: Annotated[int | None, typer.Option(help="Checkpoint every N steps. [500]")] = None,
+    snapshot_every: Annotated[int | None, typer.Option(
+        help="Also keep RUN/snap_<step>.pt (the stripped model; last.pt and model.pt are written then "
+             "too) every N steps, to score a run's curve afterwards. [0 = off]")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps. [1000]")] = None,
     val_steps: Annotated[int | None, typer.Option(help="DDIM steps for validation. [10]")] = None,
     val_size: Annotated[int | None, typer.Option(help="Validation center-crop size. [128]")] = None,
@@ -220,7 +223,8 @@ def fit(
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
             "lambda_adv": lambda_adv, "lambda_idt": lambda_idt, "cond_drop": cond_drop, "lambda_sds": lambda_sds,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
-            "val_every": val_every, "val_steps": val_steps, "val_size": val_size, "log_every": log_every,
+            "snapshot_every": snapshot_every, "val_every": val_every, "val_steps": val_steps, "val_size": val_size,
+            "log_every": log_every,
         }.items() if v is not None}
         preset = config.value if config else None
         init_ckpt = None

@@ -85,6 +85,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 500
+    #: Also keep RUN/snap_<step>.pt (the stripped model, like model.pt) every N steps; 0 = off.
+    snapshot_every: int = 0
     val_every: int = 1000
     log_every: int = 10
     val_steps: int = 10
@@ -98,6 +100,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.snapshot_every, int) or self.snapshot_every < 0:
+            raise UsageError(f"snapshot_every must be an integer >= 0 (0 = off), got {self.snapshot_every!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
         for name in ("lambda_adv", "lambda_idt", "lambda_sds"):

@@ -8,6 +8,7 @@ and writes into the run directory:
 - ``last.pt``: the full training checkpoint (optimizer, RNG states, sampler position) to resume;
 - ``model.pt``: the stripped checkpoint (configs + generators + EMA estimators), what is
   shipped and exported;
+- ``snap_<step>.pt`` (``snapshot_every``): copies of model.pt kept along the run, for its curve;
 - ``config.json``: the configs, for people.
 
 The library never prints: progress goes through a :class:`Reporter` (the CLI's draws a rich bar).
@@ -360,7 +361,10 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                 full["state"]["disc"] = disc.state_dict()
                 full["optimizer_disc"] = disc_optimizer.state_dict()
             save_checkpoint(last, full)
-            save_checkpoint(shipped, strip_checkpoint(full))
+            stripped = strip_checkpoint(full)
+            save_checkpoint(shipped, stripped)
+            if train.snapshot_every and step % train.snapshot_every == 0:
+                save_checkpoint(run_dir / f"snap_{step:06d}.pt", stripped)
             reporter.checkpoint(last, step)
         ddp.barrier(dist_info)
         return last, shipped
@@ -411,7 +415,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                 reporter.validation(vrec)
                 t_last = time.perf_counter()  # keep validation time out of it/s
 
-            if step % train.ckpt_every == 0 or step == train.steps:
+            snapshot = train.snapshot_every > 0 and step % train.snapshot_every == 0
+            if step % train.ckpt_every == 0 or step == train.steps or snapshot:
                 last, shipped = save(step)
                 saved_step = step
                 t_last = time.perf_counter()

@@ -162,3 +162,21 @@ def test_fit_on_cuda_with_the_sds_recipe_saves_a_cpu_checkpoint(tmp_path, image_
         ck = torch.load(run / name, map_location=None, weights_only=True)
         devices = {t.device.type for net in ck["state"].values() for t in net.values()}
         assert devices == {"cpu"}, name
+
+
+def test_snapshot_every_keeps_the_stripped_model_along_the_run(tmp_path, image_dirs):
+    import torch
+
+    clean, rainy = image_dirs
+    run = tmp_path / "run"
+    res = fit(clean, rainy, run, ["--config", "tiny", "--crop", "16", "--batch", "2", "--steps", "5",
+                                  "--snapshot-every", "2", "--ckpt-every", "100", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    snaps = sorted(p.name for p in run.glob("snap_*.pt"))
+    assert snaps == ["snap_000002.pt", "snap_000004.pt"]  # not at 5: a checkpoint step, not a snapshot step
+    for name, step in zip(snaps, (2, 4)):
+        ck = torch.load(run / name, weights_only=True)
+        assert ck["step"] == step and set(ck["state"]) == {"G_A", "G_B", "ema_A", "ema_B"}
+    assert torch.load(run / "model.pt", weights_only=True)["step"] == 5
+    res = fit(clean, rainy, tmp_path / "bad", ["--config", "tiny", "--snapshot-every", "-1"])
+    assert res.exit_code != 0 and "snapshot_every must be an integer >= 0" in res.output
