@@ -179,4 +179,4 @@ def test_snapshot_every_keeps_the_stripped_model_along_the_run(tmp_path, image_d
         assert ck["step"] == step and set(ck["state"]) == {"G_A", "G_B", "ema_A", "ema_B"}
     assert torch.load(run / "model.pt", weights_only=True)["step"] == 5
     res = fit(clean, rainy, tmp_path / "bad", ["--config", "tiny", "--snapshot-every", "-1"])
-    assert res.exit_code != 0 and "snapshot_every must be an integer >= 0" in res.output
+    assert res.exit_code == 2 and "snapshot_every must be an integer >= 0" in res.output
