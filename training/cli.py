@@ -194,6 +194,9 @@ def fit(
     crop: Annotated[int | None, typer.Option(help="Random crop size (pixels). [128]")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process. [4]")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (betas 0.5, 0.999). [2e-5]")] = None,
+    gen_lr: Annotated[float | None, typer.Option(
+        help="Learning rate of the NTB generators G_A, G_B only (the estimators keep --lr); a lower one "
+             "slows their tone drift under --lambda-sds (issue 8). [--lr]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and synthetic rain. [0]")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay of the estimators. [0.999]")] = None,
     grad_clip: Annotated[float | None, typer.Option(
@@ -219,7 +222,7 @@ def fit(
         from training.train import resolve_train_config
 
         overrides = {k: v for k, v in {
-            "steps": steps, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
+            "steps": steps, "batch": batch, "crop": crop, "lr": lr, "gen_lr": gen_lr, "seed": seed,
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
             "lambda_adv": lambda_adv, "lambda_idt": lambda_idt, "cond_drop": cond_drop, "lambda_sds": lambda_sds,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,

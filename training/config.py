@@ -61,6 +61,9 @@ class TrainConfig:
     batch: int = 4
     crop: int = 128
     lr: float = 2e-5
+    #: Learning rate of the NTB generators (G_A, G_B); None = ``lr``. A lower one slows the
+    #: generators' tone drift under the score-distillation prior (issue 8).
+    gen_lr: float | None = None
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_cyc: float = 1.0
@@ -104,6 +107,8 @@ class TrainConfig:
             raise UsageError(f"snapshot_every must be an integer >= 0 (0 = off), got {self.snapshot_every!r}")
         if not self.lr > 0:
             raise UsageError(f"lr must be > 0, got {self.lr}")
+        if self.gen_lr is not None and not (isinstance(self.gen_lr, (int, float)) and self.gen_lr > 0):
+            raise UsageError(f"gen_lr must be > 0 (or unset: the generators then use lr), got {self.gen_lr!r}")
         for name in ("lambda_adv", "lambda_idt", "lambda_sds"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v >= 0):

@@ -251,6 +251,45 @@ def _warm_start(model: RainDiffusion, ema: EMA, ckpt: dict) -> None:
         getattr(ema, name).load_state_dict(st[key])
 
 
+def _group_lrs(train: TrainConfig) -> tuple[float, float]:
+    return (train.gen_lr if train.gen_lr is not None else train.lr, train.lr)
+
+
+def param_groups(model: RainDiffusion, train: TrainConfig) -> list[dict]:
+    """The optimiser's two parameter groups: the NTB generators (``gen_lr``), then the estimators (``lr``).
+
+    Together they list ``model.parameters()`` in its order (G_A, G_B, eps_A, eps_B), so the
+    optimiser state's parameter indices are those of a single-group optimiser over the model.
+    """
+    gen_lr, lr = _group_lrs(train)
+    groups = [{"params": [*model.G_A.parameters(), *model.G_B.parameters()], "lr": gen_lr},
+              {"params": [*model.eps_A.parameters(), *model.eps_B.parameters()], "lr": lr}]
+    if [id(p) for g in groups for p in g["params"]] != [id(p) for p in model.parameters()]:
+        raise RuntimeError("RainDiffusion's parameters are not G_A, G_B, eps_A, eps_B in that order")
+    return groups
+
+
+def split_param_groups(state: dict, sizes: list[int]) -> dict:
+    """An optimiser state dict saved with one parameter group, split into groups of ``sizes``.
+
+    Checkpoints written before ``--gen-lr`` hold a single group over ``model.parameters()``;
+    :func:`param_groups` keeps that parameter order, so the per-parameter state carries over and
+    only the group list is split. A state dict that already has ``len(sizes)`` groups is returned
+    as is; anything else is a :class:`CheckpointError`.
+    """
+    saved = state["param_groups"]
+    if len(saved) == len(sizes):
+        return state
+    if len(saved) != 1 or len(saved[0]["params"]) != sum(sizes):
+        raise CheckpointError(f"optimizer state has {len(saved)} parameter group(s) of "
+                              f"{[len(g['params']) for g in saved]} parameters; this model needs {sizes}")
+    ids, groups, start = saved[0]["params"], [], 0
+    for n in sizes:
+        groups.append({**saved[0], "params": ids[start:start + n]})
+        start += n
+    return {**state, "param_groups": groups}
+
+
 def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, models: ModelConfigs | None = None,
         resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
         val_clean: Path | None = None, reporter: Reporter | None = None,
@@ -297,7 +336,7 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
 
     model = RainDiffusion(models).to(dev)
     ema = EMA(model, train.ema_decay, train.ema_warmup)
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
+    optimizer = torch.optim.Adam(param_groups(model, train), betas=(train.beta1, train.beta2))
     disc = disc_optimizer = None
     if train.lambda_adv > 0:  # deviation (issue 8): CycleGAN's discriminators for the NTB, own optimiser
         disc = Discriminators(channels=train.disc_channels).to(dev)
@@ -312,13 +351,16 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
         ema.ema_A.load_state_dict(st["ema_A"])
         ema.ema_B.load_state_dict(st["ema_B"])
         ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        optimizer.load_state_dict(split_param_groups(ckpt["optimizer"], sizes))
         if disc is not None and "disc" in st:  # else: discriminators added on resume start fresh
             check_state_dict(disc, st["disc"], "disc", str(resume))
             disc.load_state_dict(st["disc"])
             disc_optimizer.load_state_dict(ckpt["optimizer_disc"])
-        for g in optimizer.param_groups + (disc_optimizer.param_groups if disc_optimizer else []):
-            g["lr"] = train.lr  # a resumed run may change the learning rate
+        for g, g_lr in zip(optimizer.param_groups, _group_lrs(train)):
+            g["lr"] = g_lr  # a resumed run may change the learning rates
+        for g in disc_optimizer.param_groups if disc_optimizer else []:
+            g["lr"] = train.lr
         step = int(ckpt["step"])
         rngs = ckpt["rng"]
         if dist_info.rank < len(rngs):

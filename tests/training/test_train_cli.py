@@ -67,6 +67,20 @@ def test_usage_errors_exit_2(tmp_path, image_dirs):
     assert res.exit_code == 2 and "scale 0.3" in res.output
     res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--val-rainy", str(rainy)])
     assert res.exit_code == 2 and "go together" in res.output
+    res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--gen-lr", "0"])
+    assert res.exit_code == 2 and "gen_lr must be > 0" in res.output and "Traceback" not in res.output
+
+
+def test_gen_lr_option_reaches_the_run(tmp_path, image_dirs):
+    import torch
+
+    clean, rainy = image_dirs
+    run = tmp_path / "run"
+    res = fit(clean, rainy, run, ["--config", "tiny", "--crop", "16", "--batch", "2", "--steps", "1", "--lr", "1e-3",
+                                  "--gen-lr", "1e-4", "--quiet", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    groups = torch.load(run / "last.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-4, 1e-3]
 
 
 def test_init_warm_starts_a_v_residual_run(tmp_path, image_dirs, tiny_checkpoint):
