@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -114,3 +116,82 @@ def test_gpu_streams_each_variant_row(tmp_path, monkeypatch, capsys, tiny_checkp
     rep = json.loads(capsys.readouterr().out)
     assert list(rep["variants"]) == ["torch_eager_fp32"] and rep["tensorrt_skipped"] is None
     assert rep["variants"]["torch_eager_fp32"]["loop_ms"]["runs"] == 1
+
+
+def test_scale_curve_fit_and_extrapolation(tmp_path, monkeypatch, capsys):
+    mod = _load("scale_curve", monkeypatch, tmp_path / "nowhere")
+    a, b = mod.fit_log2([1000, 2000, 4000, 8000], [20.0, 20.5, 21.0, 21.5])
+    assert b == pytest.approx(0.5) and a == pytest.approx(20.0 - 0.5 * math.log2(1000))
+    assert mod.samples_to_reach(a, b, 22.0) == pytest.approx(16000)
+    assert mod.samples_to_reach(a, -0.1, 22.0) is None
+    with pytest.raises(ValueError, match="two"):
+        mod.fit_log2([1000], [20.0])
+    # A lineage that gains 0.5 dB per doubling reaches 31.20 - 0.5 * k at 2^k times its last point.
+    rows = ["run,phase,batch,step,samples,psnr,matched,corr,lineage,section"]
+    rows += [f"r,5,64,{i},{n},24.0,{30.2 - 0.5 * (3 - i)},0.2,1,6" for i, n in enumerate([31000, 62000, 124000, 248000])]
+    rows += ["r,2,4,1,16000,24,28.0,0.1,1,2", "r,2,4,2,24000,24,28.1,0.1,1,2", "side,side,4,1,50000,24,1.0,0,0,3"]
+    csv_path = tmp_path / "points.csv"
+    csv_path.write_text("# comment\n" + "\n".join(rows) + "\n")
+    assert mod.main(["--csv", str(csv_path), "--json", "--plot", str(tmp_path / "scale.png")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    f = rep["fits"]["phase5"]
+    assert f["points"] == 4 and f["slope_db_per_doubling"] == pytest.approx(0.5)
+    assert f["samples_needed"] == pytest.approx(248000 * 4) and f["x_current"] == pytest.approx(4)
+    assert f["gpu_steps"] == pytest.approx(248000 * 3 / 64)
+    assert rep["current"]["samples"] == 248000 and rep["gap_db"] == pytest.approx(1.0)  # side runs ignored
+    assert (tmp_path / "scale.png").stat().st_size > 1000
+    assert mod.main(["--csv", str(tmp_path / "missing.csv")]) == 2
+    assert "scale_curve:" in capsys.readouterr().err
+
+
+def test_scale_curve_reads_the_shipped_measurements(tmp_path, monkeypatch, capsys):
+    mod = _load("scale_curve", monkeypatch, tmp_path / "nowhere")
+    assert mod.main([]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("now: gpu_sds step 891, 88,024 crops seen, matched 29.82 dB")
+    assert "phase2_late" in out and "did not hold" in out
+
+
+def _dev_set(tmp_path, image_dirs) -> Path:
+    clean, rainy = image_dirs
+    dev = tmp_path / "data" / "dev" / "sirr"
+    (dev / "clean").mkdir(parents=True)
+    shutil.copytree(rainy, dev / "rainy")
+    for i, p in enumerate(sorted((dev / "rainy").iterdir())):  # pair by name
+        shutil.copy(sorted(clean.iterdir())[i], dev / "clean" / p.name)
+    return tmp_path / "data"
+
+
+def test_quality_bands_and_seed_mean(tmp_path, monkeypatch, capsys, image_dirs, tiny_checkpoint):
+    mod = _load("quality", monkeypatch, _dev_set(tmp_path, image_dirs))
+    args = ["--checkpoint", str(tiny_checkpoint), "--torch", "--steps", "2", "--limit", "2", "--threads", "1",
+            "--json", "--bands"]
+    assert mod.main(args) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert mod.main([*args, "--seeds", "2"]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert one["seeds"] == 1 and two["seeds"] == 2 and one["pairs"] == two["pairs"] == 2
+    for rep in (one, two):
+        for k in ("input", "G_B", "DTB"):
+            assert 0 < rep["mean"][k]["psnr_lo"] < 200 and 0 < rep["mean"][k]["psnr_hi"] < 200
+    assert one["mean"]["G_B"] == two["mean"]["G_B"]  # the seeds only touch the DTB
+    assert one["mean"]["DTB"]["psnr"] != two["mean"]["DTB"]["psnr"]
+    assert mod.main([*args, "--seeds", "0"]) == 2
+    assert "--seeds must be >= 1" in capsys.readouterr().err
+
+
+def test_quality_band_split_and_seed_mean_are_exact(tmp_path, monkeypatch):
+    mod = _load("quality", monkeypatch, tmp_path / "nowhere")
+    rng = np.random.default_rng(0)
+    clean = rng.integers(40, 200, (48, 64, 3), dtype=np.uint8)
+    assert mod.band_psnr(clean, clean) == (pytest.approx(168.13, abs=0.01),) * 2  # zero error: capped
+    shifted = (clean.astype(np.int16) + 10).astype(np.uint8)  # a pure brightness shift: no error left
+    assert min(mod.band_psnr(shifted, clean)) > 45  # only Y's integer rounding is left
+    noisy = np.clip(clean + rng.normal(0, 8, clean.shape), 0, 255).astype(np.uint8)  # white noise: high band
+    lo, hi = mod.band_psnr(noisy, clean)
+    assert lo > hi + 15
+    ramp = np.clip(clean + np.linspace(-20, 20, 64)[None, :, None], 0, 255).astype(np.uint8)  # a tone ramp: low band
+    lo, hi = mod.band_psnr(ramp, clean)
+    assert hi > lo + 10
+    a, b = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 3, np.uint8)
+    assert (mod.seed_mean([a, b]) == 2).all() and mod.seed_mean([b]).dtype == np.uint8  # 1.5 rounds to 2
