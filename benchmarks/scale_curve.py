@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     cur = report["current"]
-    print(f"now: {cur['run']} step {cur['step']:.0f}, {cur['samples']:,.0f} crops seen, matched {cur['matched']:.2f} dB "
-          f"(target {report['target_matched']:.2f}: gap {report['gap_db']:.2f} dB), corr {cur['corr']:+.3f}")
+    print(f"now: {cur['run']} step {cur['step']:.0f}, {cur['samples']:,.0f} crops seen, "
+          f"matched {cur['matched']:.2f} dB (target {report['target_matched']:.2f}: gap {report['gap_db']:.2f} dB), "
+          f"corr {cur['corr']:+.3f}")
     for name, f in report["fits"].items():
         head = (f"{name:13s} {f['points']:.0f} points, {f['from']:,.0f}-{f['to']:,.0f} crops: "
                 f"{f['slope_db_per_doubling']:+.2f} dB per doubling")

@@ -128,7 +128,8 @@ def test_scale_curve_fit_and_extrapolation(tmp_path, monkeypatch, capsys):
         mod.fit_log2([1000], [20.0])
     # A lineage that gains 0.5 dB per doubling reaches 31.20 - 0.5 * k at 2^k times its last point.
     rows = ["run,phase,batch,step,samples,psnr,matched,corr,lineage,section"]
-    rows += [f"r,5,64,{i},{n},24.0,{30.2 - 0.5 * (3 - i)},0.2,1,6" for i, n in enumerate([31000, 62000, 124000, 248000])]
+    sizes = [31000, 62000, 124000, 248000]
+    rows += [f"r,5,64,{i},{n},24.0,{30.2 - 0.5 * (3 - i)},0.2,1,6" for i, n in enumerate(sizes)]
     rows += ["r,2,4,1,16000,24,28.0,0.1,1,2", "r,2,4,2,24000,24,28.1,0.1,1,2", "side,side,4,1,50000,24,1.0,0,0,3"]
     csv_path = tmp_path / "points.csv"
     csv_path.write_text("# comment\n" + "\n".join(rows) + "\n")

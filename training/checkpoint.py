@@ -36,11 +36,23 @@ _CONFIG_KEYS = ("estimator", "ntb_unet", "diffusion")
 
 
 def _on_cpu(obj):
-    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU (others untouched)."""
+    """``obj`` with every tensor in its dicts, lists and tuples moved to the CPU (others untouched).
+
+    Containers keep their type: a state dict stays an ``OrderedDict`` with its ``_metadata``
+    (the module versions ``load_state_dict`` reads), a namedtuple stays that namedtuple.
+    """
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
+        items = {k: _on_cpu(v) for k, v in obj.items()}
+        if type(obj) is dict:
+            return items
+        out = type(obj)(items)
+        if hasattr(obj, "_metadata"):
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_on_cpu(v) for v in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(_on_cpu(v) for v in obj)
     return obj

@@ -69,6 +69,8 @@ def test_stripped_checkpoint_has_no_raw_estimators(tiny_checkpoint):
         build_estimator(load_checkpoint(tiny_checkpoint), ema=False)
 
 
+# The crafted legacy payload is a protocol-4 pickle, which torch.load warns about before refusing it.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")
 @pytest.mark.parametrize("legacy", [False, True])
 def test_pickle_payload_is_refused_without_side_effect(tmp_path, legacy):
     sentinel = tmp_path / "pwned"
@@ -171,6 +173,23 @@ def test_save_moves_every_tensor_to_the_cpu_and_keeps_the_structure(tmp_path):
     assert isinstance(back["pair"], tuple) and back["pair"][0] == 1
     assert torch.equal(back["pair"][1], torch.full((5,), 2.0))
     assert back["rng"][0].dtype == torch.uint8
+
+
+def test_save_keeps_state_dict_and_namedtuple_types(tmp_path):
+    from collections import OrderedDict, namedtuple
+
+    from training.checkpoint import _on_cpu
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))
+    sd = net.state_dict()
+    save_checkpoint(tmp_path / "s.pt", {"config": {}, "state": {"net": sd}})
+    back = torch.load(tmp_path / "s.pt", weights_only=True)["state"]["net"]
+    assert type(back) is OrderedDict and list(back) == list(sd)
+    assert back._metadata == sd._metadata  # the module versions load_state_dict reads
+    net.load_state_dict(back)
+    Pair = namedtuple("Pair", "a b")
+    moved = _on_cpu({"p": Pair(1, torch.ones(2).as_subclass(_RecordingTensor))})["p"]
+    assert type(moved) is Pair and moved.a == 1 and type(moved.b) is torch.Tensor
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
