@@ -56,7 +56,7 @@ from calibration.sensitivity import choose_fp32_nodes, sensitivity
 from runtime.errors import ArtifactError, UsageError, VerificationError
 from runtime.io import atomic_path
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
-from runtime.schedule import DDIMSchedule, ScheduleConfig
+from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, steps_error
 
 __all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
            "int8_path_for", "default_fp32_nodes"]
@@ -185,8 +185,8 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
     descriptor = manifest.step_descriptor
     schedule_config = _schedule_config(manifest)
     steps = int(steps or manifest.default_steps)
-    if not 1 <= steps <= schedule_config.num_train_timesteps:
-        raise UsageError(f"steps must be in 1..{schedule_config.num_train_timesteps}, got {steps}")
+    if not MIN_STEPS <= steps <= schedule_config.num_train_timesteps:
+        raise UsageError(steps_error(steps, schedule_config.num_train_timesteps))
     method = Method(method)
     frame_sizes = calibration_sizes(descriptor, sizes)
     dest = int8_path_for(fp32_onnx, out)

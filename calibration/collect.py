@@ -29,7 +29,7 @@ import numpy as np
 from runtime.descriptor import StepDescriptor
 from runtime.errors import InputError, UsageError
 from runtime.io import iter_image_files, load_rgb
-from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, initial_noise, steps_error
 
 __all__ = [
     "CalibrationWarning",
@@ -241,8 +241,8 @@ def record_trajectories(model: str | os.PathLike, images: Sequence[ImageItem], *
     Image k is cut to ``sizes[k % len(sizes)]`` with a crop seeded by ``seed + k`` and sampled
     from x_T = ``initial_noise(shape, seed + k)``.
     """
-    if steps < 1:
-        raise UsageError(f"steps must be >= 1, got {steps}")
+    if steps < MIN_STEPS:
+        raise UsageError(steps_error(steps))
     session = make_session(model, threads=threads)
     schedule = DDIMSchedule(schedule_config)
     out = []

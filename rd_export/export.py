@@ -29,6 +29,7 @@ from runtime.descriptor import ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, UsageError
 from runtime.io import atomic_path
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "verify_onnx", "make_descriptor", "verification_size",
            "extra_shapes", "name_nodes"]
@@ -139,8 +140,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
     if model not in ("derain", "rain"):
         raise UsageError(f"model must be 'derain' or 'rain', got {model!r}")
-    if not isinstance(steps, int) or steps < 1:
-        raise UsageError(f"steps must be a positive integer, got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < MIN_STEPS:
+        raise UsageError(steps_error(steps))
     checkpoint = Path(checkpoint)
     progress(f"loading checkpoint {checkpoint.name}")
     ckpt = load_checkpoint(checkpoint)

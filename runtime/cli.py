@@ -26,6 +26,7 @@ import typer
 from runtime.cli_errors import Terminated, error_exits
 from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
 from runtime.io import DEFAULT_MAX_PIXELS
+from runtime.schedule import MIN_STEPS, steps_error
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.onnx"}
@@ -80,10 +81,17 @@ PrecisionOpt = Annotated[Precision | None, typer.Option(
     help="Which shipped model to use when --engine is not given: fp32 (default) or int8 "
          "(runtime/assets/default.int8.onnx: faster on CPU, slightly lower quality). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
+def _check_steps(value: int | None) -> int | None:
+    """--steps: at least MIN_STEPS, with the reason when it is 1 (the model's T is checked later)."""
+    if value is not None and value < MIN_STEPS:
+        raise typer.BadParameter(steps_error(value))
+    return value
+
+
 StepsOpt = Annotated[int | None, typer.Option(
-    "--steps", "-s", min=1, metavar="S",
-    help="DDIM sampling steps. Default: the model's own (manifest 'default_steps', usually 10). "
-         "Fewer is faster and removes less rain.")]
+    "--steps", "-s", callback=_check_steps, metavar="S",
+    help="DDIM sampling steps, 2 or more (one step of Algorithm 2 is at t = 1 and returns the noise). "
+         "Default: the model's own (manifest 'default_steps', usually 10). Fewer is faster.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output.")]
 TileOpt = Annotated[int | None, typer.Option(

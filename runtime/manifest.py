@@ -19,6 +19,7 @@ from typing import Any
 from runtime.descriptor import StepDescriptor
 from runtime.errors import ManifestError
 from runtime.io import atomic_write_bytes
+from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "sha256_file"]
 
@@ -220,9 +221,9 @@ def validate(d: Any, *, where: str = "manifest") -> None:
         raise ManifestError(f"{where}: field 'schedule.beta_start'/'schedule.beta_end' must satisfy "
                             f"0 < beta_start <= beta_end < 1, got {sched['beta_start']}..{sched['beta_end']}")
     steps = sched.get("default_steps")
-    if "default_steps" in sched and not (_is_int(steps) and 1 <= steps <= sched["num_train_timesteps"]):
-        raise ManifestError(f"{where}: field 'schedule.default_steps' must be an integer in "
-                            f"1..{sched['num_train_timesteps']}, got {steps!r}")
+    if "default_steps" in sched and not (_is_int(steps) and MIN_STEPS <= steps <= sched["num_train_timesteps"]):
+        why = steps_error(steps, sched["num_train_timesteps"])
+        raise ManifestError(f"{where}: field 'schedule.default_steps': {why}")
 
 
 def _is_int(v: Any) -> bool:

@@ -9,7 +9,9 @@ Conventions (paper notation, 1-based timesteps):
   (the clean image), so the table has T + 1 entries.
 - Training draws t uniformly from 1..T and the network sees t as a float.
 - Algorithm 2 samples along tau_i = (i - 1) * T / S + 1 (i = 1..S), from tau_S down to
-  tau_1, and the step after tau_1 goes to t = 0 (alpha_bar = 1).
+  tau_1, and the step after tau_1 goes to t = 0 (alpha_bar = 1). S >= ``MIN_STEPS`` = 2: with
+  S = 1 the only step is at t = 1, where the update trusts x_t as all but clean, so x_T ~ N(0, I)
+  comes back as the output (measured on the shipped model: 11.1 dB on dev/sirr, the input 22.3).
 
 With eta = 0 one step from t to t_next is affine in (x_t, eps_hat)::
 
@@ -25,7 +27,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DDIMSchedule", "ScheduleConfig"]
+__all__ = ["DDIMSchedule", "ScheduleConfig", "MIN_STEPS"]
+
+#: The fewest DDIM steps Algorithm 2 can sample with (see the module docstring: S = 1 returns x_T).
+MIN_STEPS = 2
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,17 @@ class ScheduleConfig:
                 f"betas must satisfy 0 < beta_start <= beta_end < 1, got "
                 f"{self.beta_start}..{self.beta_end}"
             )
+
+
+def steps_error(steps: object, T: int | None = None) -> str:
+    """The one-line message for a DDIM step count outside ``MIN_STEPS..T`` (no upper bound: T None)."""
+    why = (" (a single step of Algorithm 2 is at t = 1 and returns the initial noise)"
+           if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps == 1 else "")
+    allowed = f"in {MIN_STEPS}..{T}" if T is not None else f">= {MIN_STEPS}"
+    return f"steps must be an integer {allowed}, got {steps!r}{why}"
+
+
+__all__.append("steps_error")
 
 
 @dataclass
@@ -71,8 +87,8 @@ class DDIMSchedule:
     def set_timesteps(self, num_steps: int) -> np.ndarray:
         """Fill ``timesteps`` (descending tau_S..tau_1) and ``next_timesteps`` (ending in 0)."""
         T = self.num_train_timesteps
-        if not isinstance(num_steps, (int, np.integer)) or not 1 <= num_steps <= T:
-            raise ValueError(f"steps must be an integer in 1..{T}, got {num_steps!r}")
+        if not isinstance(num_steps, (int, np.integer)) or not MIN_STEPS <= num_steps <= T:
+            raise ValueError(steps_error(num_steps, T))
         i = np.arange(1, num_steps + 1, dtype=np.int64)
         tau = (i - 1) * T // num_steps + 1  # tau_i = (i-1)*T/S + 1
         self.timesteps = tau[::-1].copy()

@@ -308,7 +308,7 @@ def valid_manifest(draw):
     prof = ShapeProfile(min_batch=b[0], opt_batch=b[1], max_batch=b[2], min_size=tuple(lo), opt_size=tuple(opt),
                         max_size=tuple(hi))
     beta_start = draw(st.floats(1e-6, 1e-2))
-    num_train = draw(st.integers(1, 2000))
+    num_train = draw(st.integers(2, 2000))
     extra = {}
     for key, types in _OPTIONAL.items():
         if draw(st.booleans()):
@@ -323,7 +323,7 @@ def valid_manifest(draw):
         model=draw(st.sampled_from(MODELS)), sha256=draw(hex64),
         descriptor=StepDescriptor(size_multiple=m, profile=prof).to_dict(),
         schedule={"num_train_timesteps": num_train, "beta_start": beta_start,
-                  "beta_end": beta_start + draw(st.floats(0, 0.1)), "default_steps": draw(st.integers(1, num_train))},
+                  "beta_end": beta_start + draw(st.floats(0, 0.1)), "default_steps": draw(st.integers(2, num_train))},
         model_config=draw(st.dictionaries(st.text(max_size=6), finite_json, max_size=3)),
         toolkit_version=draw(st.text(max_size=10)), schema_version=1, extra=extra,
     )

@@ -29,8 +29,20 @@ def test_tau_lists_are_golden():
         961, 921, 881, 841, 801, 761, 721, 681, 641, 601, 561, 521, 481,
         441, 401, 361, 321, 281, 241, 201, 161, 121, 81, 41, 1]
     assert sched.next_timesteps.tolist()[-2:] == [1, 0]
-    assert sched.set_timesteps(1).tolist() == [1]
+    assert sched.set_timesteps(2).tolist() == [501, 1]
     assert sched.set_timesteps(1000).tolist() == list(range(1000, 0, -1))
+
+
+def test_one_step_is_refused_with_the_reason():
+    """S = 1 is tau_1 = 1: the update x0 = (x_1 - sqrt(1 - ab_1) eps) / sqrt(ab_1) hands x_T back."""
+    sched = DDIMSchedule()
+    with pytest.raises(ValueError, match=r"steps must be an integer in 2\.\.1000, got 1 \(a single step of "
+                                         r"Algorithm 2 is at t = 1 and returns the initial noise\)"):
+        sched.set_timesteps(1)
+    with pytest.raises(ValueError, match=r"in 2\.\.1000, got 1001$"):
+        sched.set_timesteps(1001)
+    a, b, _, _ = sched.step_coefficients(1, 0)
+    assert a == pytest.approx(1.0, abs=1e-4) and b < 0.011  # x0_hat ~ x_1: the noise comes back
 
 
 @pytest.mark.parametrize("t", [1, 2, 101, 500, 901, 1000])

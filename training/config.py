@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 from enum import Enum
 
 from runtime.errors import UsageError
-from runtime.schedule import ScheduleConfig
+from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 from training.multiscale import EstimatorConfig
 from training.unet import UNetConfig
 
@@ -103,6 +103,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < (0 if name == "steps" else 1):
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")
+        if self.val_steps < MIN_STEPS:
+            raise UsageError(f"val_steps: {steps_error(self.val_steps)}")
         if not isinstance(self.snapshot_every, int) or self.snapshot_every < 0:
             raise UsageError(f"snapshot_every must be an integer >= 0 (0 = off), got {self.snapshot_every!r}")
         if not self.lr > 0:

@@ -332,3 +332,10 @@ def test_suffix_cannot_escape_the_output_dir(tmp_path, rd_run, make_image):
     assert r.code == 2 and "--suffix" in r.stderr
     r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--suffix", ".derained")
     assert r.code == 0 and (tmp_path / "out" / "a.derained.png").is_file()
+
+
+def test_one_step_is_a_usage_error_before_any_work(tmp_path, rd_run, make_image, fake_factory):
+    make_image(tmp_path / "in" / "a.png")
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--steps", "1")
+    assert r.code == 2 and "steps must be an integer >= 2, got 1 (a single step of Algorithm 2" in r.stderr, r
+    assert "Traceback" not in r.stderr and not fake_factory and not (tmp_path / "out").exists()

@@ -160,7 +160,8 @@ def test_frame_validation(tiny_derainer, frame, match):
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    ({"steps": 0}, "steps must be an integer in 1..1000"),
+    ({"steps": 0}, r"steps must be an integer in 2\.\.1000, got 0$"),
+    ({"steps": 1}, r"in 2\.\.1000, got 1 \(a single step of Algorithm 2 is at t = 1 and returns the initial noise\)"),
     ({"steps": 2.5}, "steps"),
     ({"seed": -1}, "seed"),
     ({"tile": 20}, "multiple of the model's size multiple 8"),
@@ -212,13 +213,13 @@ def test_default_artifact_is_loaded_from_the_package(monkeypatch, tmp_path, tiny
     m.save(manifest_path_for(assets / "default.onnx"))
     monkeypatch.setattr(importlib.resources, "files", lambda pkg: _FakeFiles(tmp_path))
     assert default_artifact() == assets / "default.onnx"
-    with Derainer(steps=1, threads=1) as d:
+    with Derainer(steps=2, threads=1) as d:
         assert d.artifact.name == "default.onnx"
         assert d.derain(np.zeros((8, 8, 3), np.uint8)).shape == (8, 8, 3)
 
 
 def test_closed_derainer_refuses_work(tiny_model):
-    d = Derainer(tiny_model.onnx, steps=1, threads=1)
+    d = Derainer(tiny_model.onnx, steps=2, threads=1)
     d.close()
     with pytest.raises(UsageError, match="closed"):
         d.derain(np.zeros((8, 8, 3), np.uint8))
