@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["DDIMSchedule", "ScheduleConfig", "MIN_STEPS"]
+__all__ = ["DDIMSchedule", "ScheduleConfig", "MIN_STEPS", "steps_error"]
 
 #: The fewest DDIM steps Algorithm 2 can sample with (see the module docstring: S = 1 returns x_T).
 MIN_STEPS = 2
@@ -57,9 +57,6 @@ def steps_error(steps: object, T: int | None = None) -> str:
            if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps == 1 else "")
     allowed = f"in {MIN_STEPS}..{T}" if T is not None else f">= {MIN_STEPS}"
     return f"steps must be an integer {allowed}, got {steps!r}{why}"
-
-
-__all__.append("steps_error")
 
 
 @dataclass
