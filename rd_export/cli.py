@@ -25,8 +25,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rd_export.precision import PRECISIONS
-from runtime.cli_errors import error_exits
-from runtime.schedule import MIN_STEPS
+from runtime.cli_errors import check_steps, error_exits
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export RainDiffusion checkpoints to verified ONNX (FP32/FP16) and TensorRT engines.")
@@ -120,9 +119,10 @@ def build(
         "machine can build (TensorRT skipped with a note). Default: all for a checkpoint, trt for an ONNX."))] = None,
     model: Annotated[Model | None, typer.Option(help="Which EMA estimator: derain (model A, default) or rain "
                                                      "(model B).")] = None,
-    steps: Annotated[int | None, typer.Option(min=MIN_STEPS, help="DDIM steps (2 or more): stored as the default "
-                                                                  "in the manifest and used for verification "
-                                                                  "(default 10).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        callback=check_steps,
+        help="DDIM steps (2 or more): stored as the default in the manifest and used for verification "
+             "(default 10).")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(help="Engine profile minimum frame HxW (default 64x64); also "
                                                       "the size verification runs at.")] = None,
@@ -247,8 +247,8 @@ def verify(
                                              help="An .onnx (or, with TensorRT, .trt.plan) artifact.")],
     checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True,
                                              help="The checkpoint the artifact was exported from.")],
-    steps: Annotated[int | None, typer.Option(min=MIN_STEPS, help="DDIM steps, 2 or more (default: the "
-                                                                  "manifest's).")] = None,
+    steps: Annotated[int | None, typer.Option(
+        callback=check_steps, help="DDIM steps, 2 or more (default: the manifest's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the verification noise.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     debug: _Debug = False,

@@ -23,10 +23,9 @@ from typing import Annotated, Any
 
 import typer
 
-from runtime.cli_errors import Terminated, error_exits
+from runtime.cli_errors import Terminated, check_steps, error_exits
 from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
 from runtime.io import DEFAULT_MAX_PIXELS
-from runtime.schedule import MIN_STEPS, steps_error
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.onnx"}
@@ -81,15 +80,8 @@ PrecisionOpt = Annotated[Precision | None, typer.Option(
     help="Which shipped model to use when --engine is not given: fp32 (default) or int8 "
          "(runtime/assets/default.int8.onnx: faster on CPU, slightly lower quality). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
-def _check_steps(value: int | None) -> int | None:
-    """--steps: at least MIN_STEPS, with the reason when it is 1 (the model's T is checked later)."""
-    if value is not None and value < MIN_STEPS:
-        raise typer.BadParameter(steps_error(value))
-    return value
-
-
 StepsOpt = Annotated[int | None, typer.Option(
-    "--steps", "-s", callback=_check_steps, metavar="S",
+    "--steps", "-s", callback=check_steps, metavar="S",
     help="DDIM sampling steps, 2 or more (one step of Algorithm 2 is at t = 1 and returns the noise). "
          "Default: the model's own (manifest 'default_steps', usually 10). Fewer is faster.")]
 SeedOpt = Annotated[int, typer.Option(

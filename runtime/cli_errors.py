@@ -16,8 +16,9 @@ from typing import Any
 import typer
 
 from runtime.errors import RDError
+from runtime.schedule import MIN_STEPS, steps_error
 
-__all__ = ["Terminated", "error_exits"]
+__all__ = ["Terminated", "error_exits", "check_steps"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -64,3 +65,13 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def check_steps(value: int | None) -> int | None:
+    """Callback of every CLI's DDIM ``--steps``: at least MIN_STEPS, with the reason when it is 1.
+
+    The upper bound (the model's T) is checked where the model is known.
+    """
+    if value is not None and value < MIN_STEPS:
+        raise typer.BadParameter(steps_error(value))
+    return value

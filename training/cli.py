@@ -22,9 +22,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runtime.cli_errors import error_exits
+from runtime.cli_errors import check_steps, error_exits
 from runtime.errors import UsageError
-from runtime.schedule import MIN_STEPS
 from training.config import NTBMode, Preset
 from training.multiscale import PREDICTIONS
 
@@ -274,8 +273,9 @@ def sample(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint (model.pt or last.pt).", exists=True, dir_okay=False)],
     inputs: Annotated[list[Path], typer.Argument(help="Image files.", exists=True, dir_okay=False)],
     out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="Output folder.")],
-    steps: Annotated[int, typer.Option(min=MIN_STEPS, help="DDIM steps, 2 or more (one step of Algorithm 2 is "
-                                                           "at t = 1 and returns the noise).")] = 10,
+    steps: Annotated[int, typer.Option(
+        callback=check_steps,
+        help="DDIM steps, 2 or more (one step of Algorithm 2 is at t = 1 and returns the noise).")] = 10,
     model: Annotated[Model, typer.Option(help="derain (eps_A) or rain (eps_B).")] = Model.derain,
     seed: Annotated[int, typer.Option(help="Seed of x_T (numpy PCG64, same in every backend).")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Use the raw (non-EMA) estimator of a last.pt.")] = False,

@@ -94,6 +94,8 @@ def test_clear_errors_and_exit_codes(cli, tmp_path, random_checkpoint):
     assert r.exit_code == 2 and "1 <= min <= opt <= max" in _one_error_line(r)
     r = cli("build", tmp_path / "missing.pt")
     assert r.exit_code == 2  # typer: path does not exist
+    r = cli("build", random_checkpoint, "-o", tmp_path / "o", "--steps", "1")
+    assert r.exit_code == 2 and "got 1 (a single step of Algorithm 2" in " ".join(r.output.replace("│", " ").split())
     assert not (tmp_path / "o").exists()
 
     r = cli("--debug", "build", png)  # --debug: the exception (and its traceback) comes through

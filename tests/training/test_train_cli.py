@@ -67,6 +67,8 @@ def test_usage_errors_exit_2(tmp_path, image_dirs):
     assert res.exit_code == 2 and "scale 0.3" in res.output
     res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--val-rainy", str(rainy)])
     assert res.exit_code == 2 and "go together" in res.output
+    res = runner.invoke(app, ["sample", str(tmp_path / "no.pt"), str(rainy), "-o", str(tmp_path / "s"), "--steps", "1"])
+    assert res.exit_code == 2 and "got 1 (a single step" in " ".join(res.output.replace("│", " ").split())
     res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--val-steps", "1"])
     assert res.exit_code == 2 and "val_steps: steps must be an integer >= 2, got 1 (a single step" in res.output
     res = fit(clean, rainy, tmp_path / "r", ["--config", "tiny", "--gen-lr", "0"])
