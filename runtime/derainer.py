@@ -36,7 +36,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
 from runtime.manifest import Manifest
-from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, initial_noise, steps_error
+from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
 __all__ = ["Derainer", "default_artifact", "default_overlap", "pad_reflect", "to_float", "to_uint8"]
@@ -147,11 +147,11 @@ class Derainer:
             raise ArtifactError(f"{self._backend.artifact.name}: manifest schedule is invalid ({e})") from None
         self._schedule = DDIMSchedule(config)
         steps = manifest.default_steps if steps is None else steps
-        T = config.num_train_timesteps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not MIN_STEPS <= steps <= T:
-            raise UsageError(steps_error(steps, T))
+        try:  # the schedule checks S (an integer in MIN_STEPS..T; a bool is at most 1) and says why
+            self._schedule.set_timesteps(steps)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         self._steps = int(steps)
-        self._schedule.set_timesteps(self._steps)
         self._backend.set_schedule(self._schedule.timesteps, self._schedule.coefficients())
         self._seed = seed
 

@@ -390,6 +390,9 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     reporter.start(step, train.steps, {"params": n_params, "device": str(dev), "world_size": dist_info.world_size,
                                        "clean": len(clean), "rainy": len(rainy), "ntb": train.ntb})
 
+    def snapshot_due(step: int) -> bool:
+        return train.snapshot_every > 0 and step % train.snapshot_every == 0
+
     def save(step: int) -> tuple[Path, Path]:
         rngs = ddp.gather_objects(_rng_state(sampler, syn_gen, dev), dist_info)
         last, shipped = run_dir / "last.pt", run_dir / "model.pt"
@@ -405,7 +408,7 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
             save_checkpoint(last, full)
             stripped = strip_checkpoint(full)
             save_checkpoint(shipped, stripped)
-            if train.snapshot_every and step % train.snapshot_every == 0:
+            if snapshot_due(step):
                 save_checkpoint(run_dir / f"snap_{step:06d}.pt", stripped)
             reporter.checkpoint(last, step)
         ddp.barrier(dist_info)
@@ -457,8 +460,7 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                 reporter.validation(vrec)
                 t_last = time.perf_counter()  # keep validation time out of it/s
 
-            snapshot = train.snapshot_every > 0 and step % train.snapshot_every == 0
-            if step % train.ckpt_every == 0 or step == train.steps or snapshot:
+            if step % train.ckpt_every == 0 or step == train.steps or snapshot_due(step):
                 last, shipped = save(step)
                 saved_step = step
                 t_last = time.perf_counter()
