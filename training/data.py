@@ -27,7 +27,7 @@ from PIL import Image
 from runtime.errors import ImageError, InputError
 from runtime.io import iter_image_files, load_rgb
 
-__all__ = ["load_folder", "UnpairedSampler", "random_crop_flip"]
+__all__ = ["load_folder", "load_folders", "UnpairedSampler", "random_crop_flip"]
 
 
 def _fit_min_side(img: np.ndarray, min_side: int) -> np.ndarray:
@@ -52,6 +52,25 @@ def load_folder(folder: str | os.PathLike, *, min_side: int = 0) -> tuple[list[n
         paths.append(p)
     if not images:
         raise InputError(f"{folder}: no readable images (suffixes .png .jpg .jpeg .bmp .tif .webp ...)")
+    return images, paths
+
+
+def load_folders(folders: str | os.PathLike | list, *, min_side: int = 0) -> tuple[list[np.ndarray], list[Path]]:
+    """:func:`load_folder` over one folder or several (``rd-train fit --clean A --clean B``), in order.
+
+    A folder with no readable image is an error even when the others have some: a typo in one
+    path must not silently shrink the training set.
+    """
+    if isinstance(folders, (str, os.PathLike)):
+        folders = [folders]
+    images: list[np.ndarray] = []
+    paths: list[Path] = []
+    for folder in folders:
+        imgs, ps = load_folder(folder, min_side=min_side)
+        images += imgs
+        paths += ps
+    if not folders:
+        raise InputError("no image folder given")
     return images, paths
 
 

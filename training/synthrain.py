@@ -9,7 +9,16 @@ out = (1 - haze) * screen + haze * A (A = 0.95). Both brighten (the veil only da
 already above A), as real rain does (DESIGN.md's brightness confound).
 
 Used for tests, demos, paired evaluation sets made from clean photos, and, in training's
-``--ntb synthetic`` mode, as a weak prior for G_A (:func:`rain_batch`, the torch form).
+``--ntb synthetic`` / ``render`` modes, as the rainy half of the clean photos' pairs
+(:func:`rain_batch`, the torch form).
+
+:func:`rain_batch` has two styles. ``v1`` is the model above (one streak layer, light veil).
+``v2`` draws what heavy rain in the wild looks like: a light or a heavy regime per sample (half
+each), two or three streak layers per sample, each with its own angle around a common direction
+(multi-directional in the heavy regime), length, density and width (a wider, dimmer streak is a
+nearer, out-of-focus one: the depth blur), merged by a screen blend, and a veil whose strength
+and atmospheric light are drawn too (up to 0.45 in the heavy regime: rain accumulation and haze).
+docs/quality.md measures v2 against v1 with a fixed short training on both dev sets.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy.signal import fftconvolve
 
-__all__ = ["PARAM_RANGES", "sample_params", "streak_kernel", "render_rain", "rain_batch"]
+__all__ = ["PARAM_RANGES", "RAIN_STYLES", "sample_params", "streak_kernel", "render_rain", "rain_batch"]
 
 #: Uniform ranges the random parameters are drawn from.
 PARAM_RANGES: dict[str, tuple[float, float]] = {
@@ -33,6 +42,20 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
     "haze": (0.0, 0.12),  # veil strength
 }
 _MAX_KERNEL = 2 * math.ceil(PARAM_RANGES["length"][1] / 2 + 2) + 1
+
+#: The styles :func:`rain_batch` renders (see the module docstring).
+RAIN_STYLES = ("v1", "v2")
+
+#: v2's ranges per regime (light, heavy); each layer draws its own angle offset, length, width, density.
+_V2 = {
+    "light": {"layers": (2, 2), "spread": 4.0, "length": (8.0, 24.0), "width": (0.5, 1.4),
+              "density": (0.002, 0.008), "brightness": (0.45, 0.95), "haze": (0.0, 0.12)},
+    "heavy": {"layers": (2, 3), "spread": 12.0, "length": (16.0, 44.0), "width": (0.6, 2.0),
+              "density": (0.006, 0.022), "brightness": (0.55, 1.0), "haze": (0.08, 0.45)},
+}
+_V2_ANGLE = (-30.0, 30.0)
+_V2_LIGHT = (0.75, 1.0)  # atmospheric light of the veil
+_V2_MAX_KERNEL = 2 * math.ceil(_V2["heavy"]["length"][1] / 2 + 2) + 1
 
 
 def sample_params(rng: np.random.Generator) -> dict[str, float]:
@@ -83,13 +106,18 @@ def render_rain(clean_u8: np.ndarray, seed: int, **params: float) -> np.ndarray:
     return np.clip(np.round(out * 255.0), 0, 255).astype(np.uint8)
 
 
-def rain_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def rain_batch(x: torch.Tensor, generator: torch.Generator, style: str = "v1") -> torch.Tensor:
     """Torch batch form for the training loss: x [N, 3, H, W] in [-1, 1] -> rainy x, same range.
 
     Each sample gets its own parameters; all randomness comes from ``generator`` (a CPU
     torch.Generator whose state the checkpoint saves). One grouped convolution renders the
     whole batch (a few ms for 4 x 128 x 128 on CPU). No gradient flows through it.
+    ``style`` is one of :data:`RAIN_STYLES` (the module docstring).
     """
+    if style == "v2":
+        return _rain_batch_v2(x, generator)
+    if style != "v1":
+        raise ValueError(f"rain style must be one of {', '.join(RAIN_STYLES)}, got {style!r}")
     n, _, h, w = x.shape
     with torch.no_grad():
         u = torch.rand(n, len(PARAM_RANGES), generator=generator, dtype=torch.float64)
@@ -112,4 +140,51 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         img01 = (x.detach() + 1.0) * 0.5
         screen = 1.0 - (1.0 - img01) * (1.0 - streaks)
         out = (1.0 - haze.to(x.device, x.dtype)) * screen + haze.to(x.device, x.dtype) * 0.95
+        return (out * 2.0 - 1.0).clamp(-1.0, 1.0)
+
+
+def _uniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * u
+
+
+def _rain_batch_v2(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The ``v2`` style of :func:`rain_batch`: regimes, several streak layers, a drawn veil."""
+    n, _, h, w = x.shape
+    n_layers = max(r["layers"][1] for r in _V2.values())
+    with torch.no_grad():
+        heavy = torch.rand(n, generator=generator, dtype=torch.float64) < 0.5
+        u = torch.rand(n, 3, generator=generator, dtype=torch.float64)  # angle, haze, light
+        ul = torch.rand(n, n_layers, 5, generator=generator, dtype=torch.float64)  # per layer
+        kernels, density, bright = [], torch.zeros(n, n_layers), torch.zeros(n, n_layers)
+        haze = torch.zeros(n)
+        for i in range(n):
+            r = _V2["heavy" if bool(heavy[i]) else "light"]
+            base = float(_uniform(u[i, 0], *_V2_ANGLE))
+            haze[i] = float(_uniform(u[i, 1], *r["haze"]))
+            active = r["layers"][0] + int(ul[i, 0, 4] < 0.5) * (r["layers"][1] - r["layers"][0])
+            for j in range(n_layers):
+                angle = base + r["spread"] * float(2.0 * ul[i, j, 0] - 1.0)
+                length = float(_uniform(ul[i, j, 1], *r["length"]))
+                width = float(_uniform(ul[i, j, 2], *r["width"]))
+                kernels.append(streak_kernel(angle, length, width, size=_V2_MAX_KERNEL))
+                if j < active:
+                    density[i, j] = float(_uniform(ul[i, j, 3], *r["density"]))
+                    # A wide (near, out-of-focus) streak spreads its light: dimmer per pixel.
+                    bright[i, j] = float(_uniform(ul[i, j, 3], *r["brightness"])) * min(1.0, 0.8 / width)
+        light = _uniform(u[:, 2], *_V2_LIGHT).float()
+        seeds = torch.rand(n, n_layers, h, w, generator=generator)
+        amp = 0.3 + 0.7 * torch.rand(n, n_layers, h, w, generator=generator)
+        drops = (seeds < density[:, :, None, None]).float() * amp * bright[:, :, None, None]
+        k = torch.from_numpy(np.stack(kernels)).reshape(n, n_layers, _V2_MAX_KERNEL, _V2_MAX_KERNEL)
+        # Long kernels: convolve in the frequency domain (linear convolution, 'same' crop).
+        fh, fw = h + _V2_MAX_KERNEL - 1, w + _V2_MAX_KERNEL - 1
+        drops, k = drops.to(x.device), k.to(x.device)
+        spec = torch.fft.rfft2(drops, s=(fh, fw)) * torch.fft.rfft2(k, s=(fh, fw))
+        pad = _V2_MAX_KERNEL // 2
+        layers = torch.fft.irfft2(spec, s=(fh, fw))[..., pad:pad + h, pad:pad + w].clamp(0.0, 1.0)
+        streaks = (1.0 - torch.prod(1.0 - layers, dim=1, keepdim=True)).to(x.dtype)  # screen of the layers
+        img01 = (x.detach() + 1.0) * 0.5
+        screen = 1.0 - (1.0 - img01) * (1.0 - streaks)
+        hz = haze.to(x.device, x.dtype)[:, None, None, None]
+        out = (1.0 - hz) * screen + hz * light.to(x.device, x.dtype)[:, None, None, None]
         return (out * 2.0 - 1.0).clamp(-1.0, 1.0)

@@ -1,0 +1,125 @@
+"""A fixed short training of the predictor P alone on rendered pairs, scored on both dev sets.
+
+The renderer's yardstick (issue 16): a change to ``training.synthrain`` is kept only when this
+probe, run the same way with the old and the new style, scores better on ``dev/sirr`` **and**
+``dev/jorder_h``. P is the NTB's derain generator shape (a residual U-Net without attention, so
+it runs on whole frames), trained with L1 on (rain_batch(x), x) crops of the clean photos for a
+fixed wall-clock budget; the dev sets are never trained on.
+
+    python benchmarks/predictor_probe.py --style v1 --minutes 10 --threads 1 --json > v1.json
+    python benchmarks/predictor_probe.py --style v2 --minutes 10 --threads 1 --json > v2.json
+
+Two probes may run side by side with ``--threads 1`` each (the same machine, the same budget).
+Prints PSNR / SSIM / brightness-matched PSNR / change correlation (Y channel) of the input and of
+P per dev set. ``--save P.pt`` keeps the trained weights (a state dict), e.g. to warm-start a run.
+Skips with a clear message where ../shared/data is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DATA
+
+DEV_SETS = ("sirr", "jorder_h")
+
+
+def dev_pairs(name: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    from runtime.io import load_rgb
+
+    root = DATA / "dev" / name
+    names = sorted(p.name for p in (root / "rainy").iterdir() if (root / "clean" / p.name).is_file())
+    return [(n, load_rgb(root / "rainy" / n), load_rgb(root / "clean" / n)) for n in names]
+
+
+def score_set(fn, pairs) -> dict:
+    """Mean scores of the input and of ``fn(rainy) -> uint8`` over ``pairs``."""
+    from quality import score
+
+    rows = [{"input": score(r, r, c), "out": score(fn(r), r, c)} for _, r, c in pairs]
+    return {k: {m: statistics.fmean(row[k][m] for row in rows) for m in rows[0][k]} for k in ("input", "out")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--style", default="v1", help="rain_batch style (v1, v2)")
+    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
+    ap.add_argument("--crop", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--base", type=int, default=16, help="P's base channels")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save", type=Path, default=None, help="write P's state dict here")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    clean_dirs = [DATA / "unpaired" / "clean", DATA / "unpaired" / "clean_more"]
+    if not all(d.is_dir() for d in clean_dirs) or not (DATA / "dev" / "jorder_h").is_dir():
+        print(f"predictor_probe: skipped: clean photos or dev sets not found under {DATA}", file=sys.stderr)
+        return 0
+
+    import torch
+    import torch.nn.functional as F
+
+    from training.data import UnpairedSampler, load_folders
+    from training.diffusion import pad_to_multiple, to_tensor, to_uint8
+    from training.synthrain import rain_batch
+    from training.unet import UNet, UNetConfig
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    clean, _ = load_folders(clean_dirs, min_side=a.crop)
+    sampler = UnpairedSampler(clean, clean[:1], batch=a.batch, crop=a.crop, seed=a.seed)
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    cfg = UNetConfig(in_channels=3, base_channels=a.base, channel_mult=(1, 2, 2), groups=8, time_embedding=False,
+                     residual=True, attention_levels=())
+    P = UNet(cfg)
+    opt = torch.optim.Adam(P.parameters(), lr=a.lr)
+    t0, steps, losses = time.perf_counter(), 0, []
+    while time.perf_counter() - t0 < a.minutes * 60:
+        x, _ = sampler.next_batch()
+        y = rain_batch(x, gen, a.style)
+        loss = F.l1_loss(P(y), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        steps += 1
+        losses.append(float(loss))
+    train_s = time.perf_counter() - t0
+    if a.save:
+        torch.save(P.state_dict(), a.save)
+    P.eval()
+
+    @torch.no_grad()
+    def run(rainy: np.ndarray) -> np.ndarray:
+        xp, (h, w) = pad_to_multiple(to_tensor(rainy), cfg.size_multiple)
+        return to_uint8(P(xp)[..., :h, :w])
+
+    report = {"style": a.style, "minutes": a.minutes, "steps": steps, "train_s": round(train_s, 1),
+              "crop": a.crop, "batch": a.batch, "lr": a.lr, "base": a.base,
+              "params": sum(p.numel() for p in P.parameters()),
+              "final_l1": statistics.fmean(losses[-100:]) if losses else None,
+              "dev": {name: score_set(run, dev_pairs(name)) for name in DEV_SETS}}
+    if a.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"style {a.style}: {steps} steps in {train_s:.0f} s ({report['params']} params, batch {a.batch}, "
+          f"crop {a.crop}), final L1 {report['final_l1']:.4f}")
+    for name, d in report["dev"].items():
+        for k in ("input", "out"):
+            m = d[k]
+            print(f"  {name:9s} {k:6s} PSNR {m['psnr']:6.2f}  SSIM {m['ssim']:.4f}  matched {m['psnr_matched']:6.2f}  "
+                  f"corr {m['corr']:+.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
