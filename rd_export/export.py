@@ -25,14 +25,15 @@ from rd_export.precision import get_precision, onnx_name
 from rd_export.simplify import SIMPLIFY_DEFAULT, simplify_model
 from rd_export.verify import check_report, compare_to_torch
 from runtime import __version__ as toolkit_version
-from runtime.descriptor import ShapeProfile, StepDescriptor
+from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, UsageError
 from runtime.io import atomic_path
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
-__all__ = ["export_onnx", "export_estimator_onnx", "verify_onnx", "make_descriptor", "verification_size",
-           "extra_shapes", "name_nodes"]
+__all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
+           "native_profile", "native_tile", "prologue_name", "profile_shapes", "verification_size", "extra_shapes",
+           "name_nodes"]
 
 Progress = Callable[[str], None]
 
@@ -41,7 +42,8 @@ def _quiet(msg: str) -> None:
     pass
 
 
-def make_descriptor(size_multiple: int, profile: ShapeProfile | None = None, opset: int = 17) -> StepDescriptor:
+def make_descriptor(size_multiple: int, profile: ShapeProfile | None = None, opset: int = 17, *,
+                    cond_channels: int = 3) -> StepDescriptor:
     """The step descriptor; a profile that does not fit the model is a UsageError naming the sizes."""
     profile = profile or ShapeProfile()
     if opset < 17:
@@ -50,7 +52,24 @@ def make_descriptor(size_multiple: int, profile: ShapeProfile | None = None, ops
         profile.validate(size_multiple)
     except ValueError as e:
         raise UsageError(f"{e} (the model's size multiple is {size_multiple})") from None
-    return StepDescriptor(size_multiple=size_multiple, profile=profile, opset=opset)
+    return StepDescriptor(size_multiple=size_multiple, profile=profile, opset=opset, cond_channels=cond_channels)
+
+
+def native_profile(size_multiple: int, native: int) -> ShapeProfile:
+    """The default profile of an export: the runtime tiles every frame larger than the model's
+    native tile (its training crop), so an engine sees frames and tiles of at most ``native``,
+    batched (tiles of one frame go through together: batch 1..8, 4 at best). A user's larger
+    ``tile=`` needs an engine built with ``--max-size``."""
+    native = max(size_multiple, -(-native // size_multiple) * size_multiple)
+    lo = max(size_multiple, (native // 2 // size_multiple) * size_multiple)
+    return ShapeProfile(min_batch=1, opt_batch=4, max_batch=8, min_size=(lo, lo), opt_size=(native, native),
+                        max_size=(native, native))
+
+
+def prologue_name(artifact_name: str) -> str:
+    """``model.onnx`` -> ``model.prologue.onnx``; ``model.int8.onnx`` -> ``model.int8.prologue.onnx``."""
+    stem, dot, suffix = artifact_name.rpartition(".")
+    return f"{stem}.prologue.{suffix}" if dot else f"{artifact_name}.prologue"
 
 
 def verification_size(descriptor: StepDescriptor) -> tuple[int, int]:
@@ -63,6 +82,12 @@ def extra_shapes(descriptor: StepDescriptor) -> list[tuple[int, int, int]]:
     """One batch-2, non-square shape, so verification exercises every dynamic axis."""
     h, w = verification_size(descriptor)
     return [(2, h, w + descriptor.size_multiple)]
+
+
+def profile_shapes(descriptor: StepDescriptor) -> list[tuple[int, int, int]]:
+    """The profile's opt and max (batch, H, W) points, where they differ from the minimum."""
+    points = descriptor.profile.points()
+    return [points[k] for k in ("opt", "max") if points[k] != points["min"]]
 
 
 def name_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -90,7 +115,7 @@ def export_estimator_onnx(estimator, dest: str | os.PathLike, descriptor: StepDe
     m = descriptor.size_multiple
     h, w = max(m, verification_size(descriptor)[0]), max(m, verification_size(descriptor)[1])
     n = 1
-    args = (torch.zeros(n, descriptor.channels, h, w), torch.zeros(n, descriptor.channels, h, w),
+    args = (torch.zeros(n, descriptor.channels, h, w), torch.zeros(n, descriptor.cond_channels, h, w),
             torch.full((n,), 500.0), torch.tensor([[1.0, 0.5, 1.0, 0.0]] * n))
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
@@ -98,7 +123,12 @@ def export_estimator_onnx(estimator, dest: str | os.PathLike, descriptor: StepDe
         torch.onnx.export(FusedStep(estimator), args, buf, input_names=descriptor.input_names,
                           output_names=descriptor.output_names, dynamic_axes=descriptor.dynamic_axes(),
                           opset_version=descriptor.opset, dynamo=False, do_constant_folding=True)
-    model = name_nodes(onnx.load_from_string(buf.getvalue()))
+    return _finish(buf.getvalue(), dest, descriptor, simplify=simplify)
+
+
+def _finish(blob: bytes, dest: str | os.PathLike, descriptor, *, simplify: bool) -> Path:
+    """Name the nodes, simplify, check the graph and its signature, write ``dest``."""
+    model = name_nodes(onnx.load_from_string(blob))
     model.producer_name = "raindiffusion-edge rd_export"
     model.producer_version = toolkit_version
     if simplify:
@@ -111,12 +141,36 @@ def export_estimator_onnx(estimator, dest: str | os.PathLike, descriptor: StepDe
     return dest
 
 
+def export_prologue_onnx(prologue, dest: str | os.PathLike, descriptor: PrologueDescriptor, *,
+                         simplify: bool = SIMPLIFY_DEFAULT) -> Path:
+    """Trace the predict-and-refine ``Prologue`` (rainy -> cond = [y, P(y)]) to ``dest`` (not verified)."""
+    import torch
+
+    h, w = verification_size(descriptor)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(prologue.eval(), (torch.zeros(1, descriptor.channels, h, w),), buf,
+                          input_names=descriptor.input_names, output_names=descriptor.output_names,
+                          dynamic_axes=descriptor.dynamic_axes(), opset_version=descriptor.opset, dynamo=False,
+                          do_constant_folding=True)
+    return _finish(buf.getvalue(), dest, descriptor, simplify=simplify)
+
+
 def verify_onnx(onnx_path: str | os.PathLike, estimator, descriptor: StepDescriptor, *, steps: int = 10,
-                seed: int = 0, schedule_config=None, precision: str = "fp32") -> dict:
-    """Verify an ONNX step against the torch estimator; raises VerificationError, returns the numbers."""
+                seed: int = 0, schedule_config=None, precision: str = "fp32", prologue=None,
+                prologue_path: str | os.PathLike | None = None) -> dict:
+    """Verify an ONNX step (and its prologue) against the torch modules; raises VerificationError,
+    returns the numbers. Runs at the profile's minimum, plus its opt and max shapes
+    (:func:`profile_shapes`) so kernels chosen for large shapes are checked too."""
+    from rd_export.verify import OnnxPrologue
+
     spec = get_precision(precision)
+    candidate_pro = OnnxPrologue(prologue_path) if prologue_path is not None else None
     report = compare_to_torch(onnx_path, estimator, steps=steps, seed=seed, size=verification_size(descriptor),
-                              schedule_config=schedule_config, extra_shapes=extra_shapes(descriptor))
+                              schedule_config=schedule_config,
+                              extra_shapes=extra_shapes(descriptor) + profile_shapes(descriptor),
+                              prologue=prologue, prologue_candidate=candidate_pro)
     min_psnr = spec.min_psnr_db
     max_abs = spec.max_step_abs
     if spec.reference != "torch":  # e.g. FP16 checked straight against torch by `rd-export verify`
@@ -129,14 +183,17 @@ def _now() -> str:
 
 
 def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: str = "derain",
-                name: str = "model", steps: int = 10, profile: ShapeProfile | None = None, opset: int = 17,
+                name: str = "model", steps: int = 10,
+                profile: ShapeProfile | Callable[[ShapeProfile], ShapeProfile] | None = None, opset: int = 17,
                 seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet) -> Path:
     """Export the EMA estimator of ``checkpoint`` as ``out_dir/<name>.onnx`` + ``<name>.json``, verified.
 
+    ``profile``: the engine shape profile; None = :func:`native_profile` of the checkpoint's training
+    crop; a callable gets that native profile and returns the one to use (the CLI's size options).
     Raises CheckpointError (bad checkpoint), UsageError (bad profile / options),
     VerificationError (does not match torch: nothing is written).
     """
-    from training.checkpoint import build_estimator, load_checkpoint, model_configs
+    from training.checkpoint import build_estimator, build_prologue, load_checkpoint, model_configs
 
     if model not in ("derain", "rain"):
         raise UsageError(f"model must be 'derain' or 'rain', got {model!r}")
@@ -149,20 +206,38 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     schedule = model_configs(ckpt).schedule
     if steps > schedule.num_train_timesteps:
         raise UsageError(f"steps {steps} exceeds the schedule's T = {schedule.num_train_timesteps}")
-    descriptor = make_descriptor(estimator.size_multiple, profile, opset)
+    refines = estimator.config.refines
+    if refines and model != "derain":
+        raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
+                         "comes from G_A, which has no prologue graph yet)")
+    prologue = build_prologue(ckpt) if refines else None
+    native = native_tile(ckpt)
+    if profile is None or callable(profile):  # the native profile, or options applied on top of it
+        base = native_profile(estimator.size_multiple, native)
+        profile = base if profile is None else profile(base)
+    descriptor = make_descriptor(estimator.size_multiple, profile, opset,
+                                 cond_channels=estimator.config.cond_channels)
 
     out_dir = Path(out_dir)
     dest = out_dir / onnx_name(name, "fp32")
+    pro_dest = dest.with_name(prologue_name(dest.name)) if refines else None
     progress(f"exporting fused DDIM step ({model}, opset {opset}) -> {dest.name}")
-    with atomic_path(dest) as tmp:
+    with atomic_path(dest) as tmp, (atomic_path(pro_dest) if refines else contextlib.nullcontext()) as pro_tmp:
         export_estimator_onnx(estimator, tmp, descriptor, simplify=simplify)
+        if refines:
+            progress(f"exporting the prologue (y -> [y, P(y)]) -> {pro_dest.name}")
+            export_prologue_onnx(prologue, pro_tmp, descriptor.prologue(), simplify=simplify)
         h, w = verification_size(descriptor)
-        progress(f"verifying {dest.name} against torch ({steps} steps, {h}x{w})")
-        report = verify_onnx(tmp, estimator, descriptor, steps=steps, seed=seed, schedule_config=schedule)
+        progress(f"verifying {dest.name}{' and ' + pro_dest.name if refines else ''} against torch "
+                 f"({steps} steps, {h}x{w} and the profile's opt / max shapes)")
+        report = verify_onnx(tmp, estimator, descriptor, steps=steps, seed=seed, schedule_config=schedule,
+                             prologue=prologue, prologue_path=pro_tmp)
         import onnxruntime
         import torch
 
         report.update(provider="CPUExecutionProvider", onnxruntime=onnxruntime.__version__)
+        extra_pro = ({"prologue": {"artifact": pro_dest.name, "sha256": sha256_file(pro_tmp), "precision": "fp32",
+                                   "predictor_config": ckpt["config"]["ntb_unet"]}} if refines else {})
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),
             descriptor=descriptor.to_dict(),
@@ -177,10 +252,19 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                 "export": {"opset": opset, "simplified": bool(simplify), "exporter": "torch.onnx (dynamo=False)",
                            "torch": torch.__version__, "onnx": onnx.__version__},
                 "created": _now(),
+                "native_tile": native,
+                **extra_pro,
             },
         )
-    # the ONNX is in place and verified; the manifest makes it an artifact
+    # the ONNX files are in place and verified; the manifest makes them an artifact
     return manifest.publish(dest)
+
+
+def native_tile(ckpt: dict) -> int:
+    """The crop size the checkpoint was trained at: the model's native tile (the runtime tiles at
+    it; the estimator does not generalise far beyond it). 128 when the checkpoint does not say."""
+    crop = ((ckpt.get("config") or {}).get("train") or {}).get("crop", 128)
+    return int(crop) if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else 128
 
 
 def load_onnx_manifest(onnx_path: str | os.PathLike) -> Manifest:

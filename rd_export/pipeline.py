@@ -172,7 +172,7 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
 
         progress("stage 1/3 export: checkpoint -> FP32 ONNX")
         base = export_onnx(source, out, model=opts.model or "derain", name=opts.name, steps=opts.steps or 10,
-                           profile=opts.profile(), seed=opts.seed, simplify=opts.simplify, progress=progress)
+                           profile=opts.profile, seed=opts.seed, simplify=opts.simplify, progress=progress)
         result.artifacts.append(BuiltArtifact.from_path(base))
     else:
         from rd_export.export import load_onnx_manifest

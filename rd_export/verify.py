@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.descriptor import StepDescriptor
+from runtime.descriptor import PrologueDescriptor, StepDescriptor
 from runtime.errors import ArtifactError, VerificationError
-from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+from runtime.schedule import DDIMSchedule, ScheduleConfig, frame_noise, initial_noise, sample_loop
 
 __all__ = [
     "PSNR_CAP",
     "StepFn",
     "OnnxStep",
+    "OnnxPrologue",
     "psnr",
     "verification_cond",
     "sample",
@@ -49,28 +50,30 @@ StepFn = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 class OnnxStep:
     """The fused step as a numpy function through an onnxruntime session (CPU by default)."""
 
-    def __init__(self, path: str | os.PathLike, *, providers: Sequence[str] = ("CPUExecutionProvider",),
-                 threads: int | None = None) -> None:
-        import onnxruntime as ort
+    def __init__(self, path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None) -> None:
+        from runtime.backends.onnxruntime import make_session
 
-        from runtime.artifacts import check_external_data
-
-        check_external_data(path)  # refuse external-data paths that escape the model's folder
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=list(providers))
-        except Exception as e:
-            raise ArtifactError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from None
+        self.session = make_session(path, device=device, threads=threads, quiet=True)
         self.path = Path(path)
 
     def __call__(self, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray, coef: np.ndarray) -> np.ndarray:
         d = StepDescriptor
         feeds = {d.X: x_t, d.COND: cond, d.T: t, d.COEF: coef}
         return self.session.run([d.OUT], {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in feeds.items()})[0]
+
+
+class OnnxPrologue:
+    """The prologue graph (rainy y -> cond = [y, P(y)]) as a numpy function through onnxruntime."""
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None) -> None:
+        from runtime.backends.onnxruntime import make_session
+
+        self.session = make_session(path, threads=threads, quiet=True)
+        self.path = Path(path)
+
+    def __call__(self, rainy: np.ndarray) -> np.ndarray:
+        d = PrologueDescriptor
+        return self.session.run([d.OUT], {d.RAINY: np.ascontiguousarray(rainy, dtype=np.float32)})[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray, *, data_range: float = 2.0) -> float:
@@ -107,25 +110,23 @@ def verification_cond(batch: int, height: int, width: int, seed: int = 0) -> np.
 
 def sample(step: StepFn, cond: np.ndarray, *, steps: int, seed: int,
            schedule_config: ScheduleConfig | None = None, record: bool = False):
-    """Algorithm 2 (eta = 0) driven by ``step``: x_T = initial_noise(cond.shape, seed), S steps.
+    """Algorithm 2 (eta = 0) driven by ``step``: x_T = ``frame_noise`` (the runtime's draw), S steps.
 
-    ``cond`` must already be a multiple of the model's size multiple (the torch reference pads;
-    here padding would be the runtime's job). Returns x_0, or (x_0, trajectory) with the
-    per-step inputs when ``record``.
+    ``cond`` is the step's condition, already a multiple of the model's size multiple (the torch
+    reference pads; here padding would be the runtime's job). The loop is
+    :func:`runtime.schedule.sample_loop`. Returns x_0, or (x_0, trajectory) with the per-step
+    inputs when ``record``.
     """
     sched = DDIMSchedule(schedule_config or ScheduleConfig())
-    timesteps = sched.set_timesteps(steps)
-    coefs = sched.coefficients()
-    n = cond.shape[0]
-    x_t = initial_noise(tuple(cond.shape), seed)  # 1: x_T ~ N(0, I)
-    trajectory = []
-    for i, t in enumerate(timesteps):  # 2: for i = S..1
-        t_vec = np.full((n,), float(t), dtype=np.float32)
-        coef = np.repeat(coefs[i][None], n, axis=0)
-        if record:
-            trajectory.append({"x_t": x_t, "cond": cond, "t": t_vec, "coef": coef})
-        x_t = step(x_t, cond, t_vec, coef)  # 3-4: eps_hat, x0_hat, x_{tau_{i-1}} in one graph
-    return (x_t, trajectory) if record else x_t
+    sched.set_timesteps(steps)
+    n, _, h, w = cond.shape
+    trajectory: list[dict] = []
+
+    def on_step(i: int, x_t: np.ndarray, t: np.ndarray, coef: np.ndarray) -> None:
+        trajectory.append({"x_t": x_t, "cond": cond, "t": t, "coef": coef})
+
+    x_0 = sample_loop(step, frame_noise(n, h, w, seed), cond, sched, on_step=on_step if record else None)
+    return (x_0, trajectory) if record else x_0
 
 
 def step_points(steps: int) -> dict[str, int]:
@@ -165,13 +166,20 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
                      size: tuple[int, int] = (64, 64), batch: int = 1,
                      schedule_config: ScheduleConfig | None = None,
                      extra_shapes: Sequence[tuple[int, int, int]] = (),
-                     cond: np.ndarray | None = None, candidate: StepFn | None = None) -> dict:
+                     cond: np.ndarray | None = None, candidate: StepFn | None = None,
+                     prologue=None, prologue_candidate: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
     """Verify an ONNX step (or any ``candidate`` step) against the torch estimator.
 
     Reference: ``training.diffusion.ddim_sample(estimator, cond, steps=S, seed=seed,
     return_trajectory=True)``. Per-step errors use the reference trajectory's own inputs at
     high/middle/low t; ``extra_shapes`` ((batch, H, W), e.g. batch 2 non-square) get one
     middle-t step each on fresh noise. End to end: the same loop driven by the candidate.
+
+    Predict-and-refine: ``prologue`` is the torch prologue (y -> [y, P(y)]) and ``cond`` (or the
+    synthetic verification image) is the rainy y; the reference condition is the torch
+    prologue's. ``prologue_candidate`` (the exported prologue as a numpy function) is checked
+    against it at every shape (``prologue_max_abs``), and the end-to-end loop then runs on the
+    candidate's own condition: both exported graphs against both torch modules.
     """
     import torch
 
@@ -183,6 +191,22 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
         cond = verification_cond(batch, size[0], size[1], seed)
     cond = np.ascontiguousarray(cond, dtype=np.float32)
     estimator = estimator.eval()
+    pro_rows: list[dict] = []
+
+    def make_cond(rainy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(reference condition, candidate condition) of a rainy batch."""
+        if prologue is None:
+            return rainy, rainy
+        with torch.no_grad():
+            ref = prologue.eval()(torch.from_numpy(rainy)).numpy()
+        if prologue_candidate is None:
+            return ref, ref
+        got = prologue_candidate(rainy)
+        pro_rows.append({"shape": list(rainy.shape), "max_abs": _max_abs(got, ref)})
+        return ref, got
+
+    rainy = cond
+    cond, cand_cond = make_cond(rainy)
 
     def torch_step(x_t, c, t, coef):
         with torch.no_grad():
@@ -190,8 +214,9 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
                              torch.from_numpy(coef))
         return out.numpy()
 
-    ref_x0, traj = ddim_sample(estimator, torch.from_numpy(cond), steps=steps, seed=seed,
-                               schedule_config=schedule_config, return_trajectory=True)
+    ref_x0, traj = ddim_sample(estimator, torch.from_numpy(rainy), steps=steps, seed=seed,
+                               schedule_config=schedule_config, return_trajectory=True,
+                               prologue=None if prologue is None else prologue.eval())
     ref_x0 = ref_x0.numpy()
     # Reference outputs of the checked steps: the next trajectory entry's x_t (x_0 for the last).
     ref_out = {i: (traj[i + 1]["x_t"] if i + 1 < len(traj) else ref_x0) for i in step_points(steps).values()}
@@ -200,7 +225,7 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
     shape_rows = []
     mid_t_idx = step_points(steps)["middle"]
     for k, (b, h, w) in enumerate(extra_shapes):
-        c = verification_cond(b, h, w, seed + 1 + k)
+        c, _ = make_cond(verification_cond(b, h, w, seed + 1 + k))
         inp = {"x_t": initial_noise((b, 3, h, w), seed + 1 + k), "cond": c,
                "t": np.repeat(traj[mid_t_idx]["t"][:1], b), "coef": np.repeat(traj[mid_t_idx]["coef"][:1], b, axis=0)}
         got = step(inp["x_t"], inp["cond"], inp["t"], inp["coef"])
@@ -209,9 +234,9 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
         shape_rows.append({"shape": [b, 3, h, w], "t": int(inp["t"][0]),
                            "max_abs": _max_abs(got, want)})
 
-    x0 = sample(step, cond, steps=steps, seed=seed, schedule_config=schedule_config)
+    x0 = sample(step, cand_cond, steps=steps, seed=seed, schedule_config=schedule_config)
     finite &= _finite(x0)
-    return {
+    report = {
         "reference": "torch",
         "steps": steps,
         "seed": seed,
@@ -223,6 +248,10 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
         "x0_max_abs": _max_abs(x0, ref_x0),
         "finite": finite,
     }
+    if pro_rows:
+        report["prologue"] = pro_rows
+        report["prologue_max_abs"] = max(r["max_abs"] for r in pro_rows)
+    return report
 
 
 def compare_onnx(candidate: str | os.PathLike | StepFn, reference: str | os.PathLike | StepFn, *,
@@ -281,6 +310,8 @@ def check_report(report: dict, *, min_psnr_db: float, max_step_abs: float | None
         problems.append(f"end-to-end PSNR {p:.2f} dB < {min_psnr_db:g} dB vs {report['reference']}")
     if max_step_abs is not None and not (report["per_step_max_abs"] <= max_step_abs):
         problems.append(f"per-step max abs error {report['per_step_max_abs']:.3g} > {max_step_abs:g}")
+    if max_step_abs is not None and "prologue_max_abs" in report and not (report["prologue_max_abs"] <= max_step_abs):
+        problems.append(f"prologue max abs error {report['prologue_max_abs']:.3g} > {max_step_abs:g}")
     report["passed"] = not problems
     if problems:
         raise VerificationError(f"{what} failed verification: " + "; ".join(problems))

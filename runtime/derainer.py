@@ -27,6 +27,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,12 +148,17 @@ class Derainer:
             raise ArtifactError(f"{self._backend.artifact.name}: manifest schedule is invalid ({e})") from None
         self._schedule = DDIMSchedule(config)
         steps = manifest.default_steps if steps is None else steps
-        try:  # the schedule checks S (an integer in MIN_STEPS..T; a bool is at most 1) and says why
-            self._schedule.set_timesteps(steps)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
+        if (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps == 0
+                and self._backend.has_prologue):
+            pass  # the predictor's estimate P(y) alone: no DDIM step, no schedule
+        else:
+            try:  # the schedule checks S (an integer in MIN_STEPS..T; a bool is at most 1) and says why
+                self._schedule.set_timesteps(steps)
+            except ValueError as e:
+                extra = " (or 0: the predictor's estimate alone)" if self._backend.has_prologue else ""
+                raise UsageError(f"{e}{extra}") from None
+            self._backend.set_schedule(self._schedule.timesteps, self._schedule.coefficients())
         self._steps = int(steps)
-        self._backend.set_schedule(self._schedule.timesteps, self._schedule.coefficients())
         self._seed = seed
 
         m = self.size_multiple
@@ -166,14 +172,18 @@ class Derainer:
                 raise UsageError(f"tile {tile} is outside the engine's profile "
                                  f"{min(lim.min_size)}..{min(lim.max_size)}")
         self._tile = None if tile is None else int(tile)
+        native = self.native_tile
+        if self._tile is not None and native is not None and self._tile != native:
+            warnings.warn(f"tile {self._tile} differs from the model's native tile size {native} (its training "
+                          f"crop); quality outside the native size is not measured", UserWarning, stacklevel=3)
         if overlap is not None and (isinstance(overlap, bool) or not isinstance(overlap, (int, np.integer))
                                     or overlap < 0):
             raise UsageError(f"overlap must be a non-negative integer, got {overlap!r}")
         if self._tile is not None and overlap is not None and overlap >= self._tile:
             raise UsageError(f"overlap {overlap} must be smaller than tile {self._tile}")
-        # Without an explicit overlap: a quarter of the tile that will be used (the given tile, or
-        # the profile's max size, at which frames beyond the profile are tiled).
-        auto_tile = self._tile or min((lim or self._backend.descriptor.profile).max_size)
+        # Without an explicit overlap: a quarter of the tile that will be used (the given tile, the
+        # native tile, or the profile's max size, at which frames beyond the profile are tiled).
+        auto_tile = self._tile or native or min((lim or self._backend.descriptor.profile).max_size)
         self._overlap = default_overlap(auto_tile) if overlap is None else int(overlap)
         profile = lim if lim is not None else self._backend.descriptor.profile
         if batch is None:
@@ -211,7 +221,18 @@ class Derainer:
 
     @property
     def tile(self) -> int | None:
+        """The tile size given to the constructor (None: the native tile, or whole frames)."""
         return self._tile
+
+    @property
+    def native_tile(self) -> int | None:
+        """The model's native tile size (its training crop) from the manifest; None when not recorded.
+        Frames larger than it are tiled at it unless ``tile`` says otherwise."""
+        native = self.manifest.get("native_tile")
+        if isinstance(native, int) and not isinstance(native, bool) and native > 0:
+            m = self.size_multiple
+            return max(m, -(-native // m) * m)
+        return None
 
     @property
     def overlap(self) -> int:
@@ -261,9 +282,11 @@ class Derainer:
 
     # ------------------------------------------------------------------ arrays
     def sample(self, cond: np.ndarray) -> np.ndarray:
-        """The sampler on float arrays: cond [N, 3, H, W] float32 in [-1, 1] -> x_0 [N, 3, H, W] float32.
+        """The sampler on float arrays: rainy frames [N, 3, H, W] float32 in [-1, 1] -> x_0 [N, 3, H, W] float32.
 
-        x_0 is not clipped; ``derain`` quantises it. Any H, W (padded and cropped here).
+        x_0 is not clipped; ``derain`` quantises it. Any H, W (padded and cropped here). For a
+        predict-and-refine model the prologue turns the (padded) frames into the step's condition
+        [y, P(y)] first; with ``steps = 0`` the output is P(y).
         """
         if not isinstance(cond, np.ndarray) or cond.ndim != 4 or cond.shape[1] != 3:
             got = getattr(cond, "shape", type(cond).__name__)
@@ -296,6 +319,13 @@ class Derainer:
     def _tile_size(self, hp: int, wp: int) -> tuple[int, int] | None:
         if self._tile is not None:
             return (self._tile, self._tile)
+        native = self.native_tile
+        if native is not None:  # the model's own size: tile at it, whatever the engine's profile allows
+            if hp > native or wp > native:
+                if self._overlap >= native:
+                    raise UsageError(f"overlap {self._overlap} must be smaller than the native tile {native}")
+                return (native, native)
+            return None
         # An engine's profile bounds what it accepts; onnxruntime accepts any shape, but frames
         # beyond the manifest's profile are tiled too, which bounds memory (the lowest-level
         # self-attention is quadratic in the pixel count) and keeps time per pixel flat.
@@ -320,12 +350,30 @@ class Derainer:
             self._noise.move_to_end(key)
         return noise
 
+    def _set_condition(self, rainy: np.ndarray) -> None:
+        """The bound cond buffer from rainy frames: the prologue's [y, P(y)], or y itself."""
+        be = self._backend
+        if be.has_prologue:
+            be.set_rainy(rainy)
+            be.run_prologue()
+        else:
+            be.set_cond(rainy)
+
+    def _estimate(self, out: np.ndarray) -> None:
+        """P(y) of the bound frames (the output at zero steps) into ``out`` [N, 3, H, W]."""
+        be = self._backend
+        cond = be.get_cond()
+        np.copyto(out, cond[:, be.prologue_descriptor.estimate_channels])
+
     def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray) -> None:
         """Frames that fit the engine: bind once per shape, S steps in the backend, copy out."""
         be = self._backend
         n, _, hp, wp = cond_p.shape
         be.bind(n, hp, wp)
-        be.set_cond(cond_p)
+        self._set_condition(cond_p)
+        if self._steps == 0:
+            self._estimate(out)
+            return
         be.set_x(np.broadcast_to(noise, cond_p.shape))
         be.run()
         be.get_x(out)
@@ -346,16 +394,33 @@ class Derainer:
         shape = (b, 3, plan.tile_h, plan.tile_w)
         be.bind(b, plan.tile_h, plan.tile_w)
         tiles_in, tiles_out = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
-        cond_tiles = np.zeros(shape, np.float32)
-        if len(chunks) == 1:  # every tile in one batch: the condition is uploaded once
-            be.set_cond(blender.cut(cond_p, cond_tiles, chunks[0]))
+        rainy_tiles = np.zeros(shape, np.float32)
+        conds = None  # each chunk's condition on the host, when the chunks take turns on the engine
+        if be.has_prologue and (len(chunks) > 1 or self._steps == 0):
+            # The prologue runs once per tile; its [y, P(y)] tiles are kept for the steps.
+            conds = []
+            for chunk in chunks:
+                self._set_condition(blender.cut(cond_p, rainy_tiles, chunk))
+                conds.append(be.get_cond())
+        elif len(chunks) == 1:  # every tile in one batch: the condition is computed / uploaded once
+            self._set_condition(blender.cut(cond_p, rainy_tiles, chunks[0]))
+        if self._steps == 0:  # the blended estimate P(y) of every tile
+            canvas = np.zeros_like(noise)
+            est = be.prologue_descriptor.estimate_channels
+            for chunk, cond in zip(chunks, conds):
+                np.copyto(tiles_out, cond[:, est])
+                blender.accumulate(tiles_out, chunk, canvas)
+            return canvas
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
         for i in range(self._steps):
             acc.fill(0.0)
-            for chunk in chunks:
+            for k, chunk in enumerate(chunks):
                 if len(chunks) > 1:
-                    be.set_cond(blender.cut(cond_p, cond_tiles, chunk))
+                    if conds is not None:
+                        be.set_cond(conds[k])
+                    else:
+                        be.set_cond(blender.cut(cond_p, rainy_tiles, chunk))
                 be.set_x(blender.cut(canvas, tiles_in, chunk))
                 be.run_step(i)
                 be.get_x(tiles_out)

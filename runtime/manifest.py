@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.descriptor import StepDescriptor
-from runtime.errors import ManifestError
+from runtime.errors import ArtifactError, ManifestError
 from runtime.io import atomic_write_bytes
 from runtime.schedule import MIN_STEPS, steps_error
 
@@ -45,6 +45,8 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     "tensorrt": (dict,),  # {"version", "gpu_name", "compute_capability", "build_flags"}
     "calibration": (dict,),
     "created": (str,),
+    #: predict-and-refine models: the prologue graph beside the step, {"artifact", "sha256", ...}
+    "prologue": (dict,),
 }
 FORMATS = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -87,6 +89,16 @@ class Manifest:
     @property
     def default_steps(self) -> int:
         return int(self.schedule.get("default_steps", 10))
+
+    @property
+    def prologue(self) -> dict | None:
+        """The prologue entry ({"artifact": file name beside the step, "sha256", ...}) or None."""
+        return self.extra.get("prologue")
+
+    @property
+    def min_steps(self) -> int:
+        """The fewest steps this model runs: 0 with a prologue (its estimate alone), else MIN_STEPS."""
+        return 0 if self.prologue is not None else MIN_STEPS
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.extra.get(key, default)
@@ -147,8 +159,28 @@ class Manifest:
             self.save(manifest_path_for(artifact))
         except BaseException:
             artifact.unlink(missing_ok=True)
+            if self.prologue is not None:
+                artifact.with_name(self.prologue["artifact"]).unlink(missing_ok=True)
             raise
         return artifact
+
+    def prologue_path(self, artifact: str | os.PathLike) -> Path | None:
+        """The prologue file beside ``artifact`` (the step), hash-checked; None without a prologue.
+
+        Raises ArtifactError when it is missing and ManifestError when its hash does not match.
+        """
+        pro = self.prologue
+        if pro is None:
+            return None
+        path = Path(artifact).with_name(pro["artifact"])
+        if not path.is_file():
+            raise ArtifactError(f"{path}: the prologue graph of {Path(artifact).name} is missing (an artifact of a "
+                                f"predict-and-refine model is two files; copy both, and the manifest)")
+        actual = sha256_file(path)
+        if actual != pro["sha256"]:
+            raise ManifestError(f"{path}: sha256 {actual[:12]}... does not match its manifest "
+                                f"({pro['sha256'][:12]}...); the file was modified or belongs to another build")
+        return path
 
     def check_artifact_hash(self, artifact: str | os.PathLike) -> None:
         actual = sha256_file(artifact)
@@ -193,9 +225,25 @@ def validate(d: Any, *, where: str = "manifest") -> None:
     for key in ("size_multiple", "profile"):
         if key not in desc:
             raise ManifestError(f"{where}: field 'descriptor.{key}' is missing")
-    for key in ("size_multiple", "channels", "opset"):  # channels / opset are optional (defaults 3 / 17)
+    for key in ("size_multiple", "channels", "opset", "cond_channels"):  # all but size_multiple optional
         if key in desc and not (_is_int(desc[key]) and desc[key] >= 1):
             raise ManifestError(f"{where}: field 'descriptor.{key}' must be a positive integer, got {desc[key]!r}")
+    cond_channels = desc.get("cond_channels", 3)
+    if cond_channels not in (3, 6):
+        raise ManifestError(f"{where}: field 'descriptor.cond_channels' must be 3 (the rainy image) or 6 "
+                            f"([y, P(y)] from a prologue), got {cond_channels!r}")
+    pro = d.get("prologue")
+    if (cond_channels == 6) != (pro is not None):
+        raise ManifestError(f"{where}: a step with a {cond_channels}-channel condition "
+                            + ("needs a 'prologue' entry" if cond_channels == 6 else "takes no 'prologue'"))
+    if pro is not None:
+        part = pro.get("artifact")
+        if not isinstance(part, str) or not part or "/" in part or "\\" in part or part in (".", ".."):
+            raise ManifestError(f"{where}: field 'prologue.artifact' must be a plain file name, got {part!r}")
+        if part == d["artifact"]:
+            raise ManifestError(f"{where}: field 'prologue.artifact' names the step artifact itself")
+        if not (isinstance(pro.get("sha256"), str) and re.fullmatch(r"[0-9a-fA-F]{64}", pro["sha256"])):
+            raise ManifestError(f"{where}: field 'prologue.sha256' must be 64 hex characters")
     profile = desc["profile"]
     if not isinstance(profile, dict):
         raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")

@@ -23,11 +23,13 @@ With eta = 0 one step from t to t_next is affine in (x_t, eps_hat)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-__all__ = ["DDIMSchedule", "ScheduleConfig", "MIN_STEPS", "steps_error"]
+__all__ = ["DDIMSchedule", "ScheduleConfig", "MIN_STEPS", "steps_error", "sample_loop", "step_inputs"]
 
 #: The fewest DDIM steps Algorithm 2 can sample with (see the module docstring: S = 1 returns x_T).
 MIN_STEPS = 2
@@ -42,6 +44,8 @@ class ScheduleConfig:
     beta_end: float = 0.02
 
     def __post_init__(self) -> None:
+        if isinstance(self.num_train_timesteps, bool) or not isinstance(self.num_train_timesteps, (int, np.integer)):
+            raise ValueError(f"num_train_timesteps must be an integer, got {self.num_train_timesteps!r}")
         if self.num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
         if not 0.0 < self.beta_start <= self.beta_end < 1.0:
@@ -49,6 +53,23 @@ class ScheduleConfig:
                 f"betas must satisfy 0 < beta_start <= beta_end < 1, got "
                 f"{self.beta_start}..{self.beta_end}"
             )
+
+    def to_dict(self) -> dict:
+        """Plain data for checkpoints and manifests."""
+        return {"num_train_timesteps": int(self.num_train_timesteps), "beta_start": float(self.beta_start),
+                "beta_end": float(self.beta_end)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ScheduleConfig:
+        """The inverse of :meth:`to_dict`; other keys (a manifest's ``default_steps``) are ignored.
+        Raises ValueError (a missing key, a bad number) naming the problem."""
+        try:
+            return cls(num_train_timesteps=int(d["num_train_timesteps"]), beta_start=float(d["beta_start"]),
+                       beta_end=float(d["beta_end"]))
+        except KeyError as e:
+            raise ValueError(f"schedule is missing {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"schedule is invalid ({e})") from None
 
 
 def steps_error(steps: object, T: int | None = None) -> str:
@@ -135,10 +156,46 @@ class DDIMSchedule:
         return np.sqrt(ab) * x0 + np.sqrt(1.0 - ab) * noise
 
 
+def step_inputs(coefficients: np.ndarray, timesteps: np.ndarray, i: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fused step's ``t`` [n] and ``coef`` [n, 4] (float32) for step i of a batch of n."""
+    return (np.full((n,), float(timesteps[i]), dtype=np.float32),
+            np.repeat(np.asarray(coefficients, dtype=np.float32)[i][None], n, axis=0))
+
+
+def sample_loop(step: Callable[[Any, Any, np.ndarray, np.ndarray], Any], x_T: Any, cond: Any,
+                schedule: DDIMSchedule, *, on_step: Callable[[int, Any, np.ndarray, np.ndarray], None] | None = None):
+    """Algorithm 2 with eta = 0 over any fused-step callable: the one DDIM loop of the toolkit.
+
+    ``step(x_t, cond, t, coef) -> x_next`` is the exported graph's contract (torch, onnxruntime,
+    a backend: ``x_t`` and ``cond`` may be numpy arrays or torch tensors, ``t`` [N] and ``coef``
+    [N, 4] are always float32 numpy arrays). ``schedule`` must have its timesteps set.
+    ``on_step(i, x_t, t, coef)`` sees every step's inputs before it runs (calibration records
+    them). Returns x_0.
+    """
+    if schedule.timesteps is None:
+        raise RuntimeError("call schedule.set_timesteps(num_steps) before sample_loop()")
+    coefs = schedule.coefficients()
+    n = x_T.shape[0]
+    x_t = x_T  # 1: x_T ~ N(0, I)
+    for i in range(len(schedule.timesteps)):  # 2: for i = S, ..., 1
+        t_vec, coef = step_inputs(coefs, schedule.timesteps, i, n)
+        if on_step is not None:
+            on_step(i, x_t, t_vec, coef)
+        x_t = step(x_t, cond, t_vec, coef)  # 3-4: eps_hat, x0_hat and x_{tau_{i-1}} in one fused step
+    return x_t
+
+
 def initial_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     """x_T ~ N(0, I) from PCG64(seed): the same numbers in every backend (DESIGN.md)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     return rng.standard_normal(shape, dtype=np.float32)
 
 
-__all__.append("initial_noise")
+def frame_noise(batch: int, height: int, width: int, seed: int) -> np.ndarray:
+    """x_T of a batch: every frame gets ``initial_noise((1, 3, H, W), seed)``, so a frame's output
+    does not depend on the batch it is sampled in (the runtime, the torch reference and
+    verification all draw it this way). [batch, 3, H, W] float32, C-contiguous."""
+    return np.repeat(initial_noise((1, 3, height, width), seed), batch, axis=0)
+
+
+__all__ += ["initial_noise", "frame_noise"]

@@ -58,7 +58,9 @@ def sds_loss(estimator: nn.Module, g: torch.Tensor, alpha_bar: torch.Tensor,
     eps = torch.randn(g.shape).to(device=g.device, dtype=g.dtype)
     with torch.no_grad():
         z_t = q_sample(g.detach(), t, eps, alpha_bar)
-        eps_hat = estimator(z_t, torch.zeros_like(g), t.to(g.dtype))
+        cond_channels = getattr(getattr(estimator, "config", None), "cond_channels", g.shape[1])
+        no_cond = g.new_zeros((n, cond_channels, *g.shape[2:]))
+        eps_hat = estimator(z_t, no_cond, t.to(g.dtype))
         w = (1.0 - alpha_bar.to(g.device)[t.long()]).to(torch.float32)[:, None, None, None]
         grad = w * (eps_hat.float() - eps.float())
     return (grad.to(g.dtype) * g).sum() / g.numel(), grad.abs().mean()
@@ -139,11 +141,22 @@ class RainDiffusion(nn.Module):
 
         # 4-5: t ~ U{1..T}, eps ~ N(0, I) per term (drawn in the order of the terms), and the four
         # noise-prediction losses, each estimator called once on its two terms' batches.
+        # Predict-and-refine (cond_channels = 6, docs/ARCHITECTURE.md): every condition also carries
+        # its generator's translation, the estimate the estimator refines: [rainy, G_B(rainy)] for A,
+        # [clean, G_A(clean)] for B. The estimate is detached, so P = G_B is trained by its own terms
+        # only and P(y) stays a deraining on its own (the output at zero DDIM steps).
+        if self.configs.estimator.refines:
+            with torch.no_grad():
+                g_a_xpp, g_b_ypp = self.G_A(x_pp), self.G_B(y_pp)  # the two estimates not computed above
+            cond_A_x, cond_B_xp = torch.cat([c(x_p), x_pp.detach()], 1), torch.cat([c(x_pp), g_a_xpp], 1)
+            cond_B_y, cond_A_yp = torch.cat([c(y_p), y_pp.detach()], 1), torch.cat([c(y_pp), g_b_ypp], 1)
+        else:
+            cond_A_x, cond_B_xp, cond_B_y, cond_A_yp = c(x_p), c(x_pp), c(y_p), c(y_pp)
         ab = self.alpha_bar
-        d_A_x = (x, drop_condition(c(x_p), cond_drop), *noise_draw(x, ab))  # A: clean x | rainy x'
-        d_B_xp = (x_p, c(x_pp), *noise_draw(x_p, ab))  # B: rainy x'  | clean x''
-        d_B_y = (y, drop_condition(c(y_p), cond_drop), *noise_draw(y, ab))  # B: rainy y | clean y'
-        d_A_yp = (y_p, c(y_pp), *noise_draw(y_p, ab))  # A: clean y'  | rainy y''
+        d_A_x = (x, drop_condition(cond_A_x, cond_drop), *noise_draw(x, ab))  # A: clean x | rainy x'
+        d_B_xp = (x_p, cond_B_xp, *noise_draw(x_p, ab))  # B: rainy x'  | clean x''
+        d_B_y = (y, drop_condition(cond_B_y, cond_drop), *noise_draw(y, ab))  # B: rainy y | clean y'
+        d_A_yp = (y_p, cond_A_yp, *noise_draw(y_p, ab))  # A: clean y'  | rainy y''
         A_x, A_yp = self._pair_losses(self.eps_A, d_A_x, d_A_yp)
         B_xp, B_y = self._pair_losses(self.eps_B, d_B_xp, d_B_y)
         # 6: cycle consistency L_cyc = |x'' - x|_1 + |y'' - y|_1.

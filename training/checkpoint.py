@@ -24,11 +24,11 @@ from runtime import __version__ as toolkit_version
 from runtime.errors import CheckpointError
 from runtime.io import atomic_path
 from training.config import ModelConfigs
-from training.multiscale import EstimatorConfig, MultiScaleEstimator
+from training.multiscale import EstimatorConfig, MultiScaleEstimator, Prologue
 from training.unet import UNet, UNetConfig
 
 __all__ = ["FORMAT_VERSION", "save_checkpoint", "load_checkpoint", "strip_checkpoint", "build_estimator",
-           "build_generators", "model_configs", "check_state_dict"]
+           "build_generators", "build_prologue", "model_configs", "check_state_dict"]
 
 FORMAT_VERSION = 1
 _REQUIRED = ("format_version", "toolkit_version", "config", "state")
@@ -162,6 +162,18 @@ def build_estimator(ckpt: dict, model: str = "derain", ema: bool = True) -> Mult
     check_state_dict(net, state, key, _where(ckpt))
     net.load_state_dict(state)
     return net.eval()
+
+
+def build_prologue(ckpt: dict) -> Prologue | None:
+    """The predict-and-refine prologue (y -> [y, G_B(y)]) of a checkpoint whose derain estimator
+    refines, in eval mode; None for the paper's y-only condition."""
+    try:
+        cfg = EstimatorConfig.from_dict(ckpt["config"]["estimator"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{_where(ckpt)}: invalid config.estimator ({e.__class__.__name__}: {e})") from None
+    if not cfg.refines:
+        return None
+    return Prologue(build_generators(ckpt)[1]).eval()
 
 
 def build_generators(ckpt: dict) -> tuple[UNet, UNet]:

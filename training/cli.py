@@ -142,11 +142,17 @@ class RichReporter:
 
 @app.command()
 def fit(
-    clean: Annotated[Path, typer.Option(help="Folder of clean images (unpaired).", exists=True, file_okay=False)],
-    rainy: Annotated[Path, typer.Option(help="Folder of rainy images (unpaired).", exists=True, file_okay=False)],
+    clean: Annotated[list[Path], typer.Option(
+        help="Folder of clean images (unpaired); repeat the option for several folders.", exists=True,
+        file_okay=False)],
+    rainy: Annotated[list[Path], typer.Option(
+        help="Folder of rainy images (unpaired); repeat the option for several folders.", exists=True,
+        file_okay=False)],
     out: Annotated[Path, typer.Option(help="Run directory (metrics.jsonl, last.pt, model.pt, config.json).")],
     config: Annotated[Preset | None, typer.Option(
-        help="Model size: tiny (tests), small (default; shipped CPU model), base (GPU).")] = None,
+        help="Model: tiny (tests), small (default; the paper's y-only condition), edge (predict-and-refine: "
+             "P = an attention-free G_B plus a small refiner conditioned on [y, P(y)]; the shipped model), "
+             "base (GPU).")] = None,
     steps: Annotated[int | None, typer.Option(
         help="Total optimiser steps (a resumed run continues to this). [10000]")] = None,
     resume: Annotated[Path | None, typer.Option(help="Resume from a last.pt (same data order and RNG).",
@@ -162,6 +168,9 @@ def fit(
              "synthetic rain as a weak prior for G_A. render = documented deviation: the rain renderer "
              "replaces G_A on the clean branch (x' = synthrain(x)).")] = None,
     lambda_syn: Annotated[float | None, typer.Option(help="Weight of the synthetic-rain prior. [1.0]")] = None,
+    rain_style: Annotated[str | None, typer.Option(
+        help="Rendered rain of --ntb synthetic/render: v1 (one streak layer, light veil) or v2 (light and "
+             "heavy regimes, 2-3 streak layers, a drawn veil; docs/quality.md). [v1]")] = None,
     lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
     lambda_adv: Annotated[float | None, typer.Option(
         help="Weight of CycleGAN's LSGAN term: PatchGAN discriminators judge G_B(y) against clean photos "
@@ -185,8 +194,10 @@ def fit(
     scales: Annotated[str | None, typer.Option(
         help="Estimator scales, comma-separated (ablation): '1', '1,0.5', '1,0.5,0.25' (default).")] = None,
     prediction: Annotated[Prediction | None, typer.Option(
-        help="What the estimators predict: eps (the paper), v, or v_residual (v of x_0 - cond; documented "
-             "deviations, issue 8: an undertrained eps model's 10-step DDIM output is noise). [eps]")] = None,
+        help="What the estimators predict: eps (the paper), v, v_residual (v of x_0 - base) or x0_residual "
+             "(x_0 - base itself), base being the condition's estimate (y, or P(y) with --config edge); "
+             "documented deviations: an undertrained eps model's 10-step DDIM output is noise. "
+             "[eps; x0_residual for --config edge]")] = None,
     init: Annotated[Path | None, typer.Option(
         help="Warm-start a new run from this checkpoint's weights (model.pt or last.pt); step 0, fresh "
              "optimiser. Only --prediction may differ from the checkpoint's model.", exists=True,
@@ -223,7 +234,8 @@ def fit(
 
         overrides = {k: v for k, v in {
             "steps": steps, "batch": batch, "crop": crop, "lr": lr, "gen_lr": gen_lr, "seed": seed,
-            "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "lambda_cyc": lambda_cyc,
+            "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "rain_style": rain_style,
+            "lambda_cyc": lambda_cyc,
             "lambda_adv": lambda_adv, "lambda_idt": lambda_idt, "cond_drop": cond_drop, "lambda_sds": lambda_sds,
             "detach_cond": detach_cond, "ema_decay": ema_decay, "grad_clip": grad_clip, "ckpt_every": ckpt_every,
             "snapshot_every": snapshot_every, "val_every": val_every, "val_steps": val_steps, "val_size": val_size,
@@ -240,7 +252,7 @@ def fit(
             preset = (init_ckpt.get("config", {}).get("train") or {}).get("preset") if resume is None else None
         train = resolve_train_config(resume, overrides, preset)
         models = None
-        pred = prediction.value if prediction else "eps"
+        pred = prediction.value if prediction else None
         if init_ckpt is not None:
             from training.checkpoint import model_configs
 

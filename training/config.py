@@ -49,7 +49,8 @@ class NTBMode(str, Enum):
 
 class Preset(str, Enum):
     tiny = "tiny"  # tests: seconds on a CPU
-    small = "small"  # the shipped CPU-trainable model (~1.09M-param estimator U-Net)
+    small = "small"  # the y-only CPU-trainable model (~1.09M-param estimator U-Net)
+    edge = "edge"  # predict-and-refine: P (attention-free G_B) + a small refiner (the shipped model)
     base = "base"  # GPU-scale
 
 
@@ -69,6 +70,8 @@ class TrainConfig:
     lambda_cyc: float = 1.0
     ntb: str = NTBMode.synthetic.value
     lambda_syn: float = 1.0
+    #: training.synthrain.rain_batch style of the rendered rain (v1, v2).
+    rain_style: str = "v1"
     #: Detach the generator outputs used as diffusion conditions (the paper does not).
     detach_cond: bool = False
     #: Weight of CycleGAN's LSGAN term for the NTB (0 = off, the paper; training.gan).
@@ -122,6 +125,10 @@ class TrainConfig:
                              "model, which only condition dropout trains")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        from training.synthrain import RAIN_STYLES
+
+        if self.rain_style not in RAIN_STYLES:
+            raise UsageError(f"rain_style must be one of {', '.join(RAIN_STYLES)}, got {self.rain_style!r}")
         try:
             self.ntb = NTBMode(self.ntb).value
         except ValueError:
@@ -166,14 +173,23 @@ def schedule_from_dict(d: dict) -> ScheduleConfig:
                           beta_end=float(d["beta_end"]))
 
 
+#: (prediction, cond_channels) of each preset when not given.
+PRESET_DEFAULTS = {Preset.edge: ("x0_residual", 6)}
+
+
 def model_preset(name: str | Preset, *, scales: tuple[float, ...] | None = None,
-                 prediction: str = "eps") -> ModelConfigs:
+                 prediction: str | None = None, cond_channels: int | None = None) -> ModelConfigs:
     """The model shapes of a preset; ``scales`` overrides the estimator's scales (Table 5 ablation),
-    ``prediction`` what the estimator's maps predict (eps = the paper; v, v_residual: issue 8)."""
+    ``prediction`` what the estimator's maps predict (eps = the paper; v, v_residual, x0_residual),
+    ``cond_channels`` its condition (3: y, the paper; 6: [y, P(y)], predict-and-refine). Unset,
+    both take the preset's defaults (eps / 3, and x0_residual / 6 for ``edge``)."""
     try:
         name = Preset(name)
     except ValueError:
         raise UsageError(f"config must be one of {[p.value for p in Preset]}, got {name!r}") from None
+    default_prediction, default_cond = PRESET_DEFAULTS.get(name, ("eps", 3))
+    prediction = default_prediction if prediction is None else prediction
+    cond_channels = default_cond if cond_channels is None else int(cond_channels)
     if name is Preset.tiny:
         unet = UNetConfig(base_channels=8, channel_mult=(1, 2), groups=4)
         ntb = UNetConfig(in_channels=3, base_channels=8, channel_mult=(1, 2), groups=4, time_embedding=False,
@@ -184,14 +200,22 @@ def model_preset(name: str | Preset, *, scales: tuple[float, ...] | None = None,
         ntb = UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2, 2), groups=8, time_embedding=False,
                          residual=True)
         attn_hidden = 16
+    elif name is Preset.edge:
+        # P: the NTB generators without self-attention (fully convolutional: any frame size, a
+        # whole frame at --steps 0); the refiner: the small estimator at half the width.
+        unet = UNetConfig(base_channels=16, channel_mult=(1, 2, 2, 2))
+        ntb = UNetConfig(in_channels=3, base_channels=16, channel_mult=(1, 2, 2), groups=8, time_embedding=False,
+                         residual=True, attention_levels=())
+        attn_hidden = 16
     else:
         unet = UNetConfig(base_channels=64, channel_mult=(1, 2, 2, 4), num_res_blocks=2)
         ntb = UNetConfig(in_channels=3, base_channels=32, channel_mult=(1, 2, 2, 2), groups=8, time_embedding=False,
                          residual=True)
         attn_hidden = 32
+    unet.in_channels = 3 + cond_channels
     try:
         est = EstimatorConfig(unet=unet, scales=tuple(scales) if scales else (1.0, 0.5, 0.25),
-                              attn_hidden=attn_hidden, prediction=prediction)
+                              attn_hidden=attn_hidden, prediction=prediction, cond_channels=cond_channels)
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ModelConfigs(estimator=est, ntb_unet=ntb, schedule=ScheduleConfig())

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
-from training.multiscale import fused_step
+from runtime.schedule import DDIMSchedule, ScheduleConfig, frame_noise, sample_loop
+from training.multiscale import cond_base, fused_step
 
 __all__ = ["alpha_bar_tensor", "q_sample", "noise_loss", "noise_draw", "noise_errors", "ddim_sample",
            "pad_to_multiple", "to_tensor", "to_uint8"]
@@ -92,35 +92,50 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 
 @torch.no_grad()
 def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: int,
-                schedule_config: ScheduleConfig | None = None, return_trajectory: bool = False):
+                schedule_config: ScheduleConfig | None = None, return_trajectory: bool = False,
+                prologue: nn.Module | None = None):
     """Algorithm 2 with eta = 0: x_T ~ N(0, I), then S fused DDIM steps conditioned on ``cond``.
 
     ``cond`` is [N, 3, H, W] in [-1, 1], any H, W: it is reflect-padded (bottom/right) to the
-    estimator's size multiple, and x_0 is cropped back to H x W. The initial noise is
-    ``initial_noise((N, 3, Hp, Wp), seed)`` at the **padded** shape. Runs in float32.
+    estimator's size multiple, and x_0 is cropped back to H x W. With a ``prologue``
+    (predict-and-refine: :class:`training.multiscale.Prologue`) ``cond`` is the rainy image y and
+    the estimator's condition is ``prologue(padded y)`` = [y, P(y)], as the runtime computes it;
+    ``steps = 0`` then returns P(y) without any DDIM step. The initial noise is
+    ``runtime.schedule.frame_noise(N, Hp, Wp, seed)`` at the **padded** shape: the same draw for
+    every frame, so a frame's output does not depend on its batch (as in the runtime). Runs in float32; the loop is
+    :func:`runtime.schedule.sample_loop`, the same one every backend's reference uses.
 
     Returns x_0 (float32 tensor [N, 3, H, W], not clipped). With ``return_trajectory=True``
     returns ``(x_0, trajectory)`` where trajectory is a list of per-step dicts with the fused
-    step's inputs ``x_t``, ``t`` ([N] float32), ``coef`` ([N, 4] float32) and ``cond`` (padded),
-    all as float32 numpy arrays - what calibration and export parity tests feed an artifact.
+    step's inputs ``x_t``, ``t`` ([N] float32), ``coef`` ([N, 4] float32) and ``cond`` (padded,
+    the estimator's condition), all as float32 numpy arrays - what calibration and export parity
+    tests feed an artifact.
     """
-    sched = DDIMSchedule(schedule_config or ScheduleConfig())
-    timesteps = sched.set_timesteps(steps)
-    coefs = sched.coefficients()
+    if steps == 0 and prologue is None:
+        raise ValueError("steps = 0 needs a predict-and-refine model (its prologue's estimate is the output)")
     multiple = int(getattr(estimator, "size_multiple", 1))
     device = next(estimator.parameters()).device
     cond = cond.to(device=device, dtype=torch.float32)
     cond_p, (h, w) = pad_to_multiple(cond, multiple)
-    n = cond_p.shape[0]
-    x_t = torch.from_numpy(initial_noise(tuple(cond_p.shape), seed)).to(device)  # 1: x_T ~ N(0, I)
+    if prologue is not None:
+        cond_p = prologue(cond_p)
+    n, _, hp, wp = cond_p.shape
     trajectory = []
-    for i, t in enumerate(timesteps):  # 2: for i = S, ..., 1
-        t_vec = torch.full((n,), float(t), dtype=torch.float32, device=device)
-        coef = torch.from_numpy(np.repeat(coefs[i][None], n, axis=0)).to(device)
-        if return_trajectory:
-            trajectory.append({"x_t": x_t.cpu().numpy().copy(), "cond": cond_p.cpu().numpy(),
-                               "t": t_vec.cpu().numpy(), "coef": coef.cpu().numpy()})
-        x_t = fused_step(estimator, x_t, cond_p, t_vec, coef)  # 3-4: eps_hat, x0_hat, x_{tau_{i-1}}
+    if steps == 0:
+        x_t = cond_base(cond_p)
+    else:
+        sched = DDIMSchedule(schedule_config or ScheduleConfig())
+        sched.set_timesteps(steps)
+        cond_np = cond_p.cpu().numpy() if return_trajectory else None
+
+        def step(x_t: torch.Tensor, c: torch.Tensor, t: np.ndarray, coef: np.ndarray) -> torch.Tensor:
+            return fused_step(estimator, x_t, c, torch.from_numpy(t).to(device), torch.from_numpy(coef).to(device))
+
+        def record(i: int, x_t: torch.Tensor, t: np.ndarray, coef: np.ndarray) -> None:
+            trajectory.append({"x_t": x_t.cpu().numpy().copy(), "cond": cond_np, "t": t, "coef": coef})
+
+        x_T = torch.from_numpy(frame_noise(n, hp, wp, seed)).to(device)
+        x_t = sample_loop(step, x_T, cond_p, sched, on_step=record if return_trajectory else None)
     x_0 = x_t[..., :h, :w].contiguous()
     return (x_0, trajectory) if return_trajectory else x_0
 

@@ -12,9 +12,18 @@ What the fused maps predict is ``EstimatorConfig.prediction`` (issue 8):
 - ``v`` (documented deviation, Salimans & Ho 2022): the maps predict
   v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, and ``ToEps`` turns them into
   eps_hat = sqrt(ab_t) v_hat + sqrt(1 - ab_t) x_t.
-- ``v_residual`` (documented deviation): as ``v``, for the residual x_0 - cond, i.e.
-  v_hat = maps - sqrt(1 - ab_t) cond. At high t, where the sample is nearly pure noise, the
+- ``v_residual`` (documented deviation): as ``v``, for the residual x_0 - base, i.e.
+  v_hat = maps - sqrt(1 - ab_t) base. At high t, where the sample is nearly pure noise, the
   estimator's x_0 estimate starts from the condition instead of from nothing.
+- ``x0_residual`` (predict-and-refine, docs/ARCHITECTURE.md): the maps are x0_hat - base itself,
+  and eps_hat = (x_t - sqrt(ab_t) x0_hat) / sqrt(1 - ab_t). The U-Net's output convolution starts
+  at zero, so an untrained refiner returns x0_hat = base at every step, and the S-step DDIM loop
+  returns base exactly: refinement starts from the predictor's estimate and can only add what
+  it learned.
+
+``base`` is the last three channels of the condition: the rainy image y itself for the paper's
+3-channel condition, the predictor's estimate b = P(y) for the predict-and-refine condition
+[y, b] (``cond_channels = 6``).
 
 Either way the estimator **returns eps_hat**: the fused step, the exporter, the runtimes and the
 schedule's (a, b, c, d) encoding are the same for every kind. Only the training target differs
@@ -34,10 +43,14 @@ from torch import nn
 
 from training.unet import UNet, UNetConfig
 
-__all__ = ["EstimatorConfig", "FusedStep", "MultiScaleEstimator", "PREDICTIONS", "ToEps", "fused_step"]
+__all__ = ["COND_CHANNELS", "EstimatorConfig", "FusedStep", "MultiScaleEstimator", "PREDICTIONS", "Prologue", "ToEps",
+           "cond_base", "fused_step"]
 
 #: What the estimator's fused maps predict (see the module docstring).
-PREDICTIONS = ("eps", "v", "v_residual")
+PREDICTIONS = ("eps", "v", "v_residual", "x0_residual")
+
+#: Condition widths: the rainy image y (the paper), or [y, b] with b = P(y) (predict-and-refine).
+COND_CHANNELS = (3, 6)
 
 
 @dataclass
@@ -46,8 +59,12 @@ class EstimatorConfig:
     scales: tuple[float, ...] = (1.0, 0.5, 0.25)
     attn_hidden: int = 16
     prediction: str = "eps"
+    #: 3: cond = y (the paper); 6: cond = [y, b], b = P(y) the predictor's estimate.
+    cond_channels: int = 3
 
     def __post_init__(self) -> None:
+        if self.cond_channels not in COND_CHANNELS:
+            raise ValueError(f"cond_channels must be one of {COND_CHANNELS}, got {self.cond_channels!r}")
         if self.prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {', '.join(PREDICTIONS)}, got {self.prediction!r}")
         if isinstance(self.unet, dict):
@@ -61,8 +78,15 @@ class EstimatorConfig:
                 raise ValueError(f"scale {s} must be 1/2^k (1, 0.5, 0.25, ...)")
         if len(set(self.scales)) != len(self.scales):
             raise ValueError(f"scales must be distinct, got {self.scales}")
-        if self.unet.in_channels != 6 or self.unet.out_channels != 3 or not self.unet.time_embedding:
-            raise ValueError("the estimator's U-Net takes 6 channels (x_t, cond), outputs 3 and uses time")
+        if (self.unet.in_channels != 3 + self.cond_channels or self.unet.out_channels != 3
+                or not self.unet.time_embedding):
+            raise ValueError(f"the estimator's U-Net takes {3 + self.cond_channels} channels (x_t, cond), "
+                             f"outputs 3 and uses time")
+
+    @property
+    def refines(self) -> bool:
+        """True for the predict-and-refine condition [y, b]."""
+        return self.cond_channels == 6
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -81,11 +105,17 @@ class EstimatorConfig:
     @classmethod
     def from_dict(cls, d: dict) -> EstimatorConfig:
         return cls(unet=UNetConfig.from_dict(d["unet"]), scales=tuple(d["scales"]),
-                   attn_hidden=int(d.get("attn_hidden", 16)), prediction=str(d.get("prediction", "eps")))
+                   attn_hidden=int(d.get("attn_hidden", 16)), prediction=str(d.get("prediction", "eps")),
+                   cond_channels=int(d.get("cond_channels", 3)))
+
+
+def cond_base(cond: torch.Tensor) -> torch.Tensor:
+    """What the residual kinds are residuals of: the condition's last three channels (y, or b = P(y))."""
+    return cond[:, -3:]
 
 
 class ToEps(nn.Module):
-    """v or v_residual maps -> eps_hat, with sqrt(ab_t) and sqrt(1 - ab_t) gathered from runtime's table.
+    """v, v_residual or x0_residual maps -> eps_hat, with sqrt(ab_t) and sqrt(1 - ab_t) from runtime's table.
 
     Its own module so the exported nodes are scoped ``/estimator/to_eps/...``: the FP16 export keeps
     them FP32 (with the DDIM update they form a cancellation a * x_t - b * eps_hat with a, b ~ 156
@@ -96,7 +126,7 @@ class ToEps(nn.Module):
         super().__init__()
         from runtime.schedule import DDIMSchedule, ScheduleConfig
 
-        self.residual = prediction == "v_residual"
+        self.prediction = prediction
         ab = torch.from_numpy(DDIMSchedule(schedule or ScheduleConfig()).alpha_bar.copy())
         self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
         self.register_buffer("sqrt_1m_ab", (1.0 - ab).sqrt().float(), persistent=False)
@@ -109,13 +139,17 @@ class ToEps(nn.Module):
 
     def forward(self, raw: torch.Tensor, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         s, r = self._tables(t, raw)
-        v = raw - r * cond if self.residual else raw
+        if self.prediction == "x0_residual":
+            return (x_t - s * (raw + cond_base(cond))) / r  # t >= 1, so r >= sqrt(beta_1) > 0
+        v = raw - r * cond_base(cond) if self.prediction == "v_residual" else raw
         return s * v + r * x_t
 
     def target(self, x_0: torch.Tensor, eps: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """What ``raw`` should be for this (x_0, eps, cond, t)."""
+        if self.prediction == "x0_residual":
+            return x_0 - cond_base(cond)
         s, r = self._tables(t, x_0)
-        return s * eps - r * (x_0 - cond if self.residual else x_0)
+        return s * eps - r * (x_0 - cond_base(cond) if self.prediction == "v_residual" else x_0)
 
 
 class MultiScaleEstimator(nn.Module):
@@ -133,7 +167,7 @@ class MultiScaleEstimator(nn.Module):
         # Attention head (Eq. 14): cond + K noise maps -> K logits per pixel.
         self.attn_head = (
             nn.Sequential(
-                nn.Conv2d(3 + 3 * k, config.attn_hidden, 3, padding=1),
+                nn.Conv2d(config.cond_channels + 3 * k, config.attn_hidden, 3, padding=1),
                 nn.SiLU(),
                 nn.Conv2d(config.attn_hidden, config.attn_hidden, 3, padding=1),
                 nn.SiLU(),
@@ -218,3 +252,19 @@ class FusedStep(nn.Module):
 
     def forward(self, x_t: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
         return fused_step(self.estimator, x_t, cond, t, coef)
+
+
+class Prologue(nn.Module):
+    """The predict-and-refine prologue graph: rainy y -> cond = [y, P(y)] (once per frame).
+
+    ``predictor`` is the NTB's derain generator G_B. The refiner (the derain estimator with
+    ``cond_channels = 6``) reads this condition at every DDIM step; with zero steps the output
+    is its last three channels, P(y).
+    """
+
+    def __init__(self, predictor: nn.Module) -> None:
+        super().__init__()
+        self.predictor = predictor
+
+    def forward(self, rainy: torch.Tensor) -> torch.Tensor:
+        return torch.cat([rainy, self.predictor(rainy)], dim=1)

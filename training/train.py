@@ -37,9 +37,10 @@ from training import ddp
 from training.algorithm import RainDiffusion, algorithm1_step
 from training.checkpoint import check_state_dict, load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
 from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
-from training.data import UnpairedSampler, load_folder
+from training.data import UnpairedSampler, load_folders
 from training.diffusion import ddim_sample, to_tensor, to_uint8
 from training.gan import Discriminators
+from training.multiscale import Prologue
 from training.synthrain import rain_batch
 
 __all__ = ["EMA", "Reporter", "FitResult", "fit", "resolve_train_config", "validate", "load_val_pairs"]
@@ -196,12 +197,14 @@ def load_val_pairs(rainy_dir: Path, clean_dir: Path, *, size: int, max_images: i
 
 
 @torch.no_grad()
-def validate(estimator: nn.Module, pairs: list[tuple], *, steps: int, seed: int, schedule) -> dict:
+def validate(estimator: nn.Module, pairs: list[tuple], *, steps: int, seed: int, schedule,
+             prologue: nn.Module | None = None) -> dict:
     """Mean Y PSNR / SSIM of the DDIM output vs clean, next to the rainy input's (raw and
-    brightness-matched, DESIGN.md)."""
+    brightness-matched, docs/ARCHITECTURE.md). ``prologue``: the predict-and-refine condition."""
     out = {"psnr": [], "ssim": [], "psnr_in": [], "ssim_in": [], "psnr_in_shift": []}
     for i, (_, rainy, clean) in enumerate(pairs):
-        x0 = ddim_sample(estimator, to_tensor(rainy), steps=steps, seed=seed + i, schedule_config=schedule)
+        x0 = ddim_sample(estimator, to_tensor(rainy), steps=steps, seed=seed + i, schedule_config=schedule,
+                         prologue=prologue)
         pred = to_uint8(x0)
         out["psnr"].append(psnr_y(pred, clean))
         out["ssim"].append(ssim_y(pred, clean))
@@ -290,11 +293,14 @@ def split_param_groups(state: dict, sizes: list[int]) -> dict:
     return {**state, "param_groups": groups}
 
 
-def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, models: ModelConfigs | None = None,
+def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Path, *, train: TrainConfig,
+        models: ModelConfigs | None = None,
         resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
         val_clean: Path | None = None, reporter: Reporter | None = None,
         init: Path | dict | None = None) -> FitResult:
     """Train RainDiffusion (Algorithm 1) until ``train.steps``; resumable from ``last.pt``.
+
+    ``clean_dir`` and ``rainy_dir`` are a folder or a list of folders each.
 
     ``init`` warm-starts a new run (step 0, fresh optimiser) from a checkpoint's weights (a
     model.pt or last.pt, as a path or as the dict ``load_checkpoint`` returned; EMA estimators
@@ -327,8 +333,8 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
     random.seed(seed)
     syn_gen = torch.Generator().manual_seed(seed + 1)
 
-    clean, _ = load_folder(clean_dir, min_side=train.crop)
-    rainy, _ = load_folder(rainy_dir, min_side=train.crop)
+    clean, _ = load_folders(clean_dir, min_side=train.crop)
+    rainy, _ = load_folders(rainy_dir, min_side=train.crop)
     sampler = UnpairedSampler(clean, rainy, batch=train.batch, crop=train.crop, seed=train.seed,
                               rank=dist_info.rank)
     val_pairs = (load_val_pairs(val_rainy, val_clean, size=train.val_size, max_images=train.val_max_images)
@@ -425,7 +431,7 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
         while step < train.steps:
             x, y = sampler.next_batch()  # 2: x ~ clean, y ~ rainy (unpaired)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
-            x_syn = rain_batch(x, syn_gen) if synthetic else None  # rendered on dev
+            x_syn = rain_batch(x, syn_gen, train.rain_style) if synthetic else None  # rendered on dev
             terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
                                     lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
                                     grad_clip=train.grad_clip, autocast_dtype=autocast_dtype,
@@ -452,7 +458,10 @@ def fit(clean_dir: Path, rainy_dir: Path, run_dir: Path, *, train: TrainConfig, 
                     reporter.log(record)
 
             if val_pairs is not None and (step % train.val_every == 0 or step == train.steps):
-                v = validate(ema.ema_A, val_pairs, steps=train.val_steps, seed=train.seed, schedule=models.schedule)
+                prologue = Prologue(model.G_B).eval() if models.estimator.refines else None
+                v = validate(ema.ema_A, val_pairs, steps=train.val_steps, seed=train.seed, schedule=models.schedule,
+                             prologue=prologue)
+                model.train()
                 vrec = {"kind": "val", "step": step, **{k: round(val, 4) for k, val in v.items()},
                         "images": len(val_pairs), "ddim_steps": train.val_steps, "size": train.val_size}
                 records.append(vrec)

@@ -5,7 +5,9 @@ A backend runs the exported **fused DDIM step** (``runtime.descriptor``) and not
     backend = open_backend("model.onnx")            # manifest validated first
     backend.bind(batch, height, width)              # buffers allocated once per shape
     backend.set_schedule(timesteps, coefficients)   # per-step t / coef prepared once per (S, batch)
-    backend.set_cond(cond)                          # [N, 3, H, W] float32 in [-1, 1]
+    backend.set_cond(cond)                          # [N, C, H, W] float32 in [-1, 1]
+    # or, for a predict-and-refine model (a prologue graph beside the step):
+    backend.set_rainy(y); backend.run_prologue()    # cond = [y, P(y)] computed into the bound cond buffer
     backend.set_x(x_T)                              # [N, 3, H, W] float32
     backend.run()                                   # S steps in place (or run_step(i) one at a time)
     x_0 = backend.get_x(out)                        # copy out, into ``out`` when given
@@ -27,7 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from runtime.descriptor import ShapeProfile, StepDescriptor
+from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, EngineMismatchError, ManifestError, UsageError
 from runtime.manifest import Manifest, manifest_path_for
 
@@ -81,6 +83,9 @@ class Backend(abc.ABC):
         self.artifact = Path(artifact)
         self.manifest = manifest
         self.descriptor: StepDescriptor = manifest.step_descriptor
+        #: the prologue's contract for a predict-and-refine model, else None
+        self.prologue_descriptor: PrologueDescriptor | None = (
+            self.descriptor.prologue() if manifest.prologue is not None else None)
         self._shape: tuple[int, int, int] | None = None  # (batch, height, width)
         self._timesteps: np.ndarray | None = None  # [S] int64, descending
         self._coefficients: np.ndarray | None = None  # [S, 4] float32
@@ -158,9 +163,33 @@ class Backend(abc.ABC):
         if self._shape is not None:
             self._prepare_tables()
 
+    @property
+    def has_prologue(self) -> bool:
+        return self.prologue_descriptor is not None
+
     def set_cond(self, cond: np.ndarray) -> None:
-        """Copy the condition ([N, 3, H, W] float32) into the bound cond buffer."""
-        self._write_cond(self._checked(cond, "cond"))
+        """Copy the condition ([N, C, H, W] float32) into the bound cond buffer."""
+        self._write_cond(self._checked(cond, "cond", self._cond_shape()))
+
+    def set_rainy(self, rainy: np.ndarray) -> None:
+        """Copy the rainy frames ([N, 3, H, W] float32) into the prologue's input buffer."""
+        self._require_prologue()
+        self._write_rainy(self._checked(rainy, "rainy"))
+
+    def run_prologue(self) -> None:
+        """The prologue graph: the rainy buffer -> the bound cond buffer ([y, P(y)]), in place."""
+        self._require_prologue()
+        self._prologue()
+
+    def get_cond(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The bound condition, copied into ``out`` ([N, C, H, W] float32) or a new array."""
+        self._check_bound()
+        if out is None:
+            out = np.empty(self._cond_shape(), dtype=np.float32)
+        else:
+            self._checked(out, "out", self._cond_shape(), writable=True)
+        self._read_cond(out)
+        return out
 
     def set_x(self, x: np.ndarray) -> None:
         """Copy the sample into x buffer 0 and make it current."""
@@ -213,9 +242,15 @@ class Backend(abc.ABC):
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _full_shape(self) -> tuple[int, int, int, int]:
+        """Shape of the x buffers (and of the prologue's rainy input)."""
         assert self._shape is not None
         n, h, w = self._shape
         return (n, self.descriptor.channels, h, w)
+
+    def _cond_shape(self) -> tuple[int, int, int, int]:
+        assert self._shape is not None
+        n, h, w = self._shape
+        return (n, self.descriptor.cond_channels, h, w)
 
     def _step_tables(self) -> tuple[np.ndarray, np.ndarray]:
         """t [S, N] and coef [S, N, 4] float32, C-contiguous: row i is step i's input."""
@@ -233,9 +268,10 @@ class Backend(abc.ABC):
         self._upload_tables(*self._step_tables())
         self._tables_key = key
 
-    def _checked(self, arr: np.ndarray, name: str, *, writable: bool = False) -> np.ndarray:
+    def _checked(self, arr: np.ndarray, name: str, want: tuple[int, ...] | None = None, *,
+                 writable: bool = False) -> np.ndarray:
         self._check_bound()
-        want = self._full_shape()
+        want = want or self._full_shape()
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != want:
             got = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
             raise UsageError(f"{name} must be a float32 array of shape {want} (the bound shape), got {got}")
@@ -251,6 +287,11 @@ class Backend(abc.ABC):
         self._check_open()
         if self._shape is None:
             raise UsageError("call bind(batch, height, width) first")
+
+    def _require_prologue(self) -> None:
+        self._check_bound()
+        if self.prologue_descriptor is None:
+            raise UsageError(f"{self.artifact.name} has no prologue: its condition is the rainy image (set_cond)")
 
     def _require_ready(self) -> None:
         self._check_bound()
@@ -284,6 +325,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _step(self, i: int) -> None:
         """Run step i reading x[self._cur], writing x[1 - self._cur] (the caller swaps)."""
+
+    # A backend that runs predict-and-refine artifacts overrides these three; the base refuses.
+    def _write_rainy(self, rainy: np.ndarray) -> None:
+        """Copy into the prologue's input buffer (allocated by ``_allocate`` with a prologue)."""
+        raise ArtifactError(f"the {self.name} backend cannot run the prologue graph of {self.artifact.name}")
+
+    def _prologue(self) -> None:
+        """Run the prologue graph from the rainy buffer into the cond buffer."""
+        raise ArtifactError(f"the {self.name} backend cannot run the prologue graph of {self.artifact.name}")
+
+    def _read_cond(self, out: np.ndarray) -> None:
+        """Copy the cond buffer into ``out``."""
+        raise ArtifactError(f"the {self.name} backend cannot read back the condition of {self.artifact.name}")
 
     def _release_engine(self) -> None:  # noqa: B027 - optional hook
         """Free the session / engine / stream (called once by close())."""

@@ -27,7 +27,7 @@ from runtime.backends.base import Backend, load_manifest, parse_device
 from runtime.errors import ArtifactError, DependencyError, UsageError
 from runtime.manifest import Manifest
 
-__all__ = ["OnnxRuntimeBackend"]
+__all__ = ["OnnxRuntimeBackend", "make_session", "providers_for"]
 
 
 def _import_onnxruntime() -> Any:
@@ -35,6 +35,52 @@ def _import_onnxruntime() -> Any:
         return importlib.import_module("onnxruntime")
     except ImportError:
         raise DependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+
+
+def providers_for(device: str = "cpu") -> list:
+    """onnxruntime execution providers for ``device`` ("cpu", "cuda", "cuda:N"); DependencyError
+    when CUDA is asked for and onnxruntime-gpu's provider is not available."""
+    kind, index = parse_device(device)
+    if kind == "cpu":
+        return ["CPUExecutionProvider"]
+    ort = _import_onnxruntime()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise DependencyError(
+            "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available): "
+            "pip install 'raindiffusion-edge[gpu]'"
+        )
+    return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+                 optimization: str = "all", quiet: bool = False) -> Any:
+    """The one way the toolkit opens an onnxruntime session (runtime, verification, calibration).
+
+    ``optimization``: "all" (ORT_ENABLE_ALL, the runtime's) or "basic" / "disabled" (what
+    quantisation tools want to see: the graph as written). ``threads``: intra-op threads (and
+    one inter-op thread), None = onnxruntime's default. External-data paths are checked before
+    onnxruntime opens the file; a file onnxruntime cannot load is an ArtifactError.
+    """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be a positive integer, got {threads!r}")
+    levels = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
+    if optimization not in levels:
+        raise UsageError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
+    ort = _import_onnxruntime()
+    check_external_data(path)  # before onnxruntime opens any external-data file
+    options = ort.SessionOptions()
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    if quiet:
+        options.log_severity_level = 3
+    providers = providers_for(device)
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:  # onnxruntime raises its own pybind exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ArtifactError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {first})") from None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -45,36 +91,24 @@ class OnnxRuntimeBackend(Backend):
     def __init__(self, artifact: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
                  manifest: Manifest | None = None) -> None:
         kind, index = parse_device(device)
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
             raise UsageError(f"threads must be a positive integer, got {threads!r}")
         manifest = manifest if manifest is not None else load_manifest(artifact, "onnx")
         super().__init__(artifact, manifest)
-        check_external_data(self.artifact)  # before onnxruntime opens any external-data file
-        ort = _import_onnxruntime()
-        self._ort = ort
+        prologue_path = manifest.prologue_path(self.artifact)  # hash-checked, before any session opens
+        self._ort = _import_onnxruntime()
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self._ort_device = ("cpu", 0) if kind == "cpu" else ("cuda", index)
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if kind == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise DependencyError(
-                    "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available): "
-                    "pip install 'raindiffusion-edge[gpu]'"
-                )
-            providers: list = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-        else:
-            providers = ["CPUExecutionProvider"]
-        try:
-            self._session = ort.InferenceSession(str(self.artifact), options, providers=providers)
-        except Exception as e:  # onnxruntime raises its own pybind exception types
-            raise ArtifactError(f"{self.artifact}: onnxruntime cannot load it ({type(e).__name__}: {e})") from None
-        self._check_io()
+        self._session = make_session(self.artifact, device=self.device, threads=threads)
+        self._check_io(self._session, self.artifact, self.descriptor, "fused step")
         self._io = self._session.io_binding()
+        self._pro_session = self._pio = None
+        if prologue_path is not None:
+            self._pro_session = make_session(prologue_path, device=self.device, threads=threads)
+            self._check_io(self._pro_session, prologue_path, self.prologue_descriptor, "prologue")
+            self._pio = self._pro_session.io_binding()
+        self._rainy: Any = None
+        self._rainy_ov: Any = None
         self._x: list[Any] = []  # numpy arrays (CPU) backing the x OrtValues
         self._x_ov: list[Any] = []
         self._cond: Any = None
@@ -87,13 +121,14 @@ class OnnxRuntimeBackend(Backend):
     def providers(self) -> list[str]:
         return list(self._session.get_providers())
 
-    def _check_io(self) -> None:
-        got_in = [i.name for i in self._session.get_inputs()]
-        got_out = [o.name for o in self._session.get_outputs()]
-        want_in, want_out = self.descriptor.input_names, self.descriptor.output_names
+    @staticmethod
+    def _check_io(session: Any, path: os.PathLike, descriptor: Any, what: str) -> None:
+        got_in = [i.name for i in session.get_inputs()]
+        got_out = [o.name for o in session.get_outputs()]
+        want_in, want_out = descriptor.input_names, descriptor.output_names
         if sorted(got_in) != sorted(want_in) or got_out != want_out:
             raise ArtifactError(
-                f"{self.artifact}: graph inputs {got_in} / outputs {got_out} do not match the fused step's "
+                f"{path}: graph inputs {got_in} / outputs {got_out} do not match the {what}'s "
                 f"{want_in} / {want_out}"
             )
 
@@ -113,10 +148,17 @@ class OnnxRuntimeBackend(Backend):
             arr, ov = self._new_value(shape)
             self._x.append(arr)
             self._x_ov.append(ov)
-        self._cond, self._cond_ov = self._new_value(shape)
+        self._cond, self._cond_ov = self._new_value((batch, self.descriptor.cond_channels, height, width))
         self._io.clear_binding_inputs()
         self._io.clear_binding_outputs()
         self._io.bind_ortvalue_input(self.descriptor.COND, self._cond_ov)  # bound once per shape
+        if self._pio is not None:  # the prologue writes the step's cond buffer itself: no copy between them
+            pd = self.prologue_descriptor
+            self._rainy, self._rainy_ov = self._new_value(shape)
+            self._pio.clear_binding_inputs()
+            self._pio.clear_binding_outputs()
+            self._pio.bind_ortvalue_input(pd.RAINY, self._rainy_ov)
+            self._pio.bind_ortvalue_output(pd.OUT, self._cond_ov)
 
     def _full_shape_for(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
         return (batch, self.descriptor.channels, height, width)
@@ -125,8 +167,12 @@ class OnnxRuntimeBackend(Backend):
         if getattr(self, "_io", None) is not None:
             self._io.clear_binding_inputs()
             self._io.clear_binding_outputs()
+        if getattr(self, "_pio", None) is not None:
+            self._pio.clear_binding_inputs()
+            self._pio.clear_binding_outputs()
         self._x, self._x_ov = [], []
         self._cond = self._cond_ov = None
+        self._rainy = self._rainy_ov = None
         self._t_ov, self._coef_ov = [], []
         self._tables = None
 
@@ -149,6 +195,21 @@ class OnnxRuntimeBackend(Backend):
             np.copyto(self._cond, cond)
         else:
             self._cond_ov.update_inplace(cond)
+
+    def _write_rainy(self, rainy: np.ndarray) -> None:
+        if self._rainy is not None:
+            np.copyto(self._rainy, rainy)
+        else:
+            self._rainy_ov.update_inplace(rainy)
+
+    def _prologue(self) -> None:
+        self._pro_session.run_with_iobinding(self._pio)
+
+    def _read_cond(self, out: np.ndarray) -> None:
+        if self._cond is not None:
+            np.copyto(out, self._cond)
+        else:
+            np.copyto(out, self._cond_ov.numpy())
 
     def _write_x(self, x: np.ndarray) -> None:
         if self._x[self._cur] is not None:
@@ -183,5 +244,5 @@ class OnnxRuntimeBackend(Backend):
         return self._io.get_outputs()[0].data_ptr()
 
     def _release_engine(self) -> None:
-        self._io = None
-        self._session = None
+        self._io = self._pio = None
+        self._session = self._pro_session = None

@@ -21,8 +21,14 @@ def perturbed_estimator_state(estimator, seed: int) -> dict:
     return {k: v.clone() for k, v in estimator.state_dict().items()}
 
 
-def write_random_checkpoint(path: Path, seed: int = 0, prediction: str = "eps") -> Path:
-    """A stripped-format checkpoint of the tiny preset with random (perturbed) weights."""
+def write_random_checkpoint(path: Path, seed: int = 0, prediction: str = "eps", cond_channels: int = 3,
+                            crop: int = 128) -> Path:
+    """A stripped-format checkpoint of the tiny preset with random (perturbed) weights.
+
+    ``cond_channels = 6`` makes a predict-and-refine model (prologue [y, G_B(y)]); its G_B is
+    perturbed too, so P(y) differs from y. ``crop`` is the training crop the checkpoint records
+    (the model's native tile).
+    """
     import torch
 
     from training.checkpoint import save_checkpoint
@@ -30,12 +36,14 @@ def write_random_checkpoint(path: Path, seed: int = 0, prediction: str = "eps") 
     from training.multiscale import MultiScaleEstimator
     from training.unet import UNet
 
-    cfgs = model_preset("tiny", prediction=prediction)
+    cfgs = model_preset("tiny", prediction=prediction, cond_channels=cond_channels)
     torch.manual_seed(seed)
     ema_a = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator, cfgs.schedule), seed + 1)
     ema_b = perturbed_estimator_state(MultiScaleEstimator(cfgs.estimator, cfgs.schedule), seed + 2)
     g_a, g_b = UNet(cfgs.ntb_unet), UNet(cfgs.ntb_unet)
-    config = dict(cfgs.to_dict(), train=TrainConfig(preset="tiny").to_dict())
+    if cond_channels == 6:
+        perturbed_estimator_state(g_b, seed + 3)
+    config = dict(cfgs.to_dict(), train=TrainConfig(preset="tiny", crop=crop).to_dict())
     return save_checkpoint(path, {"config": config, "step": 0,
                                   "state": {"G_A": g_a.state_dict(), "G_B": g_b.state_dict(),
                                             "ema_A": ema_a, "ema_B": ema_b}})

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from runtime.schedule import DDIMSchedule, initial_noise
+from runtime.schedule import DDIMSchedule, frame_noise, initial_noise
 from training.config import model_preset
 from training.diffusion import ddim_sample, pad_to_multiple, to_tensor, to_uint8
 from training.multiscale import MultiScaleEstimator
@@ -31,13 +31,13 @@ def test_ddim_matches_numpy_schedule_loop():
     cond = rng.uniform(-1, 1, (2, 3, 8, 12)).astype(np.float32)
     x0, traj = ddim_sample(LinearEstimator(), torch.from_numpy(cond), steps=10, seed=3, return_trajectory=True)
     sched = DDIMSchedule()
-    x = initial_noise(cond.shape, 3).astype(np.float64)
+    x = frame_noise(2, 8, 12, 3).astype(np.float64)  # every frame the same draw, as in the runtime
     for t in sched.set_timesteps(10):
         eps = 0.3 * x - 0.2 * cond + t / 2000.0
         x, _ = sched.step(eps, int(t), x)
     np.testing.assert_allclose(x0.numpy(), x, atol=2e-5)
     assert len(traj) == 10
-    assert np.array_equal(traj[0]["x_t"], initial_noise(cond.shape, 3))
+    assert np.array_equal(traj[0]["x_t"], np.repeat(initial_noise((1, 3, 8, 12), 3), 2, axis=0))
     assert traj[0]["t"].tolist() == [901.0, 901.0] and traj[-1]["t"].tolist() == [1.0, 1.0]
     np.testing.assert_array_equal(traj[3]["coef"][0], sched.coefficients()[3])
     assert traj[0]["coef"].shape == (2, 4) and traj[0]["coef"].dtype == np.float32
