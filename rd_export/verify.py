@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.descriptor import PrologueDescriptor, StepDescriptor
-from runtime.errors import ArtifactError, VerificationError
+from runtime.errors import VerificationError
 from runtime.schedule import DDIMSchedule, ScheduleConfig, frame_noise, initial_noise, sample_loop
 
 __all__ = [
