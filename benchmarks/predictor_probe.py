@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         steps += 1
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     train_s = time.perf_counter() - t0
     if a.save:
         torch.save(P.state_dict(), a.save)
