@@ -9,10 +9,10 @@ import pytest
 
 pytest.importorskip("torch")
 
-from rdx_helpers import one_torch_thread, write_random_checkpoint  # noqa: E402
+from rdx_helpers import one_torch_thread, write_random_checkpoint
 
-from rd_export.export import export_onnx, native_profile, prologue_name  # noqa: E402
-from runtime.errors import ManifestError  # noqa: E402
+from rd_export.export import export_onnx, native_profile, prologue_name
+from runtime.errors import ArtifactError, ManifestError
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,10 @@ def test_tampered_prologue_is_refused(refine_export, tmp_path):
         shutil.copy(f, tmp_path / f.name)
     pro = tmp_path / "model.prologue.onnx"
     pro.write_bytes(pro.read_bytes() + b"\0")
-    with pytest.raises(ManifestError, match="prologue.onnx: sha256 .* does not match its manifest"):
+    with pytest.raises(ManifestError, match=r"prologue\.onnx: sha256 .* does not match its manifest"):
         Derainer(tmp_path / "model.onnx")
     pro.unlink()
-    with pytest.raises(Exception, match="the prologue graph of model.onnx is missing"):
+    with pytest.raises(ArtifactError, match=r"the prologue graph of model\.onnx is missing"):
         Derainer(tmp_path / "model.onnx")
 
 
@@ -80,7 +80,7 @@ def test_manifest_needs_a_prologue_for_a_six_channel_step(refine_export, tmp_pat
         Manifest.from_dict(d)
     d = json.loads(onnx.with_suffix(".json").read_text())
     d["prologue"]["artifact"] = "../elsewhere.onnx"
-    with pytest.raises(ManifestError, match="prologue.artifact' must be a plain file name"):
+    with pytest.raises(ManifestError, match=r"prologue\.artifact\' must be a plain file name"):
         Manifest.from_dict(d)
 
 
@@ -98,8 +98,8 @@ def test_verification_checks_the_exported_prologue(refine_export, tmp_path):
     import torch
 
     from rd_export.export import export_prologue_onnx, verify_onnx
-    from training.checkpoint import build_estimator, build_prologue, load_checkpoint
     from runtime.manifest import Manifest
+    from training.checkpoint import build_estimator, build_prologue, load_checkpoint
 
     ck, onnx = refine_export
     c = load_checkpoint(ck)

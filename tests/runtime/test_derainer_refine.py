@@ -11,10 +11,10 @@ import pytest
 pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rd_export"))
 
-from rdx_helpers import one_torch_thread, write_random_checkpoint  # noqa: E402
+from rdx_helpers import one_torch_thread, write_random_checkpoint
 
-from runtime.derainer import Derainer  # noqa: E402
-from runtime.errors import UsageError  # noqa: E402
+from runtime.derainer import Derainer
+from runtime.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +119,7 @@ def test_frames_beyond_the_native_tile_are_tiled_with_the_prologue_per_tile(refi
 
 
 def test_zero_steps_refused_for_a_y_only_model(tiny_model):
-    with pytest.raises(UsageError, match="steps must be an integer in 2..1000, got 0"):
+    with pytest.raises(UsageError, match=r"steps must be an integer in 2\.\.1000, got 0"):
         Derainer(tiny_model.onnx, steps=0)
 
 
