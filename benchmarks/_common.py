@@ -29,6 +29,22 @@ def dev_pair_dirs(script: str) -> tuple[Path, Path] | None:
     return None
 
 
+#: the paired development sets (scoring only, never trained on)
+DEV_SETS = ("sirr", "jorder_h")
+
+
+def dev_pairs(name: str, limit: int = 0) -> list[tuple[str, np.ndarray, np.ndarray]] | None:
+    """(file name, rainy, clean) uint8 pairs of ``dev/<name>``; None where the set is absent."""
+    from runtime.io import load_rgb
+
+    root = DATA / "dev" / name
+    if not (root / "rainy").is_dir() or not (root / "clean").is_dir():
+        return None
+    names = sorted(p.name for p in (root / "rainy").iterdir() if (root / "clean" / p.name).is_file())
+    names = names[:limit] if limit else names
+    return [(n, load_rgb(root / "rainy" / n), load_rgb(root / "clean" / n)) for n in names]
+
+
 def runtime_artifacts(fp32: Path, int8: Path) -> tuple[dict[str, Path], str | None]:
     """The runtime variants to measure: FP32 always, INT8 where its file exists (else why not)."""
     if int8.is_file():

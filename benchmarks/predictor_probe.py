@@ -27,17 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA
-
-DEV_SETS = ("sirr", "jorder_h")
-
-
-def dev_pairs(name: str) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from runtime.io import load_rgb
-
-    root = DATA / "dev" / name
-    names = sorted(p.name for p in (root / "rainy").iterdir() if (root / "clean" / p.name).is_file())
-    return [(n, load_rgb(root / "rainy" / n), load_rgb(root / "clean" / n)) for n in names]
+from _common import DATA, DEV_SETS, dev_pairs
 
 
 def score_set(fn, pairs) -> dict:

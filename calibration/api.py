@@ -19,6 +19,7 @@ report. Torch is never imported here (:func:`build_int8_from_checkpoint` imports
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -30,11 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from calibration.collect import (
+    FeedReader,
     ImageItem,
     TrajectoryDataReader,
+    calibration_crops,
     calibration_sizes,
     crop_to_size,
     make_session,
+    prologue_fn,
     record_trajectories,
     select_images,
     timestep_coverage,
@@ -53,16 +57,19 @@ from calibration.quantize import (
 )
 from calibration.report import compare_latency, compare_quality, step_psnr
 from calibration.sensitivity import choose_fp32_nodes, sensitivity
+from runtime.descriptor import PrologueDescriptor
 from runtime.errors import ArtifactError, UsageError, VerificationError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, steps_error
 
 __all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
            "int8_path_for", "default_fp32_nodes"]
 
-#: end-to-end PSNR of INT8 vs FP32 that verification demands (issue 5 target; dB, peak 2 on [-1, 1])
+#: end-to-end PSNR of INT8 vs FP32 that verification demands (dB, peak 2 on [-1, 1])
 DEFAULT_MIN_PSNR_DB = 35.0
+#: step counts whose timesteps are calibrated (with the manifest's default): the counts users run
+CALIB_STEPS = (2, 3, 5, 10)
 #: ``model.int8.onnx`` is the s8 (TensorRT) graph; ``model.int8.cpu.onnx`` the onnxruntime x86 CPU one
 CPU_SUFFIX = ".int8.cpu"
 #: the CPU graph: UINT8 asymmetric activations, 7-bit weights. Measured (calibration/README.md):
@@ -110,11 +117,9 @@ def default_fp32_nodes(model) -> list[str]:
 
 
 def _schedule_config(manifest: Manifest) -> ScheduleConfig:
-    s = manifest.schedule
     try:
-        return ScheduleConfig(num_train_timesteps=int(s["num_train_timesteps"]), beta_start=float(s["beta_start"]),
-                              beta_end=float(s["beta_end"]))
-    except (KeyError, TypeError, ValueError) as e:
+        return ScheduleConfig.from_dict(manifest.schedule)
+    except ValueError as e:
         raise ArtifactError(f"manifest of {manifest.artifact}: invalid schedule ({e})") from None
 
 
@@ -145,6 +150,7 @@ def _eval_conds(items: Sequence[ImageItem], sizes: Sequence[tuple[int, int]],
 
 def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, out: str | os.PathLike | None = None,
                calib_images: int = 8, eval_images: int = 2, steps: int | None = None,
+               calib_steps: Sequence[int] | None = None,
                sizes: Sequence[int | tuple[int, int]] | None = None, seed: int = 0,
                method: Method | str = Method.minmax, cpu_variant: bool = True,
                fp32_nodes: Sequence[str] | None = None, target_psnr_db: float | None = None,
@@ -159,7 +165,10 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             unreadable files inside are skipped with a ``CalibrationWarning``.
         out: output directory or ``.onnx`` path (default: beside the FP32 ONNX).
         calib_images / eval_images: images calibrated on / held out for the quality report.
-        steps: DDIM steps of the recorded trajectories (default: the manifest's ``default_steps``).
+        steps: DDIM steps of verification and the quality report (default: the manifest's ``default_steps``).
+        calib_steps: step counts whose full trajectories are recorded for calibration (default
+            :data:`CALIB_STEPS` plus ``steps``): every timestep users run is calibrated; the union is
+            the manifest's ``calibration.timesteps`` (the runtime warns once outside it).
         sizes: calibration frame sizes, ints or (H, W) (default: the profile's opt size and half).
         seed: image order, crops and x_T of every trajectory.
         method: ``minmax`` (default), ``percentile`` or ``entropy``.
@@ -175,6 +184,10 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             and nothing is written. None disables the gate (the numbers are still recorded).
         latency: measure CPU latency INT8 vs FP32 (blocks, same run) at ``latency_size``.
 
+    A predict-and-refine artifact (a prologue beside the step) gets both graphs quantized from one
+    run: the step calibrated on trajectories conditioned on the FP32 prologue, the prologue on the
+    rainy crops themselves; verification and the quality report run both INT8 graphs end to end.
+
     Returns the path of the INT8 (s8, TensorRT-compatible) ONNX.
     """
     from rd_export.verify import check_report, compare_onnx
@@ -187,6 +200,12 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
     steps = int(steps or manifest.default_steps)
     if not MIN_STEPS <= steps <= schedule_config.num_train_timesteps:
         raise UsageError(steps_error(steps, schedule_config.num_train_timesteps))
+    counts = sorted({*(CALIB_STEPS if calib_steps is None else calib_steps), steps})
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not (
+                MIN_STEPS <= c <= schedule_config.num_train_timesteps):
+            raise UsageError(f"calibration {steps_error(c, schedule_config.num_train_timesteps)}")
+    src_pro = manifest.prologue_path(fp32_onnx)
     method = Method(method)
     frame_sizes = calibration_sizes(descriptor, sizes)
     dest = int8_path_for(fp32_onnx, out)
@@ -201,12 +220,15 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
         work = Path(tmp)
         # 2: pre-process
         pre = preprocess(fp32_onnx, work / "pre.onnx")
-        # 3: trajectories, every step
-        progress(f"recording {steps}-step FP32 trajectories at {', '.join(f'{h}x{w}' for h, w in frame_sizes)}")
+        # 3: trajectories, every step of every calibrated step count
+        pro32 = prologue_fn(make_session(src_pro, threads=threads)) if src_pro is not None else None
+        progress(f"recording FP32 trajectories of {', '.join(map(str, counts))} steps at "
+                 f"{', '.join(f'{h}x{w}' for h, w in frame_sizes)}")
         trajectories = record_trajectories(fp32_onnx, calib, descriptor=descriptor, schedule_config=schedule_config,
-                                           steps=steps, sizes=frame_sizes, seed=seed, threads=threads)
+                                           steps=counts, sizes=frame_sizes, seed=seed, threads=threads,
+                                           prologue=pro32)
         coverage = timestep_coverage(trajectories)
-        expected = DDIMSchedule(schedule_config).set_timesteps(steps).tolist()
+        expected = sorted({int(t) for c in counts for t in DDIMSchedule(schedule_config).set_timesteps(c)})
         if sorted(coverage) != sorted(expected):  # a broken recorder must not calibrate silently
             raise VerificationError(f"calibration covers timesteps {sorted(coverage)}, expected {sorted(expected)}")
         reader = TrajectoryDataReader.from_trajectories(trajectories, descriptor)
@@ -226,11 +248,12 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             warnings.warn("no held-out image: the INT8 quality report uses a calibration image",
                           RuntimeWarning, stacklevel=2)
         fp32_session = make_session(fp32_onnx, threads=threads)
+        same_prologue = None if pro32 is None else (pro32, pro32)
 
         def probe(path: Path) -> float:  # the s8 graph's own Q/DQ semantics (what TensorRT executes)
             return compare_quality(fp32_session, make_session(path, reference=True), eval_conds,
                                    descriptor=descriptor, schedule_config=schedule_config, steps=steps,
-                                   seed=seed).mean_psnr_db
+                                   seed=seed, prologues=same_prologue).mean_psnr_db
 
         s8 = quantize(pre, work / "s8.onnx", cache=cache, recipe="s8", method=method, nodes_to_exclude=base_fp32)
         extra_fp32: list[str] = []
@@ -255,6 +278,18 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
         if cpu_variant:
             graphs[CPU_RECIPE] = quantize(pre, work / "cpu.onnx", cache=cache, recipe=CPU_RECIPE, method=method,
                                           nodes_to_exclude=all_fp32)
+        # 5b: the prologue (predict-and-refine), calibrated on the rainy crops the trajectories used
+        pro_graphs: dict[str, Path] = {}
+        if src_pro is not None:
+            progress("calibrating the prologue on the same rainy crops")
+            pro_pre = preprocess(src_pro, work / "pro_pre.onnx")
+            (work / "pro").mkdir()
+            crops = calibration_crops(calib, frame_sizes, seed)
+            pro_cache = calibrate(pro_pre, FeedReader([{PrologueDescriptor.RAINY: c} for c in crops]),
+                                  cache=work / "pro_ranges.json", method=method, workdir=work / "pro")
+            for name in graphs:
+                pro_graphs[name] = quantize(pro_pre, work / f"pro_{name}.onnx", cache=pro_cache, recipe=name,
+                                            method=method)
 
         # 7: verify (the gate) and report. Each graph is judged as its target executes it: the s8
         # graph by its exact Q/DQ semantics (onnxruntime with fusions off: what TensorRT computes),
@@ -268,22 +303,31 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             target = make_session(path, reference=True, threads=threads) if name == "s8" else cpu_session
             timed[f"int8_{name}"] = cpu_session
             what = (dest if name == "s8" else cpu_dest).name
+            pro8 = pro_cpu = None
+            if name in pro_graphs:
+                pro_cpu = prologue_fn(make_session(pro_graphs[name], threads=threads))
+                pro8 = (prologue_fn(make_session(pro_graphs[name], reference=True, threads=threads))
+                        if name == "s8" else pro_cpu)
             progress(f"verifying {what} against {fp32_onnx.name} ({steps} steps, {h}x{w})")
             v = compare_onnx(_step_fn(target, descriptor), _step_fn(fp32_session, descriptor), steps=steps,
-                             seed=seed, size=(h, w), schedule_config=schedule_config)
+                             seed=seed, size=(h, w), schedule_config=schedule_config, reference_prologue=pro32,
+                             candidate_prologue=pro8)
             v.update(provider="CPUExecutionProvider", onnxruntime=_ort_version(),
                      semantics="Q/DQ reference (graph optimisations off)" if name == "s8"
                      else "onnxruntime CPU kernels")
             if min_psnr_db is not None:
                 v = check_report(v, min_psnr_db=min_psnr_db, max_step_abs=None, what=what)
+            both = None if pro32 is None else (pro32, pro8)
             quality = compare_quality(fp32_session, target, eval_conds, descriptor=descriptor,
-                                      schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out)
+                                      schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out,
+                                      prologues=both)
             per_step = step_psnr(fp32_session, target, trajectories[0].samples, descriptor=descriptor)
             reports[name] = {"verification": v, "quality": quality.to_dict(),
                              "step_psnr_db": {str(k): round(min(val, 200.0), 3) for k, val in per_step.items()}}
             if name == "s8":
                 on_cpu = compare_quality(fp32_session, cpu_session, eval_conds, descriptor=descriptor,
-                                         schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out)
+                                         schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out,
+                                         prologues=None if pro32 is None else (pro32, pro_cpu))
                 reports[name]["quality_onnxruntime_cpu"] = dict(on_cpu.to_dict(), note=S8_ON_CPU_NOTE)
         lat = None
         if latency:
@@ -301,6 +345,7 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             "held_out_images": [item.path.name for item in held],
             "sizes": [list(s) for s in frame_sizes],
             "steps": steps,
+            "calibrated_step_counts": counts,
             "seed": seed,
             "timesteps": list(coverage),
             "samples": len(reader),
@@ -313,9 +358,9 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
         # 8: write, the CPU variant first so the TensorRT artifact is the last thing to appear
         if cpu_variant:
             _write(graphs[CPU_RECIPE], cpu_dest, manifest, fp32_onnx, recipe=CPU_RECIPE, common=common,
-                   report=reports[CPU_RECIPE], siblings={"tensorrt": dest.name})
+                   report=reports[CPU_RECIPE], siblings={"tensorrt": dest.name}, prologue=pro_graphs.get(CPU_RECIPE))
         _write(graphs["s8"], dest, manifest, fp32_onnx, recipe="s8", common=common, report=reports["s8"],
-               siblings={"onnxruntime_cpu": cpu_dest.name} if cpu_dest else {})
+               siblings={"onnxruntime_cpu": cpu_dest.name} if cpu_dest else {}, prologue=pro_graphs.get("s8"))
     return dest
 
 
@@ -337,7 +382,7 @@ def _ort_version() -> str:
 
 
 def _write(graph: Path, dest: Path, src_manifest: Manifest, fp32_onnx: Path, *, recipe: str, common: dict,
-           report: dict, siblings: dict) -> None:
+           report: dict, siblings: dict, prologue: Path | None = None) -> None:
     r = RECIPES[recipe]
     calibration = {
         "recipe": recipe,
@@ -359,14 +404,20 @@ def _write(graph: Path, dest: Path, src_manifest: Manifest, fp32_onnx: Path, *, 
     extra["source"] = dict(src_manifest.get("source") or {}, onnx=fp32_onnx.name, onnx_sha256=src_manifest.sha256)
     extra.update(verification=report["verification"], calibration=calibration, created=_now())
     manifest_dest = manifest_path_for(dest)
-    with atomic_path(manifest_dest) as tmp_manifest, atomic_path(dest) as tmp_onnx:
+    pro_dest = dest.with_name(prologue_name(dest.name)) if prologue is not None else None
+    with (atomic_path(manifest_dest) as tmp_manifest, atomic_path(dest) as tmp_onnx,
+          atomic_path(pro_dest) if pro_dest else contextlib.nullcontext() as tmp_pro):
         shutil.copyfile(graph, tmp_onnx)
+        if tmp_pro is not None:
+            shutil.copyfile(prologue, tmp_pro)
+            extra["prologue"] = dict(src_manifest.prologue, artifact=pro_dest.name, sha256=sha256_file(tmp_pro),
+                                     precision="int8", graph=qdq_summary(prologue))
         manifest = Manifest(artifact=dest.name, format="onnx", precision="int8", model=src_manifest.model,
                             sha256=sha256_file(tmp_onnx), descriptor=src_manifest.descriptor,
                             schedule=src_manifest.schedule, model_config=src_manifest.model_config,
                             toolkit_version=src_manifest.toolkit_version, extra=extra)
         manifest.save(tmp_manifest)
-    # exiting the inner context renamed the ONNX, then the outer one the manifest
+    # exiting the inner contexts renamed the prologue and the ONNX, then the outer one the manifest
 
 
 def derive_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike | None = None, *, calib: str | os.PathLike,

@@ -6,7 +6,7 @@ calibrated on one t clips another. We therefore record the step graph's own inpu
 images, at a few frame sizes the engine's shape profile covers, by running the FP32 ONNX with
 onnxruntime (no torch)::
 
-    x_T = initial_noise(cond.shape, seed + k)          # k-th image, PCG64 (DESIGN.md)
+    x_T = frame_noise(1, H, W, seed + k)               # k-th image, PCG64 (docs/ARCHITECTURE.md)
     for i in 0..S-1:                                   # tau_S .. tau_1
         record (x_t, cond, t = tau_i, coef_i)
         x_t = step(x_t, cond, t, coef_i)               # the FP32 fused step itself
@@ -20,29 +20,33 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from runtime.descriptor import StepDescriptor
+from runtime.descriptor import PrologueDescriptor, StepDescriptor
 from runtime.errors import InputError, UsageError
 from runtime.io import iter_image_files, load_rgb
-from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, initial_noise, steps_error
+from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, frame_noise, sample_loop, steps_error
 
 __all__ = [
     "CalibrationWarning",
     "ImageItem",
     "StepSample",
     "Trajectory",
+    "FeedReader",
     "TrajectoryDataReader",
     "select_images",
     "calibration_sizes",
     "crop_to_size",
+    "calibration_crop",
+    "calibration_crops",
     "to_model_input",
     "from_model_output",
     "make_session",
+    "prologue_fn",
     "run_ddim",
     "record_trajectories",
     "timestep_coverage",
@@ -64,7 +68,7 @@ class StepSample:
     """The fused step's inputs at one step of one trajectory (what the calibrator feeds)."""
 
     x_t: np.ndarray  # [1, 3, H, W] float32
-    cond: np.ndarray  # [1, 3, H, W] float32 (shared by every step of a trajectory; not copied)
+    cond: np.ndarray  # [1, C, H, W] float32 (shared by every step of a trajectory; not copied)
     t: np.ndarray  # [1] float32, the 1-based timestep tau_i
     coef: np.ndarray  # [1, 4] float32, (a, b, c, d)
     step: int  # 0 = the noisiest step
@@ -181,6 +185,17 @@ def crop_to_size(rgb: np.ndarray, size: tuple[int, int], rng: np.random.Generato
     return np.ascontiguousarray(rgb[top:top + h, left:left + w])
 
 
+def calibration_crop(item: ImageItem, size: tuple[int, int], seed: int) -> np.ndarray:
+    """The model input of one calibration image: its crop seeded by ``seed``, [1, 3, H, W] float32."""
+    return to_model_input(crop_to_size(item.rgb, size, np.random.Generator(np.random.PCG64(seed))))
+
+
+def calibration_crops(images: Sequence[ImageItem], sizes: Sequence[tuple[int, int]],
+                      seed: int = 0) -> list[np.ndarray]:
+    """The crops :func:`record_trajectories` samples (image k at ``sizes[k % len(sizes)]``, seed + k)."""
+    return [calibration_crop(item, tuple(sizes[k % len(sizes)]), seed + k) for k, item in enumerate(images)]
+
+
 def to_model_input(rgb: np.ndarray) -> np.ndarray:
     """HxWx3 uint8 -> [1, 3, H, W] float32 in [-1, 1] (CONTRACTS.md pixel convention)."""
     x = rgb.astype(np.float32) / 127.5 - 1.0
@@ -199,9 +214,15 @@ def make_session(model: str | os.PathLike | bytes, *, threads: int | None = None
 
     ``reference=True`` turns graph optimisations off: QuantizeLinear / DequantizeLinear then run
     as written around FP32 kernels, i.e. the exact Q/DQ semantics a Q/DQ graph defines (what
-    TensorRT executes), free of any CPU kernel's integer arithmetic.
+    TensorRT executes), free of any CPU kernel's integer arithmetic. Files open through the
+    runtime's one session factory (``runtime.backends.onnxruntime.make_session``).
     """
-    import onnxruntime as ort
+    optimization = "disabled" if reference else "all"
+    if not isinstance(model, bytes):
+        from runtime.backends.onnxruntime import make_session as runtime_session
+
+        return runtime_session(model, threads=threads, optimization=optimization, quiet=True)
+    import onnxruntime as ort  # an in-memory graph (tests): the same options
 
     options = ort.SessionOptions()
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
@@ -210,50 +231,68 @@ def make_session(model: str | os.PathLike | bytes, *, threads: int | None = None
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    src = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(src, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
+def prologue_fn(session) -> Callable[[np.ndarray], np.ndarray]:
+    """rainy [N, 3, H, W] -> cond [N, 6, H, W] through an open prologue session."""
+    d = PrologueDescriptor
+
+    def run(rainy: np.ndarray) -> np.ndarray:
+        return session.run([d.OUT], {d.RAINY: np.ascontiguousarray(rainy, dtype=np.float32)})[0]
+
+    return run
 
 
 def run_ddim(session, cond: np.ndarray, *, schedule: DDIMSchedule, steps: int, seed: int,
              descriptor: StepDescriptor, record: list[StepSample] | None = None,
              image: int = 0) -> np.ndarray:
-    """Algorithm 2 with the fused step on onnxruntime; appends each step's inputs to ``record``."""
+    """Algorithm 2 with the fused step on onnxruntime (``runtime.schedule.sample_loop``); appends
+    each step's inputs to ``record``. ``cond`` is the step's condition (the prologue's, for a
+    predict-and-refine model); x_T is the runtime's ``frame_noise``."""
     d = descriptor
-    timesteps = schedule.set_timesteps(steps)
-    coefficients = schedule.coefficients()  # [S, 4] float32
-    x_t = initial_noise(cond.shape, seed)  # 1: x_T ~ N(0, I)
-    for i, tau in enumerate(timesteps):  # 2: for i = S .. 1
-        t = np.full((cond.shape[0],), float(tau), dtype=np.float32)
-        coef = np.ascontiguousarray(np.repeat(coefficients[i][None], cond.shape[0], axis=0))
-        if record is not None:
-            record.append(StepSample(x_t=x_t, cond=cond, t=t, coef=coef, step=i, image=image))
+    schedule.set_timesteps(steps)
+    n, _, h, w = cond.shape
+
+    def step(x_t: np.ndarray, c: np.ndarray, t: np.ndarray, coef: np.ndarray) -> np.ndarray:
         # 3-4: eps_hat = eps_theta(x_t, cond, t); x_next = c (a x_t - b eps_hat) + d eps_hat
-        (x_t,) = session.run([d.OUT], {d.X: x_t, d.COND: cond, d.T: t, d.COEF: coef})
-    return x_t
+        return session.run([d.OUT], {d.X: x_t, d.COND: c, d.T: t, d.COEF: coef})[0]
+
+    def on_step(i: int, x_t: np.ndarray, t: np.ndarray, coef: np.ndarray) -> None:
+        record.append(StepSample(x_t=x_t, cond=cond, t=t, coef=coef, step=i, image=image))
+
+    return sample_loop(step, frame_noise(n, h, w, seed), cond, schedule,
+                       on_step=on_step if record is not None else None)
 
 
 def record_trajectories(model: str | os.PathLike, images: Sequence[ImageItem], *,
-                        descriptor: StepDescriptor, schedule_config: ScheduleConfig, steps: int,
+                        descriptor: StepDescriptor, schedule_config: ScheduleConfig, steps: int | Sequence[int],
                         sizes: Sequence[tuple[int, int]], seed: int = 0,
-                        threads: int | None = None) -> list[Trajectory]:
+                        threads: int | None = None,
+                        prologue: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Trajectory]:
     """Run the FP32 step graph along a full DDIM trajectory per image, recording every step.
 
     Image k is cut to ``sizes[k % len(sizes)]`` with a crop seeded by ``seed + k`` and sampled
-    from x_T = ``initial_noise(shape, seed + k)``.
+    from x_T = ``frame_noise(.., seed + k)``. ``steps`` is one step count or several: each image
+    is then sampled once per count, so every timestep of every count users run is calibrated.
+    ``prologue`` (predict-and-refine) turns a rainy crop into the step's condition.
     """
-    if steps < MIN_STEPS:
-        raise UsageError(steps_error(steps))
+    counts = [int(steps)] if isinstance(steps, (int, np.integer)) else [int(s) for s in steps]
+    for s in counts:
+        if s < MIN_STEPS:
+            raise UsageError(steps_error(s))
     session = make_session(model, threads=threads)
     schedule = DDIMSchedule(schedule_config)
     out = []
     for k, item in enumerate(images):
         size = tuple(sizes[k % len(sizes)])
-        rng = np.random.Generator(np.random.PCG64(seed + k))
-        cond = to_model_input(crop_to_size(item.rgb, size, rng))
-        record: list[StepSample] = []
-        x_0 = run_ddim(session, cond, schedule=schedule, steps=steps, seed=seed + k,
-                       descriptor=descriptor, record=record, image=k)
-        out.append(Trajectory(path=item.path, size=size, seed=seed + k, samples=record, x_0=x_0))
+        rainy = calibration_crop(item, size, seed + k)
+        cond = prologue(rainy) if prologue is not None else rainy
+        for s in counts:
+            record: list[StepSample] = []
+            x_0 = run_ddim(session, cond, schedule=schedule, steps=s, seed=seed + k,
+                           descriptor=descriptor, record=record, image=k)
+            out.append(Trajectory(path=item.path, size=size, seed=seed + k, samples=record, x_0=x_0))
     return out
 
 
@@ -268,51 +307,47 @@ def timestep_coverage(trajectories: Sequence[Trajectory]) -> dict[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- reader
-class TrajectoryDataReader:
-    """onnxruntime ``CalibrationDataReader`` over recorded step samples (rewindable, sliceable).
+class FeedReader:
+    """onnxruntime ``CalibrationDataReader`` over a list of input feeds (rewindable, sliceable).
 
     Duck-types ``onnxruntime.quantization.CalibrationDataReader`` (its ``__subclasshook__``
     accepts any object with ``get_next``), so importing this module does not import onnxruntime.
+    Used directly for the predict-and-refine prologue (feeds of rainy crops).
     """
 
-    def __init__(self, samples: Sequence[StepSample], descriptor: StepDescriptor) -> None:
-        if not samples:
+    def __init__(self, feeds: Sequence[dict[str, np.ndarray]]) -> None:
+        if not feeds:
             raise UsageError("no calibration samples were recorded")
-        self.samples = list(samples)
-        self.descriptor = descriptor
-        self._start, self._end = 0, len(self.samples)
-        self._it: Iterator[StepSample] = iter(())
+        self.feeds = list(feeds)
+        self._start, self._end = 0, len(self.feeds)
+        self._it: Iterator[dict[str, np.ndarray]] = iter(())
         self.rewind()
 
-    @classmethod
-    def from_trajectories(cls, trajectories: Sequence[Trajectory], descriptor: StepDescriptor
-                          ) -> TrajectoryDataReader:
-        return cls([s for traj in trajectories for s in traj.samples], descriptor)
+    def _shape(self, i: int) -> tuple[int, ...]:
+        return next(iter(self.feeds[i].values())).shape
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        sample = next(self._it, None)
-        return None if sample is None else sample.feed(self.descriptor)
+        return next(self._it, None)
 
     def rewind(self) -> None:
-        self._it = iter(self.samples[self._start:self._end])
+        self._it = iter(self.feeds[self._start:self._end])
 
     def set_range(self, start_index: int, end_index: int) -> None:
-        self._start, self._end = int(start_index), min(int(end_index), len(self.samples))
+        self._start, self._end = int(start_index), min(int(end_index), len(self.feeds))
         self.rewind()
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.feeds)
 
     def chunks(self, size: int) -> list[tuple[int, int]]:
-        """(start, end) ranges of at most ``size`` consecutive samples of one frame shape each.
+        """(start, end) ranges of at most ``size`` consecutive feeds of one frame shape each.
 
         onnxruntime's histogram calibrators stack a chunk's tensors, so a chunk must not mix shapes.
         """
         out: list[tuple[int, int]] = []
         start = 0
-        for i in range(1, len(self.samples) + 1):
-            if (i == len(self.samples) or i - start == size
-                    or self.samples[i].x_t.shape != self.samples[start].x_t.shape):
+        for i in range(1, len(self.feeds) + 1):
+            if i == len(self.feeds) or i - start == size or self._shape(i) != self._shape(start):
                 out.append((start, i))
                 start = i
         return out
@@ -325,3 +360,19 @@ class TrajectoryDataReader:
         if feed is None:
             raise StopIteration
         return feed
+
+
+class TrajectoryDataReader(FeedReader):
+    """A :class:`FeedReader` over recorded step samples (the fused step's calibration data)."""
+
+    def __init__(self, samples: Sequence[StepSample], descriptor: StepDescriptor) -> None:
+        if not samples:
+            raise UsageError("no calibration samples were recorded")
+        self.samples = list(samples)
+        self.descriptor = descriptor
+        super().__init__([s.feed(descriptor) for s in self.samples])
+
+    @classmethod
+    def from_trajectories(cls, trajectories: Sequence[Trajectory], descriptor: StepDescriptor
+                          ) -> TrajectoryDataReader:
+        return cls([s for traj in trajectories for s in traj.samples], descriptor)

@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -86,15 +86,21 @@ def _round(v: float) -> float | None:
 
 def compare_quality(fp32_model, int8_model, conds: Sequence[tuple[str, np.ndarray]], *,
                     descriptor: StepDescriptor, schedule_config: ScheduleConfig, steps: int, seed: int = 0,
-                    threads: int | None = None, held_out: bool = True) -> QualityReport:
-    """End-to-end INT8 vs FP32 on ``conds`` ((name, [1, 3, H, W] float32) pairs); image k uses seed + k."""
+                    threads: int | None = None, held_out: bool = True,
+                    prologues: tuple[Callable, Callable] | None = None) -> QualityReport:
+    """End-to-end INT8 vs FP32 on ``conds`` ((name, [1, 3, H, W] float32) pairs); image k uses seed + k.
+
+    ``prologues`` (predict-and-refine): (FP32 prologue, INT8 prologue) as numpy functions; ``conds``
+    are then the rainy crops and each side conditions its steps on its own prologue's output.
+    """
     s32 = fp32_model if hasattr(fp32_model, "run") else make_session(fp32_model, threads=threads)
     s8 = int8_model if hasattr(int8_model, "run") else make_session(int8_model, threads=threads)
     schedule = DDIMSchedule(schedule_config)
     report = QualityReport(held_out=held_out)
     for k, (name, cond) in enumerate(conds):
-        a = run_ddim(s32, cond, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
-        b = run_ddim(s8, cond, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
+        c32, c8 = (cond, cond) if prologues is None else (prologues[0](cond), prologues[1](cond))
+        a = run_ddim(s32, c32, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
+        b = run_ddim(s8, c8, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
         report.images.append(ImageQuality(name=name, size=(int(cond.shape[2]), int(cond.shape[3])),
                                           psnr_db=psnr_float(a, b),
                                           psnr_y_db=psnr_y(from_model_output(a), from_model_output(b))))
@@ -122,7 +128,7 @@ def measure_latency(model, *, size: tuple[int, int], steps: int, descriptor: Ste
     """Seconds per frame (the whole S-step loop) of one model (a path or an open session)."""
     session = model if hasattr(model, "run") else make_session(model, threads=threads)
     schedule = DDIMSchedule(schedule_config or ScheduleConfig())
-    cond = np.clip(initial_noise((1, descriptor.channels, *size), seed + 1) * 0.5, -1, 1)
+    cond = np.clip(initial_noise((1, descriptor.cond_channels, *size), seed + 1) * 0.5, -1, 1)
     for _ in range(warmup):
         run_ddim(session, cond, schedule=schedule, steps=steps, seed=seed, descriptor=descriptor)
     times, cpu = [], []

@@ -28,7 +28,7 @@ from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, sha256_file
+from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
@@ -66,10 +66,7 @@ def native_profile(size_multiple: int, native: int) -> ShapeProfile:
                         max_size=(native, native))
 
 
-def prologue_name(artifact_name: str) -> str:
-    """``model.onnx`` -> ``model.prologue.onnx``; ``model.int8.onnx`` -> ``model.int8.prologue.onnx``."""
-    stem, dot, suffix = artifact_name.rpartition(".")
-    return f"{stem}.prologue.{suffix}" if dot else f"{artifact_name}.prologue"
+
 
 
 def verification_size(descriptor: StepDescriptor) -> tuple[int, int]:

@@ -21,6 +21,7 @@ update rounded to FP16); :func:`drop_cast_round_trips` removes those lossy round
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -34,7 +35,7 @@ from rd_export.precision import get_precision
 from rd_export.verify import check_report, compare_onnx
 from runtime.errors import ArtifactError, UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, sha256_file
+from runtime.manifest import Manifest, prologue_name, sha256_file
 
 __all__ = ["ISLANDS", "DEFAULT_ISLANDS", "convert_fp16", "drop_cast_round_trips", "make_fp16", "measure_islands",
            "island_report", "tensor_errors", "time_embedding_tensors"]
@@ -51,6 +52,8 @@ ISLANDS: dict[str, dict] = {
                     "reason": "a, b up to ~59 at high t amplify FP16 rounding of a*x_t - b*eps_hat"},
 }
 DEFAULT_ISLANDS: tuple[str, ...] = ("normalization", "softmax", "time_embedding", "ddim_update")
+#: the predict-and-refine prologue (P's U-Net: no time input, no softmax, no DDIM update)
+PROLOGUE_ISLANDS: tuple[str, ...] = ("normalization",)
 
 
 def _block_lists(model: onnx.ModelProto, islands: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -194,11 +197,19 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     check_model(fp16, min_opset=17, where=dest.name)
     check_signature(fp16, descriptor, where=dest.name)
     schedule = _schedule_config(src_manifest)
-    with atomic_path(dest) as tmp:
+    src_pro = src_manifest.prologue_path(src)
+    pro_dest = dest.with_name(prologue_name(dest.name)) if src_pro is not None else None
+    if src_pro is not None:  # the prologue converts the same way; only its GroupNorms stay FP32
+        pro16, _ = convert_fp16(load_model(src_pro), PROLOGUE_ISLANDS)
+        check_model(pro16, min_opset=17, where=pro_dest.name)
+        check_signature(pro16, descriptor.prologue(), where=pro_dest.name)
+    with atomic_path(dest) as tmp, (atomic_path(pro_dest) if pro_dest else contextlib.nullcontext()) as pro_tmp:
         onnx.save(fp16, str(tmp))
+        if pro_tmp is not None:
+            onnx.save(pro16, str(pro_tmp))
         progress(f"verifying {dest.name} against {src.name} ({steps} steps)")
         report = compare_onnx(tmp, src, steps=steps, seed=seed, size=verification_size(descriptor),
-                              schedule_config=schedule)
+                              schedule_config=schedule, reference_prologue=src_pro, candidate_prologue=pro_tmp)
         report = check_report(report, min_psnr_db=spec.min_psnr_db, max_step_abs=spec.max_step_abs,
                               what=dest.name)
         import onnxruntime
@@ -209,6 +220,9 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
         extra = {k: v for k, v in src_manifest.extra.items() if k not in ("verification", "created", "fp32_islands")}
         extra["source"] = dict(src_manifest.get("source", {}), onnx=src.name, onnx_sha256=src_manifest.sha256)
         extra.update(fp32_islands=report_islands["islands"], verification=report, created=_now())
+        if pro_tmp is not None:
+            extra["prologue"] = dict(src_manifest.prologue, artifact=pro_dest.name, sha256=sha256_file(pro_tmp),
+                                     precision="fp16", fp32_islands=list(PROLOGUE_ISLANDS))
         extra["fp16"] = {"converter": "onnxruntime.transformers.float16.convert_float_to_float16",
                          "keep_io_types": True,
                          "cast_round_trips_removed": report_islands["cast_round_trips_removed"]}

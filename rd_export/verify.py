@@ -257,18 +257,32 @@ def compare_to_torch(onnx_path: str | os.PathLike, estimator, *, steps: int = 10
 def compare_onnx(candidate: str | os.PathLike | StepFn, reference: str | os.PathLike | StepFn, *,
                  steps: int = 10, seed: int = 0, size: tuple[int, int] = (64, 64), batch: int = 1,
                  schedule_config: ScheduleConfig | None = None, cond: np.ndarray | None = None,
-                 check_every_step: bool = True) -> dict:
+                 check_every_step: bool = True, reference_prologue=None, candidate_prologue=None) -> dict:
     """Verify a derived artifact (FP16, INT8) against the FP32 ONNX, both via onnxruntime.
 
     Per-step errors at high/middle/low t on the reference trajectory's inputs; end-to-end PSNR
     of the two loops; ``finite`` is False if any step of the candidate's own loop produced NaN or
     Inf (checked at every step when ``check_every_step``).
+
+    Predict-and-refine: ``cond`` (or the synthetic image) is the rainy y and each side computes its
+    condition with its own prologue (paths or numpy functions; the candidate falls back to the
+    reference's): the end-to-end PSNR covers both graphs, ``prologue_psnr_db`` the estimates P(y).
     """
     cand = candidate if callable(candidate) else OnnxStep(candidate)
     ref = reference if callable(reference) else OnnxStep(reference)
     if cond is None:
         cond = verification_cond(batch, size[0], size[1], seed)
     cond = np.ascontiguousarray(cond, dtype=np.float32)
+    cand_cond = cond
+    pro_psnr = None
+    if reference_prologue is not None:
+        ref_pro = reference_prologue if callable(reference_prologue) else OnnxPrologue(reference_prologue)
+        cand_pro = ref_pro if candidate_prologue is None else (
+            candidate_prologue if callable(candidate_prologue) else OnnxPrologue(candidate_prologue))
+        rainy = cond
+        cond = ref_pro(rainy)
+        cand_cond = cond if cand_pro is ref_pro else cand_pro(rainy)
+        pro_psnr = psnr(cand_cond[:, 3:], cond[:, 3:])
     ref_x0, traj = sample(ref, cond, steps=steps, seed=seed, schedule_config=schedule_config, record=True)
     ref_out = {i: (traj[i + 1]["x_t"] if i + 1 < len(traj) else ref_x0) for i in step_points(steps).values()}
     rows, finite = _per_step(cand, None, traj, ref_out)
@@ -281,9 +295,11 @@ def compare_onnx(candidate: str | os.PathLike | StepFn, reference: str | os.Path
             nonfinite_steps.append(int(t[0]))
         return out
 
-    x0 = sample(watched, cond, steps=steps, seed=seed, schedule_config=schedule_config)
-    finite = finite and not nonfinite_steps and _finite(x0)
+    x0 = sample(watched, cand_cond, steps=steps, seed=seed, schedule_config=schedule_config)
+    finite = finite and not nonfinite_steps and _finite(x0) and _finite(cand_cond)
+    extra = {} if pro_psnr is None else {"prologue_psnr_db": pro_psnr}
     return {
+        **extra,
         "reference": "fp32",
         "steps": steps,
         "seed": seed,

@@ -158,6 +158,7 @@ class Derainer:
                 extra = " (or 0: the predictor's estimate alone)" if self._backend.has_prologue else ""
                 raise UsageError(f"{e}{extra}") from None
             self._backend.set_schedule(self._schedule.timesteps, self._schedule.coefficients())
+            self._warn_uncalibrated()
         self._steps = int(steps)
         self._seed = seed
 
@@ -193,6 +194,20 @@ class Derainer:
         if lim is not None and not lim.min_batch <= batch <= lim.max_batch:
             raise UsageError(f"batch {batch} is outside the engine's profile {lim.min_batch}..{lim.max_batch}")
         self._batch = int(batch)
+
+    def _warn_uncalibrated(self) -> None:
+        """An INT8 artifact's activation ranges hold for the timesteps it was calibrated on; warn
+        (once, here) when this schedule steps at others."""
+        calibrated = (self.manifest.get("calibration") or {}).get("timesteps")
+        if self.manifest.precision != "int8" or not isinstance(calibrated, list):
+            return
+        outside = sorted(set(int(t) for t in self._schedule.timesteps) - {int(t) for t in calibrated}, reverse=True)
+        if outside:
+            counts = (self.manifest.get("calibration") or {}).get("calibrated_step_counts")
+            hint = f"; calibrated step counts: {counts}" if counts else ""
+            warnings.warn(f"{self.artifact.name} was not calibrated at timesteps {outside} of "
+                          f"{len(self._schedule.timesteps)} steps: INT8 quality there is not measured{hint}",
+                          UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -21,7 +21,7 @@ from runtime.errors import ArtifactError, ManifestError
 from runtime.io import atomic_write_bytes
 from runtime.schedule import MIN_STEPS, steps_error
 
-__all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "sha256_file"]
+__all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "prologue_name", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -59,6 +59,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def prologue_name(artifact_name: str) -> str:
+    """The prologue file of a step artifact: ``model.onnx`` -> ``model.prologue.onnx``,
+    ``model.int8.onnx`` -> ``model.int8.prologue.onnx``, ``model.trt.plan`` -> ``model.trt.prologue.plan``."""
+    stem, dot, suffix = artifact_name.rpartition(".")
+    return f"{stem}.prologue.{suffix}" if dot else f"{artifact_name}.prologue"
 
 
 def manifest_path_for(artifact: str | os.PathLike) -> Path:

@@ -43,8 +43,12 @@ def test_artifacts_and_manifest(tiny_int8, tiny_fp32, steps):
     c = m.get("calibration")
     sched = DDIMSchedule(ScheduleConfig(**{k: fp32.schedule[k] for k in ("num_train_timesteps", "beta_start",
                                                                          "beta_end")}))
-    assert c["timesteps"] == sched.set_timesteps(steps).tolist()  # every step of the trajectory
-    assert c["samples"] == 4 * steps and c["samples_per_timestep"] == [4]
+    # every step of every calibrated step count: 2, 3, 5, 10 and the build's own
+    counts = sorted({2, 3, 5, 10, steps})
+    assert c["calibrated_step_counts"] == counts
+    union = sorted({int(t) for n in counts for t in sched.set_timesteps(n)}, reverse=True)
+    assert c["timesteps"] == union
+    assert c["samples"] == 4 * sum(counts)
     assert c["sizes"] == [[32, 32], [16, 16]]
     assert not set(c["images"]) & set(c["held_out_images"]) and len(c["held_out_images"]) == 2
     assert c["recipe"] == "s8" and c["activation_symmetric"] is True
@@ -60,6 +64,18 @@ def test_artifacts_and_manifest(tiny_int8, tiny_fp32, steps):
     assert cc["recipe"] == "u8r" and cc["graph"]["activation_types"] == ["uint8"] and "7-bit" in cc["weights"]
     assert "not TensorRT" in cc["target"] and cc["siblings"] == {"tensorrt": "model.int8.onnx"}
     assert cpu.get("verification")["semantics"] == "onnxruntime CPU kernels"
+
+
+def test_steps_outside_the_calibrated_timesteps_warn_once(tiny_int8):
+    import warnings
+
+    from runtime.derainer import Derainer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Derainer(tiny_int8, steps=3, threads=1).close()  # calibrated: no warning
+    with pytest.warns(UserWarning, match=r"not calibrated at timesteps \[858, 715, 572"):
+        Derainer(tiny_int8, steps=7, threads=1).close()
 
 
 def test_quality_floor(tiny_int8):
@@ -157,10 +173,13 @@ def test_from_checkpoint_through_the_real_exporter(tiny_checkpoint, rainy_dir, t
     from calibration import build_int8_from_checkpoint
 
     int8 = build_int8_from_checkpoint(tiny_checkpoint, rainy_dir, tmp_path, steps=2, calib_images=2, eval_images=1,
-                                      sizes=[64], cpu_variant=False, latency=False, min_psnr_db=None)
+                                      sizes=[32], cpu_variant=False, latency=False, min_psnr_db=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.json", "model.int8.onnx", "model.json",
                                                           "model.onnx"]
     m = Manifest.for_artifact(int8)
     assert m.get("source")["checkpoint"] == tiny_checkpoint.name and m.get("source")["onnx"] == "model.onnx"
     assert len(m.get("calibration")["fp32_nodes"]) == 3
-    assert m.get("calibration")["timesteps"] == [501, 1]
+    sched = DDIMSchedule()
+    union = sorted({int(t) for n in (2, 3, 5, 10) for t in sched.set_timesteps(n)}, reverse=True)
+    c = m.get("calibration")
+    assert c["timesteps"] == union and c["calibrated_step_counts"] == [2, 3, 5, 10]
