@@ -29,7 +29,7 @@ def refine_int8(tmp_path_factory, rainy_dir):
 
 
 def test_both_graphs_are_quantized(refine_int8):
-    fp32, int8 = refine_int8
+    _, int8 = refine_int8
     names = sorted(p.name for p in int8.parent.iterdir() if p.suffix in (".onnx", ".json"))
     assert {"model.int8.onnx", "model.int8.prologue.onnx", "model.int8.cpu.onnx", "model.int8.cpu.prologue.onnx",
             "model.int8.json", "model.int8.cpu.json"} <= set(names)
