@@ -490,6 +490,9 @@ class FakeCudart(types.ModuleType):
             self._submit(stream, op)
         return OK
 
+    def cudaGraphGetNodes(self, graph, numNodes: int = 0):
+        return (cudaError_t.cudaSuccess, list(graph.ops), len(graph.ops))
+
     def cudaGraphExecDestroy(self, graph_exec):
         self._log("cudaGraphExecDestroy")
         return OK
