@@ -330,7 +330,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         if verify:
             progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']} (profile min, opt, max)")
             extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.default_steps,
-                                                  seed=seed, schedule=src.schedule,
+                                                  seed=seed, schedule=src.schedule, device=gpu["device"],
                                                   allow_host_code=bool(version_compatible))
         extra["created"] = _now()
         manifest = Manifest(artifact=dest.name, format="trt", precision=src.precision, model=src.model,
@@ -410,7 +410,8 @@ def _step_inputs(descriptor: StepDescriptor, batch: int, h: int, w: int, t: int,
 
 
 def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDescriptor, *, steps: int = 10,
-                  seed: int = 0, schedule: dict | None = None, allow_host_code: bool = False) -> dict:
+                  seed: int = 0, schedule: dict | None = None, device: int = 0,
+                  allow_host_code: bool = False) -> dict:
     """Engine vs its ONNX (onnxruntime CPU): the DDIM loop at the profile's minimum, single
     steps at high / middle / low t at its optimum and maximum. Raises VerificationError naming
     the shape and the number that failed; returns the report (with ``profile_points``)."""
@@ -425,7 +426,7 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
     timesteps = sched.set_timesteps(steps)
     coefs = sched.coefficients()
     d = descriptor
-    step = EngineStep(plan, d, allow_host_code=allow_host_code)
+    step = EngineStep(plan, d, device=device, allow_host_code=allow_host_code)
     try:
         reference = OnnxStep(onnx_path)
         h, w = d.profile.min_size

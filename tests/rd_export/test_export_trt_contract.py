@@ -334,3 +334,15 @@ def test_engine_step_reuses_buffers_per_shape(onnx_copy, cudart, monkeypatch):
         step(*(np.zeros((4, 3, 32, 32), np.float32),) * 2, np.zeros(4, np.float32), np.zeros((4, 4), np.float32))
     step.close()
     assert not cudart.memory and not cudart.pinned
+
+
+def test_version_compatible_is_a_build_option_for_plans_only(onnx_copy, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from rd_export.cli import app
+    from rd_export.pipeline import BuildOptions, build
+
+    with pytest.raises(UsageError, match="--version-compatible applies to TensorRT plans"):
+        build(onnx_copy, tmp_path_factory.mktemp("o"), BuildOptions(fmt="onnx", version_compatible=True))
+    result = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--version-compatible" in result.output
