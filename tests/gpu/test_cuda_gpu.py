@@ -225,7 +225,8 @@ def test_table_upload_is_ordered_before_the_steps(gpu, record_property):
     host.view()[:] = coef_rows.reshape(-1).view(np.uint8)
     gpu.sleep_on_default_stream(cycles)
     kind = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-    assert cudart.cudaMemcpyAsync(ex.pointer("coef"), host.ptr, coef_rows.nbytes, kind, 0)[0] == 0
+    legacy = cudart.cudaStream_t(cudart.cudaStreamLegacy)  # the form cuda-python's own tests use
+    assert cudart.cudaMemcpyAsync(ex.pointer("coef"), host.ptr, coef_rows.nbytes, kind, legacy)[0] == 0
     raced = _frame(be, x, cond)  # steps on the non-blocking stream do not wait for it
     gpu.synchronize()
     ex.device.free_host(host)
