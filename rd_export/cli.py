@@ -136,6 +136,10 @@ def build(
                                                                       "(default 3).")] = None,
     timing_cache: Annotated[Path | None, typer.Option(dir_okay=False, help=(
         "TensorRT timing cache file, loaded if present and updated (default: OUT/timing.cache)."))] = None,
+    version_compatible: Annotated[bool, typer.Option("--version-compatible", help=(
+        "TensorRT: build a version-compatible plan (runs on this TensorRT release and later ones of the same major "
+        "version, a TensorRT 10 plan also on 11; can be slower; it carries host code, so load only plans you "
+        "trust)."))] = False,
     calib: Annotated[Path | None, typer.Option(help=(
         "Calibration image folder of real rainy photos, for precisions that need one (INT8)."))] = None,
     calib_images: Annotated[int | None, typer.Option(min=1, help=(
@@ -168,6 +172,7 @@ def build(
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,
             timing_cache=timing_cache or ((out or source.parent) / "timing.cache"),
+            version_compatible=version_compatible,
             options={"calib": calib, "calib_images": calib_images, "method": calib_method,
                      "target_psnr_db": calib_target_psnr, "max_fp32_layers": calib_max_fp32},
         )

@@ -103,6 +103,7 @@ class BuildOptions:
     workspace: int | None = None
     opt_level: int | None = None
     timing_cache: Path | None = None
+    version_compatible: bool = False  # TensorRT BuilderFlag.VERSION_COMPATIBLE (runs on later releases)
     #: extra options of a precision's derive() (e.g. {"calib": Path} for INT8)
     options: dict = field(default_factory=dict)
 
@@ -160,6 +161,8 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
     fmt = opts.fmt or ("all" if kind == "checkpoint" else "trt")
     if fmt not in ("onnx", "trt", "all"):
         raise UsageError(f"format must be onnx, trt or all, got {fmt!r}")
+    if opts.version_compatible and fmt == "onnx":
+        raise UsageError("--version-compatible applies to TensorRT plans; use --format trt or all")
     if opts.model not in (None, "derain", "rain"):
         raise UsageError(f"model must be derain or rain, got {opts.model!r}")
     result = BuildResult()
@@ -216,7 +219,8 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
         kwargs = {k: v for k, v in (("workspace", opts.workspace), ("opt_level", opts.opt_level)) if v is not None}
         plan = build_engine(target, out=out / plan_name(target), min_size=opts.min_size, opt_size=opts.opt_size,
                             max_size=opts.max_size, batch=opts.batch, timing_cache=opts.timing_cache,
-                            steps=opts.steps, seed=opts.seed, progress=progress, **kwargs)
+                            version_compatible=opts.version_compatible, steps=opts.steps, seed=opts.seed,
+                            progress=progress, **kwargs)
         result.artifacts.append(BuiltArtifact.from_path(plan))
     return result
 
@@ -305,8 +309,9 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
     shapes = extra_shapes(descriptor)
     if manifest.format == "trt":
         from rd_export.tensorrt import ENGINE_MIN_PSNR_DB, EngineStep
+        from runtime.backends.tensorrt import version_compatible
 
-        candidate = EngineStep(artifact.read_bytes())
+        candidate = EngineStep(artifact.read_bytes(), descriptor, allow_host_code=version_compatible(manifest))
         min_psnr, max_abs, shapes = ENGINE_MIN_PSNR_DB, None, []
     progress(f"verifying {artifact.name} against torch ({steps} steps)")
     try:

@@ -2,14 +2,27 @@
 
 One path serves both (DESIGN.md): the network is created **strongly typed**
 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; deprecated-but-accepted in TensorRT 11, where
-every network is strongly typed), so precision comes from the ONNX (FP16 casts, later Q/DQ for
-INT8) and no ``BuilderFlag.FP16/INT8`` or INT8 calibrator is used (TensorRT 11 removed them).
-Builder settings: one optimisation profile from the step descriptor, a workspace memory-pool
-limit, ``builder_optimization_level``, and a timing cache file that is loaded when present and
-saved (atomically) after the build. The plan is written raw (no header: trtexec, Triton and C++
-loaders read it, ultralytics#22910) through a temporary file; the sidecar manifest records the
-TensorRT version, the GPU's name and compute capability (a plan only runs where it was built)
-and the build flags.
+every network is strongly typed), so precision comes from the ONNX (FP16 casts, Q/DQ for INT8)
+and no ``BuilderFlag.FP16/INT8`` or INT8 calibrator is used (TensorRT 11 removed them).
+Builder settings: one optimisation profile from the step descriptor's tensor specs, a workspace
+memory-pool limit, ``builder_optimization_level``, a timing cache file loaded when present and
+saved (atomically) after the build, and optionally ``BuilderFlag.VERSION_COMPATIBLE`` (the plan
+then runs on later TensorRT releases: runtime/backends/tensorrt.py has the rule). The plan is
+written raw (no header: trtexec, Triton and C++ loaders read it, ultralytics#22910) through a
+temporary file; the sidecar manifest records the TensorRT version, the GPU's name and compute
+capability (a plan only runs where it was built), ``version_compatible`` and the build flags.
+
+Refused before TensorRT is touched: a Q/DQ graph with unsigned or non-zero zero points (the
+``.int8.cpu.onnx`` made for onnxruntime on x86): TensorRT executes only symmetric signed INT8
+(its parser asserts "TRT only supports symmetric quantization - zeroPt must be all zeros",
+onnx/tensorflow-onnx#1713), so the message names the ``.int8.onnx`` to build instead.
+
+Verification runs the engine through the one TensorRT executor the runtime uses
+(runtime/backends/trt_executor.py) against its ONNX through onnxruntime: the whole DDIM loop at
+the profile's minimum shape, and single steps at high, middle and low t at the optimum and the
+maximum shape (batch included), FP16 plans too: FP16 overflow in normalisation statistics
+(what rd_export/fp16.py keeps FP32 islands for) grows with the pixel count, so it shows at the
+large end of the profile, not at the small one.
 
 ``tensorrt`` and ``cuda-python`` (``cuda.bindings``) are imported lazily: without them
 everything else in the toolkit works and the user gets one line saying what to install.
@@ -21,6 +34,8 @@ pins the calls. ``pytest -m trt`` runs the real build + parity where TensorRT ex
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
@@ -30,8 +45,12 @@ import numpy as np
 
 from rd_export.precision import plan_name
 from runtime.artifacts import check_external_data
+from runtime.backends.cuda_backend import spec_shapes
+from runtime.backends.cuda_device import CudaDevice, CudaError
+from runtime.backends.trt_executor import Executor, TensorRTEngine, capturing_logger
+from runtime.backends.trt_executor import import_tensorrt as _import_tensorrt
 from runtime.descriptor import ShapeProfile, StepDescriptor
-from runtime.errors import ArtifactError, DependencyError, RDError, UsageError
+from runtime.errors import ArtifactError, DependencyError, UsageError, VerificationError
 from runtime.io import atomic_path, atomic_write_bytes
 from runtime.manifest import Manifest, sha256_file
 
@@ -46,7 +65,9 @@ __all__ = [
     "tensorrt_version",
     "gpu_info",
     "build_engine",
+    "check_tensorrt_quantization",
     "EngineStep",
+    "verify_engine",
 ]
 
 INSTALL_HINT = (
@@ -55,31 +76,25 @@ INSTALL_HINT = (
 )
 DEFAULT_WORKSPACE = 2 << 30  # 2 GiB
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default; 0-5
-#: engine vs the ONNX it was built from (onnxruntime CPU), end-to-end PSNR. TF32/FP16 kernels
-#: differ from CPU FP32 arithmetic; this bound is the FP16 ONNX bound, not yet measured on a GPU.
+#: engine vs the ONNX it was built from (onnxruntime CPU): end-to-end PSNR at the profile's
+#: minimum, and per-step PSNR at its optimum and maximum. TF32/FP16 kernels differ from CPU FP32
+#: arithmetic; this bound is the FP16 ONNX bound, not yet measured on a GPU.
 ENGINE_MIN_PSNR_DB = 40.0
+#: PSNR reported for identical step outputs (finite JSON)
+_PSNR_CAP = 200.0
 
 
 # --------------------------------------------------------------------------- lazy imports
 def import_tensorrt():
     """The ``tensorrt`` module, or DependencyError with the one-line install hint."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise DependencyError(INSTALL_HINT) from None
-    return trt
+    return _import_tensorrt(INSTALL_HINT)
 
 
 def import_cudart():
     """cuda-python's runtime API: ``cuda.bindings.runtime`` (>= 12.6) or the older ``cuda.cudart``."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        try:
-            from cuda import cudart  # cuda-python < 12.6
-        except ImportError:
-            raise DependencyError(INSTALL_HINT) from None
-    return cudart
+    from runtime.backends.cuda_device import import_cudart as _import_cudart
+
+    return _import_cudart(INSTALL_HINT)
 
 
 def tensorrt_available() -> bool:
@@ -95,50 +110,20 @@ def tensorrt_version() -> str:
     return str(import_tensorrt().__version__)
 
 
-def _check_cuda(cudart, result, what: str):
-    """cuda-python calls return (err, *values); raise on err != cudaSuccess, return the values."""
-    if not isinstance(result, tuple):
-        result = (result,)
-    err, values = result[0], result[1:]
-    if err != cudart.cudaError_t.cudaSuccess:
-        raise ArtifactError(f"CUDA {what} failed: {err}")
-    return values[0] if len(values) == 1 else values
-
-
 def gpu_info(device: int | None = None) -> dict:
-    """{"name", "compute_capability": "8.9", "device"} of the current (or given) CUDA device."""
+    """{"name", "compute_capability": "8.9", "device"} of the current (or given) CUDA device.
+
+    Raises CudaError (exit 1) when CUDA fails, DependencyError without cuda-python.
+    """
     cudart = import_cudart()
     if device is None:
-        device = int(_check_cuda(cudart, cudart.cudaGetDevice(), "cudaGetDevice"))
-    props = _check_cuda(cudart, cudart.cudaGetDeviceProperties(device), "cudaGetDeviceProperties")
-    name = props.name
-    if isinstance(name, (bytes, bytearray)):
-        name = bytes(name).split(b"\x00", 1)[0].decode("utf-8", "replace")
-    return {"name": str(name).strip(), "compute_capability": f"{int(props.major)}.{int(props.minor)}",
-            "device": int(device)}
+        device = int(CudaDevice(0, cudart=cudart).check(cudart.cudaGetDevice(), "cudaGetDevice"))
+    cuda = CudaDevice(device, cudart=cudart)
+    major, minor = cuda.compute_capability()
+    return {"name": cuda.name(), "compute_capability": f"{major}.{minor}", "device": int(device)}
 
 
 # --------------------------------------------------------------------------- build
-def _capturing_logger(trt):
-    """A trt.ILogger keeping warnings and errors, so build failures can quote them."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.messages: list[tuple[object, str]] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR,
-                            trt.ILogger.Severity.WARNING):
-                self.messages.append((severity, str(msg)))
-
-        def errors(self) -> list[str]:
-            return [m for s, m in self.messages
-                    if s in (trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR)]
-
-    return _Logger()
-
-
 def resolve_profile(descriptor: StepDescriptor, *, min_size: Sequence[int] | None = None,
                     opt_size: Sequence[int] | None = None, max_size: Sequence[int] | None = None,
                     batch: int | Sequence[int] | None = None) -> ShapeProfile:
@@ -176,20 +161,94 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
+def _host_bytes(blob) -> bytes:
+    """IHostMemory / buffer -> bytes."""
+    if isinstance(blob, (bytes, bytearray)):
+        return bytes(blob)
+    return bytes(memoryview(blob))
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def profile_shapes(descriptor: StepDescriptor, profile: ShapeProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) shape of every input of the descriptor: names and fixed axes (channels)
+    from its tensor specs, batch / height / width from the profile."""
+    points = [spec_shapes(descriptor, b, *hw) for b, hw in ((profile.min_batch, profile.min_size),
+                                                            (profile.opt_batch, profile.opt_size),
+                                                            (profile.max_batch, profile.max_size))]
+    return {n: tuple(p[n] for p in points) for n in descriptor.input_names}
+
+
+def check_tensorrt_quantization(onnx_path: str | os.PathLike, manifest: Manifest) -> None:
+    """UsageError when the ONNX is a Q/DQ graph TensorRT cannot build (unsigned or non-zero zero points).
+
+    Checked from the manifest's ``calibration`` section first (the ``.int8.cpu.onnx`` of
+    calibration/ says ``activation_symmetric: false`` and names its TensorRT sibling), then in
+    the graph itself, so a hand-made asymmetric graph is refused too.
+    """
+    onnx_path = Path(onnx_path)
+    cal = manifest.get("calibration") if isinstance(manifest.get("calibration"), dict) else {}
+    sibling = (cal.get("siblings") or {}).get("tensorrt") if isinstance(cal.get("siblings"), dict) else None
+    name = onnx_path.name
+    if sibling is None and name.endswith(".int8.cpu.onnx"):
+        sibling = name[: -len(".int8.cpu.onnx")] + ".int8.onnx"
+    use = (f"; build {onnx_path.with_name(sibling)} instead: rd-export build {onnx_path.with_name(sibling)} "
+           f"--format trt" if sibling else "; calibrate with `rd-export build ... --precision int8`, whose "
+                                          "<stem>.int8.onnx is symmetric")
+    why = (f"{name} is an INT8 graph with unsigned asymmetric activations (for onnxruntime on x86 CPUs); "
+           f"TensorRT runs only symmetric signed INT8 (zero point 0)")
+    if cal.get("activation_symmetric") is False:
+        raise UsageError(why + use)
+    bad = _asymmetric_qdq(onnx_path)
+    if bad:
+        raise UsageError(f"{name} has Q/DQ nodes with unsigned or non-zero zero points ({bad}); TensorRT runs only "
+                         f"symmetric signed INT8 (zero point 0){use}")
+
+
+def _asymmetric_qdq(onnx_path: Path) -> str | None:
+    """The first Q/DQ node whose zero point is uint8 or non-zero ("node (why)"), or None."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.HasField("t"):
+                    consts[node.output[0]] = a.t
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3 or not node.input[2]:
+            continue
+        zp = consts.get(node.input[2])
+        if zp is None:
+            continue
+        if zp.data_type == onnx.TensorProto.UINT8:
+            return f"{node.name or node.op_type}: uint8 zero point"
+        if zp.data_location != onnx.TensorProto.EXTERNAL and np.any(numpy_helper.to_array(zp) != 0):
+            return f"{node.name or node.op_type}: non-zero zero point"
+    return None
+
+
 def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None = None, *,
                  out: str | os.PathLike | None = None, min_size: Sequence[int] | None = None,
                  opt_size: Sequence[int] | None = None, max_size: Sequence[int] | None = None,
                  batch: int | Sequence[int] | None = None, workspace: int = DEFAULT_WORKSPACE,
                  timing_cache: str | os.PathLike | None = None, opt_level: int = DEFAULT_OPT_LEVEL,
-                 verify: bool = True, steps: int | None = None, seed: int = 0,
+                 version_compatible: bool = False, verify: bool = True, steps: int | None = None, seed: int = 0,
                  progress: Callable[[str], None] | None = None) -> Path:
     """Build ``<stem>.trt.plan`` (+ ``<stem>.trt.json``) from an ONNX artifact and its manifest.
 
     ``descriptor`` defaults to the ONNX manifest's; the size/batch arguments override its
-    profile. With ``verify`` the engine is run on this GPU against the ONNX through onnxruntime
-    (end-to-end PSNR >= ENGINE_MIN_PSNR_DB, no NaN) before anything is written as done.
-    Raises DependencyError (no tensorrt / cuda-python), ArtifactError (parser or build failure,
-    with TensorRT's messages), UsageError (bad profile), VerificationError.
+    profile. ``version_compatible`` sets ``BuilderFlag.VERSION_COMPATIBLE`` (the plan runs on
+    later TensorRT releases; TensorRT notes such plans can be slower). With ``verify`` the
+    engine is run on this GPU against the ONNX through onnxruntime (see the module docstring)
+    before anything is written as done. Raises DependencyError (no tensorrt / cuda-python),
+    ArtifactError (parser or build failure, with TensorRT's messages), UsageError (bad profile,
+    an ONNX TensorRT cannot build), CudaError (the GPU failed, e.g. out of memory),
+    VerificationError.
     """
     from rd_export.export import load_onnx_manifest
 
@@ -197,10 +256,10 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     onnx_path = Path(onnx_path)
     src = load_onnx_manifest(onnx_path)  # hash-checked before the GPU is touched
     check_external_data(onnx_path)  # TensorRT's parser would open external-data files as named
+    check_tensorrt_quantization(onnx_path, src)
     descriptor = descriptor or src.step_descriptor
     profile = resolve_profile(descriptor, min_size=min_size, opt_size=opt_size, max_size=max_size, batch=batch)
-    descriptor = StepDescriptor(size_multiple=descriptor.size_multiple, channels=descriptor.channels,
-                                profile=profile, opset=descriptor.opset)
+    descriptor = dataclasses.replace(descriptor, profile=profile)
     if not 0 <= int(opt_level) <= 5:
         raise UsageError(f"builder optimisation level {opt_level} is outside 0..5")
     if int(workspace) <= 0:
@@ -213,7 +272,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         raise UsageError(f"{dest}: engine files are named <stem>.trt.plan")
 
     progress(f"parsing {onnx_path.name} (TensorRT {trt.__version__}, {gpu['name']} sm_{gpu['compute_capability']})")
-    logger = _capturing_logger(trt)
+    logger = capturing_logger(trt)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
@@ -225,8 +284,10 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
     config.builder_optimization_level = int(opt_level)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # TensorRT "Version Compatibility"
     trt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile.shapes(descriptor.channels).items():
+    for name, (lo, opt, hi) in profile_shapes(descriptor, profile).items():
         trt_profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(trt_profile)
 
@@ -237,7 +298,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
 
     progress(f"building engine (profile batch {profile.min_batch}..{profile.max_batch}, "
              f"{profile.min_size[0]}x{profile.min_size[1]}..{profile.max_size[0]}x{profile.max_size[1]}, "
-             f"opt level {opt_level})")
+             f"opt level {opt_level}{', version-compatible' if version_compatible else ''})")
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         errors = logger.errors()
@@ -249,6 +310,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
 
     build_flags = {
         "strongly_typed": True,
+        "version_compatible": bool(version_compatible),
         "workspace_bytes": int(workspace),
         "builder_optimization_level": int(opt_level),
         "timing_cache": cache_path.name if cache_path is not None else None,
@@ -263,11 +325,13 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         extra = {k: v for k, v in src.extra.items() if k not in ("verification", "created", "tensorrt", "source")}
         extra["source"] = dict(src.get("source", {}), onnx=onnx_path.name, onnx_sha256=src.sha256)
         extra["tensorrt"] = {"version": str(trt.__version__), "gpu_name": gpu["name"],
-                             "compute_capability": gpu["compute_capability"], "build_flags": build_flags}
+                             "compute_capability": gpu["compute_capability"],
+                             "version_compatible": bool(version_compatible), "build_flags": build_flags}
         if verify:
-            progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']}")
+            progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']} (profile min, opt, max)")
             extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.default_steps,
-                                                  seed=seed, schedule=src.schedule)
+                                                  seed=seed, schedule=src.schedule, device=gpu["device"],
+                                                  allow_host_code=bool(version_compatible))
         extra["created"] = _now()
         manifest = Manifest(artifact=dest.name, format="trt", precision=src.precision, model=src.model,
                             sha256=sha256_file(tmp), descriptor=descriptor.to_dict(), schedule=src.schedule,
@@ -277,85 +341,130 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
 
 # --------------------------------------------------------------------------- run (verification)
 class EngineStep:
-    """The fused step on a TensorRT plan, as a numpy function (cuda-python buffers, one stream).
+    """The fused step of a TensorRT plan as a numpy function, through the runtime's executor.
 
-    Minimal by design (verification only; the runtime's TensorRT backend is the product): device
-    buffers are reallocated when the input shape changes, every enqueue's return value is checked.
+    Buffers are named after the descriptor's tensors and kept while the shapes stay (allocated
+    once per shape), every copy and enqueue runs on the executor's stream, every enqueue's
+    result is checked. ``allow_host_code``: the plan was built version-compatible.
     """
 
-    def __init__(self, plan: bytes) -> None:
+    def __init__(self, plan: bytes, descriptor: StepDescriptor | None = None, *, device: int = 0,
+                 allow_host_code: bool = False) -> None:
+        self.descriptor = descriptor or StepDescriptor(size_multiple=1)
         trt = import_tensorrt()
-        self.trt, self.cudart = trt, import_cudart()
-        self.logger = _capturing_logger(trt)
-        self.runtime = trt.Runtime(self.logger)
-        self.engine = self.runtime.deserialize_cuda_engine(plan)
-        if self.engine is None:
-            raise ArtifactError("TensorRT could not deserialize the plan: " + " | ".join(self.logger.errors()))
-        self.context = self.engine.create_execution_context()
-        self.stream = _check_cuda(self.cudart, self.cudart.cudaStreamCreate(), "cudaStreamCreate")
-        self.names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self._buffers: dict[str, tuple[int, int]] = {}
-
-    def _buffer(self, name: str, nbytes: int) -> int:
-        ptr, size = self._buffers.get(name, (0, 0))
-        if size < nbytes:
-            if ptr:
-                _check_cuda(self.cudart, self.cudart.cudaFree(ptr), "cudaFree")
-            ptr = int(_check_cuda(self.cudart, self.cudart.cudaMalloc(nbytes), "cudaMalloc"))
-            self._buffers[name] = (ptr, nbytes)
-        return ptr
+        self.executor = Executor(CudaDevice(device, cudart=import_cudart()))
+        try:
+            self.engine = TensorRTEngine(plan, trt=trt, name="TensorRT engine", allow_host_code=allow_host_code)
+        except BaseException:
+            self.executor.close()
+            raise
 
     def __call__(self, x_t: np.ndarray, cond: np.ndarray, t: np.ndarray, coef: np.ndarray) -> np.ndarray:
-        cudart = self.cudart
-        d = StepDescriptor
-        feeds = {d.X: x_t, d.COND: cond, d.T: t, d.COEF: coef}
-        h2d, d2h = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-        for name, arr in feeds.items():
-            arr = np.ascontiguousarray(arr, dtype=np.float32)
-            feeds[name] = arr
-            if not self.context.set_input_shape(name, tuple(arr.shape)):
-                raise ArtifactError(f"engine rejected input shape {name}{tuple(arr.shape)} (outside its profile?)")
-            ptr = self._buffer(name, arr.nbytes)
-            _check_cuda(cudart, cudart.cudaMemcpyAsync(ptr, arr.ctypes.data, arr.nbytes, h2d, self.stream),
-                        "cudaMemcpyAsync H2D")
-            self.context.set_tensor_address(name, ptr)
-        out = np.empty(tuple(self.context.get_tensor_shape(d.OUT)), dtype=np.float32)
-        out_ptr = self._buffer(d.OUT, out.nbytes)
-        self.context.set_tensor_address(d.OUT, out_ptr)
-        if not self.context.execute_async_v3(int(self.stream)):
-            raise ArtifactError("TensorRT enqueue failed: " + " | ".join(self.logger.errors()[-3:]))
-        _check_cuda(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, out_ptr, out.nbytes, d2h, self.stream),
-                    "cudaMemcpyAsync D2H")
-        _check_cuda(cudart, cudart.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
-        return out
+        d = self.descriptor
+        return self.executor.run(self.engine, {d.X: x_t, d.COND: cond, d.T: t, d.COEF: coef})[d.OUT]
 
     def close(self) -> None:
-        for ptr, _ in self._buffers.values():
-            self.cudart.cudaFree(ptr)
-        self._buffers.clear()
-        if self.stream is not None:
-            self.cudart.cudaStreamDestroy(self.stream)
-            self.stream = None
+        self.executor.close()
+        self.engine.close()
+
+
+def _step_psnr(got: np.ndarray, want: np.ndarray) -> float:
+    """PSNR of one step's output with the peak set to the reference's value range (x_t is not in [-1, 1])."""
+    if not (np.isfinite(got).all() and np.isfinite(want).all()):
+        return float("nan")
+    mse = float(np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2))
+    peak = float(want.max() - want.min()) or 1.0
+    return _PSNR_CAP if mse == 0.0 else min(_PSNR_CAP, 10.0 * math.log10(peak**2 / mse))
+
+
+def _profile_points(descriptor: StepDescriptor) -> list[tuple[str, int, int, int]]:
+    """(label, batch, height, width) of the profile's optimum and maximum, without repeating the minimum."""
+    p = descriptor.profile
+    seen = {(p.min_batch, *p.min_size)}
+    points = []
+    for label, b, hw in (("opt", p.opt_batch, p.opt_size), ("max", p.max_batch, p.max_size)):
+        key = (int(b), int(hw[0]), int(hw[1]))
+        if key not in seen:
+            seen.add(key)
+            points.append((label, *key))
+    return points
+
+
+def _step_inputs(descriptor: StepDescriptor, batch: int, h: int, w: int, t: int, coef: np.ndarray,
+                 alpha_bar: float, seed: int) -> dict[str, np.ndarray]:
+    """Inputs of one step at a shape: the verification image as cond (its channels repeated to
+    the descriptor's cond width), x_t = sqrt(alpha_bar) x + sqrt(1 - alpha_bar) noise as at t."""
+    from rd_export.verify import verification_cond
+    from runtime.schedule import initial_noise
+
+    d = descriptor
+    shapes = spec_shapes(d, batch, h, w)
+    image = verification_cond(batch, h, w, seed)
+    reps = -(-shapes[d.COND][1] // image.shape[1])
+    cond = np.ascontiguousarray(np.concatenate([image] * reps, axis=1)[:, : shapes[d.COND][1]])
+    base = np.concatenate([image] * (-(-shapes[d.X][1] // image.shape[1])), axis=1)[:, : shapes[d.X][1]]
+    x_t = (math.sqrt(alpha_bar) * base + math.sqrt(1.0 - alpha_bar) * initial_noise(shapes[d.X], seed)).astype(
+        np.float32)
+    return {d.X: x_t, d.COND: cond, d.T: np.full(shapes[d.T], float(t), np.float32),
+            d.COEF: np.ascontiguousarray(np.broadcast_to(coef.astype(np.float32), shapes[d.COEF]))}
 
 
 def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDescriptor, *, steps: int = 10,
-                  seed: int = 0, schedule: dict | None = None) -> dict:
-    """Engine vs its ONNX (onnxruntime CPU) at the profile's min batch and size: PSNR + NaN check."""
-    from rd_export.verify import check_report, compare_onnx
-    from runtime.schedule import ScheduleConfig
+                  seed: int = 0, schedule: dict | None = None, device: int = 0,
+                  allow_host_code: bool = False) -> dict:
+    """Engine vs its ONNX (onnxruntime CPU): the DDIM loop at the profile's minimum, single
+    steps at high / middle / low t at its optimum and maximum. Raises VerificationError naming
+    the shape and the number that failed; returns the report (with ``profile_points``)."""
+    from rd_export.verify import OnnxStep, check_report, compare_onnx, step_points
+    from runtime.schedule import DDIMSchedule, ScheduleConfig
 
-    sc = None
+    sc = ScheduleConfig()
     if schedule:
         sc = ScheduleConfig(num_train_timesteps=int(schedule["num_train_timesteps"]),
                             beta_start=float(schedule["beta_start"]), beta_end=float(schedule["beta_end"]))
-    step = EngineStep(plan)
+    sched = DDIMSchedule(sc)
+    timesteps = sched.set_timesteps(steps)
+    coefs = sched.coefficients()
+    d = descriptor
+    step = EngineStep(plan, d, device=device, allow_host_code=allow_host_code)
     try:
-        h, w = descriptor.profile.min_size
-        report = compare_onnx(step, onnx_path, steps=steps, seed=seed, size=(int(h), int(w)),
-                              batch=descriptor.profile.min_batch, schedule_config=sc)
-    except RDError:
-        raise
+        reference = OnnxStep(onnx_path)
+        h, w = d.profile.min_size
+        report = compare_onnx(step, reference, steps=steps, seed=seed, size=(int(h), int(w)),
+                              batch=d.profile.min_batch, schedule_config=sc)
+        points = []
+        for k, (label, b, ph, pw) in enumerate(_profile_points(d)):
+            rows = []
+            for i, at in sorted({i: at for at, i in reversed(step_points(steps).items())}.items()):
+                t = int(timesteps[i])
+                feeds = _step_inputs(d, b, ph, pw, t, coefs[i], float(sched.alpha_bar[t]), seed + 101 + k)
+                got = step(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
+                want = reference(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
+                rows.append({"at": at, "t": t, "psnr_db": _step_psnr(got, want), "finite": bool(np.isfinite(got).all()),
+                             "max_abs": float(np.abs(got.astype(np.float64) - want).max())
+                             if np.isfinite(got).all() else float("inf")})
+            points.append({"at": label, "shape": list(spec_shapes(d, b, ph, pw)[d.X]), "steps": rows,
+                           "psnr_db": min(r["psnr_db"] for r in rows), "finite": all(r["finite"] for r in rows)})
     finally:
         step.close()
     report["reference"] = "onnx"
-    return check_report(report, min_psnr_db=ENGINE_MIN_PSNR_DB, max_step_abs=None, what="TensorRT engine")
+    report["profile_points"] = points
+    problems = []
+    for p in points:
+        shape = "x".join(str(v) for v in p["shape"])
+        for r in p["steps"]:
+            if not r["finite"]:
+                problems.append(f"NaN/Inf at the profile's {p['at']} shape {shape}, t={r['t']}")
+            elif not r["psnr_db"] >= ENGINE_MIN_PSNR_DB:
+                problems.append(f"step PSNR {r['psnr_db']:.2f} dB < {ENGINE_MIN_PSNR_DB:g} dB at the profile's "
+                                f"{p['at']} shape {shape}, t={r['t']}")
+    try:
+        checked = check_report(report, min_psnr_db=ENGINE_MIN_PSNR_DB, max_step_abs=None, what="TensorRT engine")
+    except VerificationError as e:
+        raise VerificationError("; ".join([str(e), *problems])) from None
+    if problems:
+        raise VerificationError("TensorRT engine failed verification: " + "; ".join(problems))
+    return checked
+
+
+__all__ += ["CudaError", "profile_shapes", "resolve_profile"]

@@ -1,28 +1,44 @@
-"""A RECORDING FAKE of the ``tensorrt`` Python module, for contract tests. Not TensorRT.
+"""A RECORDING FAKE of the ``tensorrt`` Python module (builder and runtime) for CPU tests. Not TensorRT.
 
-It implements the builder side that ``rd_export.tensorrt.build_engine`` uses, and a small
-runtime side (engine introspection, execution context bookkeeping), with the TensorRT 10/11
-Python names: ``Builder``, ``NetworkDefinitionCreationFlag``, ``OnnxParser``, ``IBuilderConfig``
-(``set_memory_pool_limit(MemoryPoolType.WORKSPACE, n)``, ``builder_optimization_level``,
-``create_timing_cache`` / ``set_timing_cache`` / ``get_timing_cache().serialize()``,
-``add_optimization_profile``), ``create_optimization_profile`` / ``set_shape``,
-``build_serialized_network``, ``Runtime.deserialize_cuda_engine``, ``ICudaEngine``
-(``num_io_tensors``, ``get_tensor_name/mode/dtype/shape``), ``IExecutionContext``
-(``set_input_shape``, ``set_tensor_address``, ``execute_async_v3``), ``ILogger``/``Logger``,
-``__version__``.
+One fake for both sides, with the TensorRT 10/11 Python names the toolkit calls:
 
-Every call lands in ``trt.calls`` as ``Call(name, args, kwargs)``; ``trt.called(name)`` filters.
-Knobs: ``parse_errors`` (list of messages: parsing fails with them), ``build_fails`` (the build
-returns None after logging ``build_errors``), ``on_execute`` (a callable(context) run by
-``execute_async_v3``; return False from it to make the enqueue fail).
+- builder: ``Builder``, ``NetworkDefinitionCreationFlag``, ``OnnxParser`` (reads the real ONNX
+  with ``onnx.load`` for the I/O names, dtypes and dynamic dims), ``IBuilderConfig``
+  (``set_memory_pool_limit``, ``builder_optimization_level``, ``set_flag`` / ``get_flag``,
+  timing cache, ``add_optimization_profile``), ``IOptimizationProfile.set_shape``,
+  ``build_serialized_network``;
+- runtime: ``Runtime`` (``deserialize_cuda_engine``, ``engine_host_code_allowed``),
+  ``ICudaEngine`` (``num_io_tensors``, ``get_tensor_name/mode/dtype/shape``,
+  ``get_tensor_profile_shape``, ``create_execution_context``), ``IExecutionContext``
+  (``set_input_shape``, ``get_tensor_shape``, ``set_tensor_address``, ``execute_async_v3``);
+- ``ILogger`` / ``Logger``, ``nptype``, ``__version__``.
 
-Version flavours: ``make_module("10.x")`` has ``BuilderFlag.FP16/INT8`` and
-``IBuilderConfig.int8_calibrator`` (deprecated there); ``make_module("11.x")`` has neither
-(removed in TensorRT 11), so code that touches them fails loudly under the 11 flavour.
+Where it matters it behaves like the real API, not like a convenience:
 
-The parser reads the real ONNX file (``onnx.load``) to learn the network's I/O names, dtypes and
-dynamic dims; a "plan" is ``PLAN_MAGIC`` + JSON of that I/O and the profile, so
-``tests/fakes/fake_trt_runtime.py`` (same magic) can load plans this builder "built".
+- enums are pybind11 *scoped* enums, as TensorRT's are: ``int(x)`` works, ``x == 0`` is False;
+- ``set_input_shape`` returns False for a shape outside the plan's optimisation profile, and
+  ``set_tensor_address`` for an address that is not 256-byte aligned;
+- ``execute_async_v3`` checks its arguments when called (False, nothing enqueued, on failure,
+  as TensorRT does) and **queues** the engine's kernel on the CUDA stream of the fake cudart
+  (tests/fakes/fake_cuda.py): the kernel runs when the stream runs, with the addresses and
+  shapes of the enqueue (what a captured CUDA graph keeps). An enqueue on a capturing stream
+  fails unless the context has run once since its input shapes last changed (TensorRT needs one
+  enqueue after a shape change before capture);
+- a plan is ``PLAN_MAGIC`` + 8 bytes + JSON (I/O, profile, version, flags). It deserialises only
+  on the TensorRT version that built it, unless built ``VERSION_COMPATIBLE`` (then on that
+  version or newer, and only with ``runtime.engine_host_code_allowed = True``: such plans carry
+  the lean runtime, host code);
+- flavours: ``make_module("10.x")`` has ``BuilderFlag.FP16/INT8`` (deprecated there) and
+  ``IBuilderConfig.int8_calibrator``; ``make_module("11.x")`` has neither (removed in 11).
+
+Kernels: a plan made by :func:`step_plan` runs :func:`step_reference` (a pointwise stand-in for
+the fused step); :func:`prologue_plan` runs :func:`prologue_reference` (y -> [y, b]); plans the
+fake builder makes from an ONNX run nothing unless ``trt.on_execute`` is set, a callable given
+an execution record (``.addresses``, ``.input_shapes``, ``.output_shapes``) when the kernel runs.
+
+Every call lands in ``trt.calls`` as ``Call(name, args, kwargs)``; ``trt.called(name)`` filters,
+``trt.count(name)`` counts. Knobs: ``parse_errors``, ``build_fails`` / ``build_errors``,
+``on_execute``, ``fail_enqueue_at`` (the n-th ``execute_async_v3`` returns False).
 """
 
 from __future__ import annotations
@@ -32,14 +48,18 @@ import hashlib
 import json
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PLAN_MAGIC", "Call", "make_module", "install"]
+import numpy as np
+
+__all__ = ["PLAN_MAGIC", "Call", "make_module", "install", "make_plan", "step_plan", "prologue_plan",
+           "fake_eps", "step_reference", "reference_loop", "prologue_reference"]
 
 PLAN_MAGIC = b"FAKEPLAN"
 TIMING_CACHE_MAGIC = b"FAKE-TIMING-CACHE"
+ALIGN = 256
 
 
 @dataclass
@@ -49,7 +69,17 @@ class Call:
     kwargs: dict = field(default_factory=dict)
 
 
-class DataType(enum.IntEnum):
+class _ScopedEnum(enum.Enum):
+    """Like a pybind11 scoped enum (TensorRT's): ``int(x)`` works; comparing with an int is False."""
+
+    def __int__(self) -> int:
+        return int(self.value)
+
+    def __index__(self) -> int:
+        return int(self.value)
+
+
+class DataType(_ScopedEnum):
     FLOAT = 0
     HALF = 1
     INT8 = 2
@@ -61,13 +91,13 @@ class DataType(enum.IntEnum):
     INT64 = 8
 
 
-class TensorIOMode(enum.IntEnum):
+class TensorIOMode(_ScopedEnum):
     NONE = 0
     INPUT = 1
     OUTPUT = 2
 
 
-class MemoryPoolType(enum.IntEnum):
+class MemoryPoolType(_ScopedEnum):
     WORKSPACE = 0
     DLA_MANAGED_SRAM = 1
     DLA_LOCAL_DRAM = 2
@@ -78,26 +108,95 @@ class MemoryPoolType(enum.IntEnum):
 
 _ONNX_TO_TRT = {1: DataType.FLOAT, 10: DataType.HALF, 3: DataType.INT8, 6: DataType.INT32, 7: DataType.INT64,
                 9: DataType.BOOL, 2: DataType.UINT8, 16: DataType.BF16}
+_NP = {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8, DataType.INT32: np.int32,
+       DataType.INT64: np.int64, DataType.BOOL: np.bool_, DataType.UINT8: np.uint8}
 
 
-class HostMemory(bytes):
-    """IHostMemory: a bytes-like buffer (memoryview works), with ``nbytes``."""
-
-    @property
-    def nbytes(self) -> int:
-        return len(self)
-
-
-class ITensor:
-    def __init__(self, name: str, dtype: DataType, shape: tuple[int, ...], dims: tuple[str | int, ...]) -> None:
-        self.name, self.dtype, self.shape, self.dims = name, dtype, shape, dims
-
-    def __repr__(self) -> str:
-        return f"ITensor({self.name}, {self.dtype.name}, {self.shape})"
+# --------------------------------------------------------------------------- the kernels' math
+def fake_eps(x_t: np.ndarray, cond: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """The stand-in noise estimate: nonlinear, depends on t (a wrong t row shows) and on the
+    first C channels of cond (cond may carry more channels than x, as predict-and-refine's does)."""
+    c = x_t.shape[1]
+    t_k = (t.astype(np.float32) * np.float32(1e-3))[:, None, None, None]
+    return np.tanh(np.float32(0.5) * x_t + cond[:, :c] * t_k).astype(np.float32)
 
 
-def make_module(version: str = "10.9.0.34") -> types.ModuleType:
-    """A fresh fake ``tensorrt`` module with its own call log and knobs."""
+def step_reference(x_t: np.ndarray, cond: np.ndarray, t: np.ndarray, coef: np.ndarray) -> np.ndarray:
+    """One stand-in fused step: x_next = c * (a * x_t - b * eps) + d * eps, written as
+    (c * a) * x_t + (d - c * b) * eps (the order the torch stand-in computes it in)."""
+    eps = fake_eps(x_t, cond, t)
+    a, b, c, d = (coef[:, i, None, None, None].astype(np.float32) for i in range(4))
+    return ((c * a) * x_t + (d - c * b) * eps).astype(np.float32)
+
+
+def reference_loop(x_T: np.ndarray, cond: np.ndarray, timesteps: np.ndarray, coefficients: np.ndarray) -> np.ndarray:
+    x = x_T.astype(np.float32)
+    n = x.shape[0]
+    for t, coef in zip(timesteps, coefficients):
+        x = step_reference(x, cond, np.full((n,), float(t), np.float32),
+                           np.repeat(np.asarray(coef, np.float32)[None], n, axis=0))
+    return x
+
+
+def prologue_reference(y: np.ndarray) -> np.ndarray:
+    """The stand-in prologue: cond = [y, b] with a 'prediction' b = 0.5 * tanh(y) + 0.25."""
+    return np.concatenate([y, (0.5 * np.tanh(y) + 0.25).astype(np.float32)], axis=1).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- plans
+def make_plan(io: Sequence[Mapping[str, Any]], profile: Mapping[str, Sequence[Sequence[int]]], *,
+              version: str = "10.9.0", kernel: str | None = None, kernel_io: Mapping[str, str] | None = None,
+              version_compatible: bool = False, flags: int = 0) -> bytes:
+    """Serialized fake plan. ``io``: [{"name", "mode": "input"|"output", "dtype": "FLOAT", "dims"}],
+    ``profile``: {input name: (min, opt, max)}."""
+    spec = {"version": version, "flags": flags, "io": [dict(t) for t in io],
+            "profiles": [{k: [list(s) for s in v] for k, v in profile.items()}],
+            "version_compatible": bool(version_compatible), "kernel": kernel, "kernel_io": dict(kernel_io or {})}
+    body = json.dumps(spec, sort_keys=True).encode()
+    return PLAN_MAGIC + hashlib.sha256(body).digest()[:8] + body
+
+
+def _spec_io(specs, mode: str, dtype: str) -> list[dict]:
+    return [{"name": s.name, "mode": mode, "dtype": dtype, "dims": list(s.shape)} for s in specs]
+
+
+def step_plan(descriptor, *, version: str = "10.9.0", dtype: str = "FLOAT", version_compatible: bool = False) -> bytes:
+    """A fake plan of the fused step described by ``descriptor`` (runtime.descriptor.StepDescriptor
+    or anything with ``inputs`` / ``outputs`` TensorSpecs, the names X/COND/T/COEF/OUT and a
+    ``profile``); its kernel is :func:`step_reference`."""
+    io = _spec_io(descriptor.inputs, "input", dtype) + _spec_io(descriptor.outputs, "output", dtype)
+    p = descriptor.profile
+    points = [(p.min_batch, p.min_size), (p.opt_batch, p.opt_size), (p.max_batch, p.max_size)]
+    profile = {}
+    for s in descriptor.inputs:
+        profile[s.name] = [_resolve(s.shape, b, hw) for b, hw in points]
+    d = descriptor
+    return make_plan(io, profile, version=version, kernel="step", version_compatible=version_compatible,
+                     kernel_io={"x": d.X, "cond": d.COND, "t": d.T, "coef": d.COEF, "out": d.OUT})
+
+
+def prologue_plan(inp: str, out: str, *, channels: int, profile_points: Sequence[tuple[int, tuple[int, int]]],
+                  version: str = "10.9.0") -> bytes:
+    """A fake prologue plan: ``inp`` [N, C, H, W] -> ``out`` [N, 2C, H, W] (:func:`prologue_reference`)."""
+    io = [{"name": inp, "mode": "input", "dtype": "FLOAT", "dims": ["batch", channels, "height", "width"]},
+          {"name": out, "mode": "output", "dtype": "FLOAT", "dims": ["batch", 2 * channels, "height", "width"]}]
+    profile = {inp: [_resolve(("batch", channels, "height", "width"), b, hw) for b, hw in profile_points]}
+    return make_plan(io, profile, version=version, kernel="prologue", kernel_io={"y": inp, "cond": out})
+
+
+def _resolve(dims, batch: int, hw) -> list[int]:
+    sym = {"batch": batch, "height": hw[0], "width": hw[1]}
+    return [sym[d] if isinstance(d, str) else int(d) for d in dims]
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in str(v).split(".")[:3] if p.isdigit())
+
+
+# --------------------------------------------------------------------------- the module
+def make_module(version: str = "10.9.0.34", cudart=None) -> types.ModuleType:
+    """A fresh fake ``tensorrt`` module with its own call log and knobs (``cudart``: the fake
+    cuda-python whose streams and memory its kernels use; default: the one in sys.modules)."""
     major = int(version.split(".")[0])
     trt = types.ModuleType("tensorrt", "RECORDING FAKE of the tensorrt module (tests/fakes/fake_tensorrt.py)")
     trt.__version__ = version
@@ -106,46 +205,53 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
     trt.build_fails = False
     trt.build_errors = ["[fake] no implementation obeys the requested constraints"]
     trt.on_execute = None
+    trt.fail_enqueue_at = None
+    trt.enqueues = 0
+    trt.executed = []  # execution records of the kernels that ran, in order
+    trt.contexts = []
     trt.last_plan = None
     trt.PLAN_MAGIC = PLAN_MAGIC
+    trt._cudart = cudart
 
     def record(name: str, *args, **kwargs) -> None:
         trt.calls.append(Call(name, args, kwargs))
 
     trt.called = lambda name: [c for c in trt.calls if c.name == name]
+    trt.count = lambda name: sum(1 for c in trt.calls if c.name == name)
     trt.DataType, trt.TensorIOMode, trt.MemoryPoolType = DataType, TensorIOMode, MemoryPoolType
     trt.float32, trt.float16, trt.int8, trt.int32, trt.int64, trt.bool = (
         DataType.FLOAT, DataType.HALF, DataType.INT8, DataType.INT32, DataType.INT64, DataType.BOOL)
 
     def nptype(dtype: DataType):
-        import numpy as np
-
-        return {DataType.FLOAT: np.float32, DataType.HALF: np.float16, DataType.INT8: np.int8,
-                DataType.INT32: np.int32, DataType.INT64: np.int64, DataType.BOOL: np.bool_,
-                DataType.UINT8: np.uint8}[dtype]
+        return _NP[dtype]
 
     trt.nptype = nptype
 
+    def cuda():
+        return trt._cudart or sys.modules["cuda.bindings.runtime"]
+
     if major >= 11:
-        class NetworkDefinitionCreationFlag(enum.IntEnum):  # EXPLICIT_BATCH is gone in 11
+        class NetworkDefinitionCreationFlag(_ScopedEnum):  # EXPLICIT_BATCH is gone in 11
             STRONGLY_TYPED = 0  # deprecated in 11 (always on) but still accepted
             PREFER_AOT_PYTHON_PLUGINS = 1
             PREFER_JIT_PYTHON_PLUGINS = 2
 
-        class BuilderFlag(enum.IntEnum):  # no FP16 / INT8: removed in TensorRT 11
+        class BuilderFlag(_ScopedEnum):  # no FP16 / INT8: removed in TensorRT 11
             DEBUG = 2
             GPU_FALLBACK = 3
             REFIT = 4
             DISABLE_TIMING_CACHE = 5
             TF32 = 6
+            VERSION_COMPATIBLE = 13
+            EXCLUDE_LEAN_RUNTIME = 14
     else:
-        class NetworkDefinitionCreationFlag(enum.IntEnum):
+        class NetworkDefinitionCreationFlag(_ScopedEnum):
             EXPLICIT_BATCH = 0  # deprecated, ignored in 10
             STRONGLY_TYPED = 1
             PREFER_AOT_PYTHON_PLUGINS = 2
             PREFER_JIT_PYTHON_PLUGINS = 3
 
-        class BuilderFlag(enum.IntEnum):
+        class BuilderFlag(_ScopedEnum):
             FP16 = 0
             INT8 = 1
             DEBUG = 2
@@ -153,12 +259,14 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             REFIT = 4
             DISABLE_TIMING_CACHE = 5
             TF32 = 6
+            VERSION_COMPATIBLE = 13
+            EXCLUDE_LEAN_RUNTIME = 14
 
     trt.NetworkDefinitionCreationFlag, trt.BuilderFlag = NetworkDefinitionCreationFlag, BuilderFlag
 
     # ------------------------------------------------------------------ logging
     class ILogger:
-        class Severity(enum.IntEnum):
+        class Severity(_ScopedEnum):
             INTERNAL_ERROR = 0
             ERROR = 1
             WARNING = 2
@@ -187,6 +295,10 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
     trt.ILogger, trt.Logger = ILogger, Logger
 
     # ------------------------------------------------------------------ network + parser
+    class ITensor:
+        def __init__(self, name: str, dtype: DataType, shape: tuple[int, ...], dims: tuple) -> None:
+            self.name, self.dtype, self.shape, self.dims = name, dtype, shape, dims
+
     class INetworkDefinition:
         def __init__(self, flags: int) -> None:
             self.flags = flags
@@ -222,6 +334,12 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
 
         def __str__(self) -> str:
             return f"In node {self._node} with name: fake and operator: fake (parse): UNSUPPORTED_NODE: {self._msg}"
+
+    def _tensor(v) -> ITensor:
+        tt = v.type.tensor_type
+        dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tt.shape.dim)
+        shape = tuple(d if isinstance(d, int) else -1 for d in dims)
+        return ITensor(v.name, _ONNX_TO_TRT.get(tt.elem_type, DataType.FLOAT), shape, dims)
 
     class OnnxParser:
         def __init__(self, network: INetworkDefinition, logger) -> None:
@@ -260,24 +378,16 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
                 return False
             return self._load(model)
 
-        def parse(self, model: bytes, path: str | None = None) -> bool:
-            record("parse", len(model), path)
-            if trt.parse_errors:
-                self._errors = [ParserError(m, i) for i, m in enumerate(trt.parse_errors)]
-                return False
-            import onnx
-
-            return self._load(onnx.load_from_string(bytes(model)))
-
-    def _tensor(v) -> ITensor:
-        tt = v.type.tensor_type
-        dims = tuple(d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in tt.shape.dim)
-        shape = tuple(d if isinstance(d, int) else -1 for d in dims)
-        return ITensor(v.name, _ONNX_TO_TRT.get(tt.elem_type, DataType.FLOAT), shape, dims)
-
     trt.INetworkDefinition, trt.OnnxParser = INetworkDefinition, OnnxParser
 
     # ------------------------------------------------------------------ builder config
+    class HostMemory(bytes):
+        """IHostMemory: a bytes-like buffer (memoryview works), with ``nbytes``."""
+
+        @property
+        def nbytes(self) -> int:
+            return len(self)
+
     class ITimingCache:
         def __init__(self, blob: bytes) -> None:
             self.loaded = bytes(blob)
@@ -285,8 +395,7 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
 
         def serialize(self) -> HostMemory:
             record("ITimingCache.serialize")
-            body = self.loaded or TIMING_CACHE_MAGIC
-            return HostMemory(body + b"+build" * self.builds)
+            return HostMemory((self.loaded or TIMING_CACHE_MAGIC) + b"+build" * self.builds)
 
     class IOptimizationProfile:
         def __init__(self) -> None:
@@ -309,7 +418,6 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             if major < 11:
                 self.int8_calibrator = None
 
-        # memory pools
         def set_memory_pool_limit(self, pool: MemoryPoolType, pool_size: int) -> None:
             record("IBuilderConfig.set_memory_pool_limit", pool, pool_size)
             self.pool_limits[pool] = int(pool_size)
@@ -317,7 +425,6 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
         def get_memory_pool_limit(self, pool: MemoryPoolType) -> int:
             return self.pool_limits.get(pool, 0)
 
-        # optimisation level (a property, as in TensorRT's Python API)
         @property
         def builder_optimization_level(self) -> int:
             return self._opt_level
@@ -327,7 +434,6 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             record("IBuilderConfig.builder_optimization_level", level)
             self._opt_level = int(level)
 
-        # flags
         @property
         def flags(self) -> int:
             return self._flags
@@ -338,6 +444,8 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             self._flags = int(value)
 
         def set_flag(self, flag) -> None:
+            if not isinstance(flag, BuilderFlag):
+                raise TypeError(f"set_flag(): incompatible function arguments: {flag!r} is not a BuilderFlag")
             record("IBuilderConfig.set_flag", flag)
             self._flags |= 1 << int(flag)
 
@@ -348,7 +456,6 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
         def get_flag(self, flag) -> bool:
             return bool(self._flags & (1 << int(flag)))
 
-        # timing cache
         def create_timing_cache(self, serialized_timing_cache: bytes) -> ITimingCache:
             record("IBuilderConfig.create_timing_cache", bytes(serialized_timing_cache))
             return ITimingCache(serialized_timing_cache)
@@ -362,7 +469,6 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             record("IBuilderConfig.get_timing_cache")
             return self.timing_cache
 
-        # profiles
         def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
             record("IBuilderConfig.add_optimization_profile", profile)
             self.profiles.append(profile)
@@ -405,17 +511,13 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             if missing:
                 self.logger.log(ILogger.Severity.ERROR, f"[fake] no optimization profile for {missing}")
                 return None
-            spec = {
-                "version": version,
-                "flags": network.flags,
-                "io": [{"name": t.name, "mode": "input", "dtype": t.dtype.name, "dims": list(t.dims)}
-                       for t in network.inputs]
-                + [{"name": t.name, "mode": "output", "dtype": t.dtype.name, "dims": list(t.dims)}
-                   for t in network.outputs],
-                "profiles": [{k: [list(s) for s in v] for k, v in p.shapes.items()} for p in config.profiles],
-            }
-            body = json.dumps(spec, sort_keys=True).encode()
-            plan = HostMemory(PLAN_MAGIC + hashlib.sha256(body).digest()[:8] + body)
+            io = ([{"name": t.name, "mode": "input", "dtype": t.dtype.name, "dims": list(t.dims)}
+                   for t in network.inputs]
+                  + [{"name": t.name, "mode": "output", "dtype": t.dtype.name, "dims": list(t.dims)}
+                     for t in network.outputs])
+            profile = {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()} if config.profiles else {}
+            plan = HostMemory(make_plan(io, profile, version=version, flags=network.flags,
+                                        version_compatible=config.get_flag(BuilderFlag.VERSION_COMPATIBLE)))
             trt.last_plan = bytes(plan)
             return plan
 
@@ -423,21 +525,44 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
         IBuilderConfig, IOptimizationProfile, ITimingCache, Builder)
 
     # ------------------------------------------------------------------ runtime side
+    def run_kernel(spec: dict, ex: types.SimpleNamespace) -> None:
+        c = cuda()
+        kio = spec.get("kernel_io") or {}
+
+        def get(role: str) -> np.ndarray:
+            name = kio[role]
+            return c.read(ex.addresses[name], ex.input_shapes[name])
+
+        if trt.on_execute is not None:
+            trt.on_execute(ex)
+        elif spec.get("kernel") == "step":
+            c.write(ex.addresses[kio["out"]], step_reference(get("x"), get("cond"), get("t"), get("coef")))
+        elif spec.get("kernel") == "prologue":
+            c.write(ex.addresses[kio["cond"]], prologue_reference(get("y")))
+        trt.executed.append(ex)
+
     class IExecutionContext:
         def __init__(self, engine: ICudaEngine) -> None:
             self.engine = engine
             self.input_shapes: dict[str, tuple[int, ...]] = {}
             self.addresses: dict[str, int] = {}
+            self._shape_version = 0
+            self._ran_version = -1  # shape version of the last enqueue outside a capture
 
         def set_input_shape(self, name: str, shape) -> bool:
-            record("IExecutionContext.set_input_shape", name, tuple(shape))
+            shape = tuple(int(s) for s in shape)
+            record("IExecutionContext.set_input_shape", name, shape)
             io = self.engine._io.get(name)
             if io is None or io["mode"] != "input" or len(shape) != len(io["dims"]):
                 return False
+            if any(isinstance(d, int) and d != s for d, s in zip(io["dims"], shape)):
+                return False
             prof = self.engine._profiles[0].get(name) if self.engine._profiles else None
             if prof is not None and not all(lo <= s <= hi for s, lo, hi in zip(shape, prof[0], prof[2])):
-                return False
-            self.input_shapes[name] = tuple(int(s) for s in shape)
+                return False  # outside the optimisation profile: TensorRT refuses the shape
+            if self.input_shapes.get(name) != shape:
+                self._shape_version += 1
+            self.input_shapes[name] = shape
             return True
 
         def get_tensor_shape(self, name: str) -> tuple[int, ...]:
@@ -452,7 +577,7 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
 
         def set_tensor_address(self, name: str, memory: int) -> bool:
             record("IExecutionContext.set_tensor_address", name, int(memory))
-            if name not in self.engine._io:
+            if name not in self.engine._io or int(memory) % ALIGN:
                 return False
             self.addresses[name] = int(memory)
             return True
@@ -466,15 +591,34 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
 
         def execute_async_v3(self, stream_handle: int) -> bool:
             record("IExecutionContext.execute_async_v3", int(stream_handle))
+            trt.enqueues += 1
+            log = self.engine._logger
+            if trt.fail_enqueue_at is not None and trt.enqueues == trt.fail_enqueue_at:
+                log.log(ILogger.Severity.ERROR, "[fake] enqueue failed (injected)")
+                return False  # like TensorRT: nothing enqueued, no exception
             if not self.all_binding_shapes_specified or set(self.addresses) != set(self.engine._io):
+                log.log(ILogger.Severity.ERROR, "[fake] not every input shape / tensor address is set")
                 return False
-            if trt.on_execute is not None:
-                return trt.on_execute(self) is not False
+            c = cuda()
+            capturing = int(stream_handle) in c.capturing
+            if capturing and self._ran_version != self._shape_version:
+                log.log(ILogger.Severity.ERROR, "[fake] enqueue once after the input shapes change, then capture")
+                return False
+            ex = types.SimpleNamespace(addresses=dict(self.addresses), input_shapes=dict(self.input_shapes),
+                                       output_shapes={n: self.get_tensor_shape(n) for n, io in self.engine._io.items()
+                                                      if io["mode"] == "output"})
+            err = c.launch(stream_handle, lambda: run_kernel(self.engine._spec, ex), touches=ex.addresses.values())
+            if err != c.cudaError_t.cudaSuccess:
+                log.log(ILogger.Severity.ERROR, f"[fake] kernel launch failed: {err.name}")
+                return False
+            if not capturing:
+                self._ran_version = self._shape_version
             return True
 
     class ICudaEngine:
-        def __init__(self, spec: dict) -> None:
+        def __init__(self, spec: dict, logger) -> None:
             self._spec = spec
+            self._logger = logger
             self._io = {t["name"]: t for t in spec["io"]}
             self._names = [t["name"] for t in spec["io"]]
             self._profiles = [{k: [tuple(s) for s in v] for k, v in p.items()} for p in spec["profiles"]]
@@ -507,7 +651,9 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
 
         def create_execution_context(self) -> IExecutionContext:
             record("ICudaEngine.create_execution_context")
-            return IExecutionContext(self)
+            ctx = IExecutionContext(self)
+            trt.contexts.append(ctx)
+            return ctx
 
         def serialize(self) -> HostMemory:
             return HostMemory(trt.last_plan or b"")
@@ -516,6 +662,16 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
         def __init__(self, logger) -> None:
             record("Runtime", logger)
             self.logger = logger
+            self._host_code_allowed = False
+
+        @property
+        def engine_host_code_allowed(self) -> bool:
+            return self._host_code_allowed
+
+        @engine_host_code_allowed.setter
+        def engine_host_code_allowed(self, value: bool) -> None:
+            record("Runtime.engine_host_code_allowed", bool(value))
+            self._host_code_allowed = bool(value)
 
         def deserialize_cuda_engine(self, serialized_engine) -> ICudaEngine | None:
             data = bytes(serialized_engine)
@@ -523,15 +679,28 @@ def make_module(version: str = "10.9.0.34") -> types.ModuleType:
             if not data.startswith(PLAN_MAGIC):
                 self.logger.log(ILogger.Severity.ERROR, "[fake] invalid plan: magic tag does not match")
                 return None
-            return ICudaEngine(json.loads(data[len(PLAN_MAGIC) + 8:]))
+            spec = json.loads(data[len(PLAN_MAGIC) + 8:])
+            built, here = _version_tuple(spec["version"]), _version_tuple(version)
+            if spec.get("version_compatible"):
+                if here < built:
+                    self.logger.log(ILogger.Severity.ERROR, "[fake] plan built by a newer TensorRT")
+                    return None
+                if not self._host_code_allowed:
+                    self.logger.log(ILogger.Severity.ERROR, "[fake] the plan contains host code (lean runtime); "
+                                                            "set engine_host_code_allowed to deserialize it")
+                    return None
+            elif built != here:
+                self.logger.log(ILogger.Severity.ERROR, f"[fake] plan built with TensorRT {spec['version']}")
+                return None
+            return ICudaEngine(spec, self.logger)
 
     trt.IExecutionContext, trt.ICudaEngine, trt.Runtime = IExecutionContext, ICudaEngine, Runtime
     return trt
 
 
-def install(monkeypatch, version: str = "10.9.0.34", *, on_execute: Callable | None = None) -> types.ModuleType:
+def install(monkeypatch, version: str = "10.9.0.34", *, cudart=None, on_execute: Callable | None = None):
     """Put a fresh fake ``tensorrt`` in ``sys.modules`` (undone by monkeypatch); returns it."""
-    trt = make_module(version)
+    trt = make_module(version, cudart)
     trt.on_execute = on_execute
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
     return trt

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # `pytest` run without installing the package
     sys.path.insert(0, str(ROOT))
 FAKES = ROOT / "tests" / "fakes"
-if str(FAKES) not in sys.path:  # fake_cuda, fake_trt_runtime (FAKE cuda-python / TensorRT for CPU tests)
+if str(FAKES) not in sys.path:  # fake_cuda, fake_tensorrt (FAKE cuda-python / TensorRT for CPU tests)
     sys.path.insert(0, str(FAKES))
 
 TINY_PROFILE = dict(min_batch=1, opt_batch=1, max_batch=4, min_size=(8, 8), opt_size=(32, 32), max_size=(128, 128))
@@ -177,10 +177,10 @@ def fake_gpu(monkeypatch):
     from types import SimpleNamespace
 
     import fake_cuda
-    import fake_trt_runtime
+    import fake_tensorrt
 
     cudart = fake_cuda.install(monkeypatch)
-    trt = fake_trt_runtime.install(monkeypatch, cudart)
+    trt = fake_tensorrt.install(monkeypatch, "10.9.0", cudart=cudart)
     return SimpleNamespace(cudart=cudart, trt=trt)
 
 
