@@ -32,7 +32,7 @@ from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
-           "native_profile", "native_tile", "prologue_name", "profile_shapes", "verification_size", "extra_shapes",
+           "native_profile", "native_tile", "prologue_name", "profile_points", "verification_size", "extra_shapes",
            "name_nodes"]
 
 Progress = Callable[[str], None]
@@ -81,7 +81,7 @@ def extra_shapes(descriptor: StepDescriptor) -> list[tuple[int, int, int]]:
     return [(2, h, w + descriptor.size_multiple)]
 
 
-def profile_shapes(descriptor: StepDescriptor) -> list[tuple[int, int, int]]:
+def profile_points(descriptor: StepDescriptor) -> list[tuple[int, int, int]]:
     """The profile's opt and max (batch, H, W) points, where they differ from the minimum."""
     points = descriptor.profile.points()
     return [points[k] for k in ("opt", "max") if points[k] != points["min"]]
@@ -159,14 +159,14 @@ def verify_onnx(onnx_path: str | os.PathLike, estimator, descriptor: StepDescrip
                 prologue_path: str | os.PathLike | None = None) -> dict:
     """Verify an ONNX step (and its prologue) against the torch modules; raises VerificationError,
     returns the numbers. Runs at the profile's minimum, plus its opt and max shapes
-    (:func:`profile_shapes`) so kernels chosen for large shapes are checked too."""
+    (:func:`profile_points`) so kernels chosen for large shapes are checked too."""
     from rd_export.verify import OnnxPrologue
 
     spec = get_precision(precision)
     candidate_pro = OnnxPrologue(prologue_path) if prologue_path is not None else None
     report = compare_to_torch(onnx_path, estimator, steps=steps, seed=seed, size=verification_size(descriptor),
                               schedule_config=schedule_config,
-                              extra_shapes=extra_shapes(descriptor) + profile_shapes(descriptor),
+                              extra_shapes=extra_shapes(descriptor) + profile_points(descriptor),
                               prologue=prologue, prologue_candidate=candidate_pro)
     min_psnr = spec.min_psnr_db
     max_abs = spec.max_step_abs

@@ -34,6 +34,7 @@ pins the calls. ``pytest -m trt`` runs the real build + parity where TensorRT ex
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -49,10 +50,10 @@ from runtime.backends.cuda_backend import spec_shapes
 from runtime.backends.cuda_device import CudaDevice, CudaError
 from runtime.backends.trt_executor import Executor, TensorRTEngine, capturing_logger
 from runtime.backends.trt_executor import import_tensorrt as _import_tensorrt
-from runtime.descriptor import ShapeProfile, StepDescriptor
+from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, UsageError, VerificationError
 from runtime.io import atomic_path, atomic_write_bytes
-from runtime.manifest import Manifest, sha256_file
+from runtime.manifest import Manifest, prologue_name, sha256_file
 
 __all__ = [
     "INSTALL_HINT",
@@ -172,15 +173,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def profile_shapes(descriptor: StepDescriptor, profile: ShapeProfile) -> dict[str, tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) shape of every input of the descriptor: names and fixed axes (channels)
-    from its tensor specs, batch / height / width from the profile."""
-    points = [spec_shapes(descriptor, b, *hw) for b, hw in ((profile.min_batch, profile.min_size),
-                                                            (profile.opt_batch, profile.opt_size),
-                                                            (profile.max_batch, profile.max_size))]
-    return {n: tuple(p[n] for p in points) for n in descriptor.input_names}
-
-
 def check_tensorrt_quantization(onnx_path: str | os.PathLike, manifest: Manifest) -> None:
     """UsageError when the ONNX is a Q/DQ graph TensorRT cannot build (unsigned or non-zero zero points).
 
@@ -272,41 +264,21 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         raise UsageError(f"{dest}: engine files are named <stem>.trt.plan")
 
     progress(f"parsing {onnx_path.name} (TensorRT {trt.__version__}, {gpu['name']} sm_{gpu['compute_capability']})")
-    logger = capturing_logger(trt)
-    builder = trt.Builder(logger)
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors()
-        raise ArtifactError(f"{onnx_path}: TensorRT's ONNX parser failed: {' | '.join(errors) or 'no message'}")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-    config.builder_optimization_level = int(opt_level)
-    if version_compatible:
-        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # TensorRT "Version Compatibility"
-    trt_profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in profile_shapes(descriptor, profile).items():
-        trt_profile.set_shape(name, lo, opt, hi)
-    config.add_optimization_profile(trt_profile)
-
     cache_path = Path(timing_cache) if timing_cache is not None else None
     cache_blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
-    cache = config.create_timing_cache(cache_blob)
-    config.set_timing_cache(cache, ignore_mismatch=False)
-
     progress(f"building engine (profile batch {profile.min_batch}..{profile.max_batch}, "
              f"{profile.min_size[0]}x{profile.min_size[1]}..{profile.max_size[0]}x{profile.max_size[1]}, "
              f"opt level {opt_level}{', version-compatible' if version_compatible else ''})")
-    plan = builder.build_serialized_network(network, config)
-    if plan is None:
-        errors = logger.errors()
-        raise ArtifactError(f"{onnx_path}: TensorRT could not build an engine"
-                            + (f": {' | '.join(errors[-3:])}" if errors else ""))
-    plan_bytes = _host_bytes(plan)
-    if cache_path is not None:
-        atomic_write_bytes(cache_path, _host_bytes(config.get_timing_cache().serialize()))
+    plan_bytes = _build_plan(trt, onnx_path, descriptor, workspace=workspace, opt_level=opt_level,
+                             version_compatible=version_compatible, cache_path=cache_path)
+    pro_onnx = src.prologue_path(onnx_path)  # predict-and-refine: the prologue plan, same profile
+    pro_dest = dest.with_name(prologue_name(dest.name)) if pro_onnx is not None else None
+    pro_bytes = None
+    if pro_onnx is not None:
+        check_external_data(pro_onnx)
+        progress(f"building the prologue engine from {pro_onnx.name}")
+        pro_bytes = _build_plan(trt, pro_onnx, descriptor.prologue(), workspace=workspace, opt_level=opt_level,
+                                version_compatible=version_compatible, cache_path=cache_path)
 
     build_flags = {
         "strongly_typed": True,
@@ -317,11 +289,10 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         "timing_cache_loaded": bool(cache_blob),
         "profile": profile.to_dict(),
     }
-    with atomic_path(dest) as tmp:
-        with open(tmp, "wb") as f:  # raw plan, no header
-            f.write(plan_bytes)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(dest) as tmp, (atomic_path(pro_dest) if pro_dest else contextlib.nullcontext()) as pro_tmp:
+        _write_raw(tmp, plan_bytes)  # raw plans, no header
+        if pro_tmp is not None:
+            _write_raw(pro_tmp, pro_bytes)
         extra = {k: v for k, v in src.extra.items() if k not in ("verification", "created", "tensorrt", "source")}
         extra["source"] = dict(src.get("source", {}), onnx=onnx_path.name, onnx_sha256=src.sha256)
         extra["tensorrt"] = {"version": str(trt.__version__), "gpu_name": gpu["name"],
@@ -331,7 +302,11 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
             progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']} (profile min, opt, max)")
             extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.default_steps,
                                                   seed=seed, schedule=src.schedule, device=gpu["device"],
-                                                  allow_host_code=bool(version_compatible))
+                                                  allow_host_code=bool(version_compatible),
+                                                  prologue=(pro_bytes, pro_onnx) if pro_bytes else None)
+        if pro_tmp is not None:
+            extra["prologue"] = dict(src.prologue, artifact=pro_dest.name, sha256=sha256_file(pro_tmp),
+                                     source_onnx=pro_onnx.name)
         extra["created"] = _now()
         manifest = Manifest(artifact=dest.name, format="trt", precision=src.precision, model=src.model,
                             sha256=sha256_file(tmp), descriptor=descriptor.to_dict(), schedule=src.schedule,
@@ -339,7 +314,70 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     return manifest.publish(dest)
 
 
+def _write_raw(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _build_plan(trt, onnx_path: Path, descriptor, *, workspace: int, opt_level: int, version_compatible: bool,
+                cache_path: Path | None) -> bytes:
+    """One strongly typed plan of ``onnx_path`` with one optimisation profile from ``descriptor``
+    (a step's or a prologue's: its ``input_shapes()``); the timing cache is read and updated."""
+    logger = capturing_logger(trt)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)] or logger.errors()
+        raise ArtifactError(f"{onnx_path}: TensorRT's ONNX parser failed: {' | '.join(errors) or 'no message'}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+    config.builder_optimization_level = int(opt_level)
+    if version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)  # TensorRT "Version Compatibility"
+    trt_profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in descriptor.input_shapes().items():  # the descriptor carries the resolved profile
+        trt_profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(trt_profile)
+    cache_blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache = config.create_timing_cache(cache_blob)
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        errors = logger.errors()
+        raise ArtifactError(f"{onnx_path}: TensorRT could not build an engine"
+                            + (f": {' | '.join(errors[-3:])}" if errors else ""))
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, _host_bytes(config.get_timing_cache().serialize()))
+    return _host_bytes(plan)
+
+
 # --------------------------------------------------------------------------- run (verification)
+class EnginePrologue:
+    """The prologue of a TensorRT plan as a numpy function (rainy -> cond), through the executor."""
+
+    def __init__(self, plan: bytes, *, device: int = 0, allow_host_code: bool = False) -> None:
+        trt = import_tensorrt()
+        self.executor = Executor(CudaDevice(device, cudart=import_cudart()))
+        try:
+            self.engine = TensorRTEngine(plan, trt=trt, name="TensorRT prologue engine",
+                                         allow_host_code=allow_host_code)
+        except BaseException:
+            self.executor.close()
+            raise
+
+    def __call__(self, rainy: np.ndarray) -> np.ndarray:
+        d = PrologueDescriptor
+        return self.executor.run(self.engine, {d.RAINY: rainy})[d.OUT]
+
+    def close(self) -> None:
+        self.executor.close()
+        self.engine.close()
+
+
 class EngineStep:
     """The fused step of a TensorRT plan as a numpy function, through the runtime's executor.
 
@@ -411,11 +449,16 @@ def _step_inputs(descriptor: StepDescriptor, batch: int, h: int, w: int, t: int,
 
 def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDescriptor, *, steps: int = 10,
                   seed: int = 0, schedule: dict | None = None, device: int = 0,
-                  allow_host_code: bool = False) -> dict:
+                  allow_host_code: bool = False, prologue: tuple[bytes, Path] | None = None) -> dict:
     """Engine vs its ONNX (onnxruntime CPU): the DDIM loop at the profile's minimum, single
     steps at high / middle / low t at its optimum and maximum. Raises VerificationError naming
-    the shape and the number that failed; returns the report (with ``profile_points``)."""
-    from rd_export.verify import OnnxStep, check_report, compare_onnx, step_points
+    the shape and the number that failed; returns the report (with ``profile_points``).
+
+    ``prologue`` = (prologue plan, prologue ONNX) of a predict-and-refine artifact: the DDIM loop
+    then runs on each side's own prologue (both engines against both ONNX graphs), and the
+    prologue engine is compared with its ONNX at the profile's min, opt and max shapes too.
+    """
+    from rd_export.verify import OnnxPrologue, OnnxStep, check_report, compare_onnx, step_points, verification_cond
     from runtime.schedule import DDIMSchedule, ScheduleConfig
 
     sc = ScheduleConfig()
@@ -427,11 +470,22 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
     coefs = sched.coefficients()
     d = descriptor
     step = EngineStep(plan, d, device=device, allow_host_code=allow_host_code)
+    pro_engine = EnginePrologue(prologue[0], device=device, allow_host_code=allow_host_code) if prologue else None
     try:
         reference = OnnxStep(onnx_path)
+        pro_ref = OnnxPrologue(prologue[1]) if prologue else None
         h, w = d.profile.min_size
         report = compare_onnx(step, reference, steps=steps, seed=seed, size=(int(h), int(w)),
-                              batch=d.profile.min_batch, schedule_config=sc)
+                              batch=d.profile.min_batch, schedule_config=sc, reference_prologue=pro_ref,
+                              candidate_prologue=pro_engine)
+        pro_points = []
+        if pro_engine is not None:
+            for k, (label, b, ph, pw) in enumerate([("min", d.profile.min_batch, *d.profile.min_size),
+                                                     *_profile_points(d)]):
+                y = verification_cond(b, ph, pw, seed + 211 + k)
+                got, want = pro_engine(y), pro_ref(y)
+                pro_points.append({"at": label, "shape": list(y.shape), "psnr_db": _step_psnr(got, want),
+                                   "finite": bool(np.isfinite(got).all())})
         points = []
         for k, (label, b, ph, pw) in enumerate(_profile_points(d)):
             rows = []
@@ -447,9 +501,20 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
                            "psnr_db": min(r["psnr_db"] for r in rows), "finite": all(r["finite"] for r in rows)})
     finally:
         step.close()
+        if pro_engine is not None:
+            pro_engine.close()
     report["reference"] = "onnx"
     report["profile_points"] = points
     problems = []
+    if pro_points:
+        report["prologue_points"] = pro_points
+        for p in pro_points:
+            shape = "x".join(str(v) for v in p["shape"])
+            if not p["finite"]:
+                problems.append(f"prologue NaN/Inf at the profile's {p['at']} shape {shape}")
+            elif not p["psnr_db"] >= ENGINE_MIN_PSNR_DB:
+                problems.append(f"prologue PSNR {p['psnr_db']:.2f} dB < {ENGINE_MIN_PSNR_DB:g} dB at the profile's "
+                                f"{p['at']} shape {shape}")
     for p in points:
         shape = "x".join(str(v) for v in p["shape"])
         for r in p["steps"]:
@@ -467,4 +532,4 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
     return checked
 
 
-__all__ += ["CudaError", "profile_shapes", "resolve_profile"]
+__all__ += ["CudaError", "resolve_profile"]

@@ -12,7 +12,10 @@ opens it after the manifest and version checks) or a CUDA stand-in where TensorR
   aligned row per step, into buffers named after those tensors, with ``cudaMemcpyAsync`` on the
   executor's own stream (so no step can run before its table landed, issue 18 point 1);
 - a step re-points ``x_t`` / ``x_next`` (swap) and ``t`` / ``coef`` (the row of step i) and
-  enqueues once; every enqueue's result is checked.
+  enqueues once; every enqueue's result is checked;
+- a predict-and-refine artifact has a second engine, the prologue: its ``rainy`` input gets its
+  own buffer and its output is bound to the step's ``cond`` buffer, so ``run_prologue()`` is one
+  enqueue on the same stream that writes the condition in place (no copy between the graphs).
 
 CUDA graph: after one warm-up run of the S-step loop at a shape, the next ``run()`` captures all
 S enqueues as one graph and every ``run()`` after that is one ``cudaGraphLaunch``. A failed
@@ -41,7 +44,7 @@ from runtime.manifest import Manifest
 __all__ = ["CudaStepBackend", "spec_shapes"]
 
 
-def spec_shapes(descriptor: StepDescriptor, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
+def spec_shapes(descriptor, batch: int, height: int, width: int) -> dict[str, tuple[int, ...]]:
     """Every tensor of the descriptor at a frame shape: symbolic axes resolved, fixed ones kept."""
     sym = {"batch": int(batch), "height": int(height), "width": int(width)}
     out = {}
@@ -60,11 +63,16 @@ class CudaStepBackend(Backend):
 
     def __init__(self, artifact: str | os.PathLike, manifest: Manifest, *, device: CudaDevice, engine: Engine,
                  cuda_graph: bool = True, limits: ShapeProfile | None = None,
-                 descriptor: StepDescriptor | None = None) -> None:
+                 descriptor: StepDescriptor | None = None, prologue_engine: Engine | None = None) -> None:
         super().__init__(artifact, manifest)
         if descriptor is not None:
             self.descriptor = descriptor
+        if (prologue_engine is None) != (self.prologue_descriptor is None):
+            raise ArtifactError(f"{self.artifact.name}: " + ("its manifest names a prologue graph but no prologue "
+                                                             "engine was given" if prologue_engine is None else
+                                                             "a prologue engine was given for a y-only step"))
         self._engine = engine
+        self._pro_engine = prologue_engine
         self._exec: Executor | None = None
         self._limits = limits
         self.device = f"cuda:{device.index}"
@@ -76,23 +84,24 @@ class CudaStepBackend(Backend):
         self._strides: dict[str, int] = {}
         d = self.descriptor
         self._xbuf = (f"{d.X}[0]", f"{d.X}[1]")
-        self._check_io()
+        self._check_io(engine, d, "fused step")
+        if prologue_engine is not None:
+            self._check_io(prologue_engine, self.prologue_descriptor, "prologue")
         self._exec = Executor(device)
 
     # ------------------------------------------------------------------ setup
-    def _check_io(self) -> None:
-        d, engine = self.descriptor, self._engine
+    def _check_io(self, engine: Engine, d, what: str) -> None:
         got = {t.name: t for t in engine.io()}
         want = {**{s.name: (True, s) for s in d.inputs}, **{s.name: (False, s) for s in d.outputs}}
         if sorted(got) != sorted(want):
-            raise ArtifactError(f"{self.artifact.name}: engine tensors {sorted(got)} do not match the fused step's "
+            raise ArtifactError(f"{self.artifact.name}: engine tensors {sorted(got)} do not match the {what}'s "
                                 f"{sorted(want)}")
         for name, (is_input, spec) in want.items():
             if got[name].is_input != is_input:
                 raise ArtifactError(f"{self.artifact.name}: engine tensor {name!r} has the wrong direction")
             if got[name].dtype != np.dtype(spec.dtype):
                 have = getattr(engine, "dtype_name", lambda n: str(got[n].dtype))(name)
-                raise ArtifactError(f"{self.artifact.name}: engine tensor {name!r} is {have}, the fused step's I/O "
+                raise ArtifactError(f"{self.artifact.name}: engine tensor {name!r} is {have}, the {what}'s I/O "
                                     f"is {spec.dtype}")
 
     @property
@@ -123,6 +132,16 @@ class CudaStepBackend(Backend):
         if out != self._shapes[d.OUT]:
             raise ArtifactError(f"{self.artifact.name}: the engine's {d.OUT} is {out}, expected {self._shapes[d.OUT]}")
         ex.bind(engine, {d.COND: ex.pointer(d.COND)})  # cond never moves while the shape is bound
+        if self._pro_engine is not None:  # the prologue writes the step's cond buffer in place
+            pd = self.prologue_descriptor
+            shapes = spec_shapes(pd, batch, height, width)
+            ex.allocate({pd.RAINY: math.prod(shapes[pd.RAINY]) * np.dtype(pd.inputs[0].dtype).itemsize})
+            ex.set_shapes(self._pro_engine, {pd.RAINY: shapes[pd.RAINY]})
+            out = ex.output_shape(self._pro_engine, pd.OUT)
+            if out != self._shapes[d.COND]:
+                raise ArtifactError(f"{self.artifact.name}: the prologue's {pd.OUT} is {out}, the step's "
+                                    f"{d.COND} {self._shapes[d.COND]}")
+            ex.bind(self._pro_engine, {pd.RAINY: ex.pointer(pd.RAINY), pd.OUT: ex.pointer(d.COND)})
         self._warm = False
 
     def _release_buffers(self) -> None:
@@ -158,6 +177,16 @@ class CudaStepBackend(Backend):
 
     def _write_cond(self, cond: np.ndarray) -> None:
         self._exec.upload(self.descriptor.COND, cond)
+
+    def _write_rainy(self, rainy: np.ndarray) -> None:
+        self._exec.upload(self.prologue_descriptor.RAINY, rainy)
+
+    def _prologue(self) -> None:
+        # on the executor's stream: ordered after the rainy upload and before the steps
+        self._exec.enqueue(self._pro_engine, " (prologue)")
+
+    def _read_cond(self, out: np.ndarray) -> None:
+        self._exec.download(self.descriptor.COND, out)
 
     def _write_x(self, x: np.ndarray) -> None:
         self._exec.upload(self._xbuf[self._cur], x)
@@ -227,9 +256,10 @@ class CudaStepBackend(Backend):
         if self._exec is not None:
             self._exec.close()
             self._exec = None
-        if self._engine is not None:
-            self._engine.close()
-            self._engine = None
+        for name in ("_engine", "_pro_engine"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).close()
+                setattr(self, name, None)
 
     def __del__(self) -> None:
         try:

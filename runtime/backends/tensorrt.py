@@ -180,6 +180,7 @@ class TensorRTBackend(CudaStepBackend):
         # 1. manifest + sha256, before anything of TensorRT is imported or called
         manifest = manifest if manifest is not None else load_manifest(artifact, "trt")
         check_engine_compat(manifest, artifact=artifact)  # the 'tensorrt' section exists
+        pro_path = manifest.prologue_path(artifact)  # a predict-and-refine prologue plan: hash-checked too
 
         # 2. versions: installed TensorRT, then this GPU's compute capability, vs the manifest
         trt = import_tensorrt()
@@ -196,11 +197,20 @@ class TensorRTBackend(CudaStepBackend):
                                     allow_host_code=version_compatible(manifest))
         except ArtifactError as e:
             raise EngineMismatchError(f"{e}; rebuild it here: {rebuild_command(artifact, manifest)}") from None
+        pro_engine = None
         try:
+            if pro_path is not None:
+                try:
+                    pro_engine = TensorRTEngine(pro_path.read_bytes(), trt=trt, name=pro_path.name,
+                                                allow_host_code=version_compatible(manifest))
+                except ArtifactError as e:
+                    raise EngineMismatchError(f"{e}; rebuild it here: {rebuild_command(artifact, manifest)}") from None
             super().__init__(artifact, manifest, device=cuda, engine=engine, cuda_graph=cuda_graph,
-                             limits=manifest.step_descriptor.profile)
+                             limits=manifest.step_descriptor.profile, prologue_engine=pro_engine)
         except BaseException:
             engine.close()
+            if pro_engine is not None:
+                pro_engine.close()
             raise
 
 

@@ -18,7 +18,7 @@ import pytest
 from rd_export.tensorrt import INSTALL_HINT, EngineStep, build_engine
 from rd_export.verify import OnnxStep
 from runtime.backends.cuda_device import CudaError
-from runtime.descriptor import ShapeProfile
+from runtime.descriptor import ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, ManifestError, UsageError, VerificationError
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
 from tests.fakes import fake_cuda, fake_tensorrt
@@ -78,7 +78,7 @@ def test_build_engine_contract(onnx_copy, cudart, monkeypatch, version):
     assert [c.args for c in trt.called("IBuilderConfig.builder_optimization_level")] == [(2,)]
     # one optimisation profile, shapes from the descriptor with the overrides applied
     expected = ShapeProfile(min_batch=1, opt_batch=1, max_batch=2, min_size=(32, 32), opt_size=(32, 32),
-                            max_size=(64, 48)).shapes()
+                            max_size=(64, 48)).shapes(StepDescriptor(size_multiple=8).inputs)
     set_shape = {c.args[0]: c.args[1:] for c in trt.called("IOptimizationProfile.set_shape")}
     assert set_shape == expected
     assert len(trt.called("IBuilderConfig.add_optimization_profile")) == 1
@@ -346,3 +346,79 @@ def test_version_compatible_is_a_build_option_for_plans_only(onnx_copy, tmp_path
         build(onnx_copy, tmp_path_factory.mktemp("o"), BuildOptions(fmt="onnx", version_compatible=True))
     result = CliRunner().invoke(app, ["build", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--version-compatible" in result.output
+
+
+# --------------------------------------------------------------------------- predict-and-refine: two plans
+@pytest.fixture(scope="module")
+def refine_onnx(tmp_path_factory):
+    from rdx_helpers import one_torch_thread, write_random_checkpoint
+
+    from rd_export.export import export_onnx
+
+    d = tmp_path_factory.mktemp("trt_refine")
+    with one_torch_thread():
+        ck = write_random_checkpoint(d / "r.pt", cond_channels=6, prediction="x0_residual", crop=32)
+        return export_onnx(ck, d / "out", steps=2)
+
+
+def onnx_backed_two_graphs(cudart, onnx_path):
+    """on_execute for both engines of a predict-and-refine artifact: the prologue engine (input
+    'rainy') runs the prologue ONNX, the step engine the step ONNX, on the fake device memory."""
+    from rd_export.verify import OnnxPrologue
+
+    step = onnx_backed_execute(cudart, onnx_path)
+    pro = OnnxPrologue(onnx_path.with_name("model.prologue.onnx"))
+
+    def run(ex) -> None:
+        if "rainy" in ex.addresses:
+            cudart.write(ex.addresses["cond"], pro(cudart.read(ex.addresses["rainy"], ex.input_shapes["rainy"])))
+        else:
+            step(ex)
+
+    return run
+
+
+def test_two_plans_built_verified_and_run(refine_onnx, cudart, monkeypatch, tmp_path):
+    for p in refine_onnx.parent.iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    onnx = tmp_path / refine_onnx.name
+    trt = fake_tensorrt.install(monkeypatch, "10.9.0.34")
+    trt.on_execute = onnx_backed_two_graphs(cudart, onnx)
+    plan = build_engine(onnx, steps=2)
+    assert len(trt.called("Builder.build_serialized_network")) == 2  # the step and the prologue
+    m = Manifest.for_artifact(plan)
+    pro = m.prologue
+    assert pro["artifact"] == "model.trt.prologue.plan" and pro["sha256"] == sha256_file(tmp_path / pro["artifact"])
+    v = m.get("verification")
+    assert v["passed"] and v["prologue_psnr_db"] >= 40
+    assert [p["at"] for p in v["prologue_points"]] == ["min", "opt", "max"] and all(p["psnr_db"] >= 40
+                                                                            for p in v["prologue_points"])
+    assert _leftovers(tmp_path) == []
+    # the runtime runs both plans: the same frame as the ONNX artifact through onnxruntime
+    from runtime.derainer import Derainer
+
+    frame = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    with Derainer(onnx, steps=2, threads=1) as ref, Derainer(plan, steps=2) as d:
+        a, b = ref.derain(frame), d.derain(frame)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_a_prologue_engine_that_differs_fails_verification(refine_onnx, cudart, monkeypatch, tmp_path):
+    for p in refine_onnx.parent.iterdir():
+        shutil.copy(p, tmp_path / p.name)
+    onnx = tmp_path / refine_onnx.name
+    trt = fake_tensorrt.install(monkeypatch, "10.9.0.34")
+    good = onnx_backed_two_graphs(cudart, onnx)
+
+    def wrong_prologue(ex) -> None:
+        good(ex)
+        if "rainy" in ex.addresses:  # the estimate channels come out shifted
+            shape = (ex.input_shapes["rainy"][0], 6, *ex.input_shapes["rainy"][2:])
+            cond = cudart.read(ex.addresses["cond"], shape)
+            cond[:, 3:] += 0.1
+            cudart.write(ex.addresses["cond"], cond)
+
+    trt.on_execute = wrong_prologue
+    with pytest.raises(VerificationError, match="prologue PSNR"):
+        build_engine(onnx, steps=2)
+    assert not (tmp_path / "model.trt.plan").exists() and not (tmp_path / "model.trt.prologue.plan").exists()

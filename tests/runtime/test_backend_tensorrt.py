@@ -497,3 +497,73 @@ def test_real_tensorrt_matches_onnxruntime(tiny_model, tmp_path, rng, psnr, prec
     for got in outs:
         assert psnr(got, want) >= ENGINE_MIN_PSNR_DB  # the plan vs onnxruntime on the same ONNX
     np.testing.assert_array_equal(outs[1], outs[2])  # replays of one graph
+
+
+# ------------------------------------------------------------------ predict-and-refine: two plans
+def make_refine_plans(directory, *, tamper_prologue=False):
+    """``model.trt.plan`` (the step with a 6-channel cond) + ``model.trt.prologue.plan`` + one manifest."""
+    import fake_tensorrt
+
+    from runtime.manifest import prologue_name
+
+    desc = StepDescriptor(size_multiple=8, profile=PROFILE, cond_channels=6)
+    pd = desc.prologue()
+    plan = directory / "model.trt.plan"
+    plan.write_bytes(fake_tensorrt.step_plan(desc))
+    p = PROFILE
+    pro = directory / prologue_name(plan.name)
+    pro.write_bytes(fake_tensorrt.prologue_plan(pd.RAINY, pd.OUT, channels=3, profile_points=[
+        (p.min_batch, p.min_size), (p.opt_batch, p.opt_size), (p.max_batch, p.max_size)]))
+    Manifest(
+        artifact=plan.name, format="trt", precision="fp16", model="derain", sha256=sha256_file(plan),
+        descriptor=desc.to_dict(),
+        schedule={"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02, "default_steps": 3},
+        model_config={}, toolkit_version="test",
+        extra={"tensorrt": {"version": "10.9.0", "gpu_name": "Fake GPU", "compute_capability": "8.6",
+                            "build_flags": []},
+               "prologue": {"artifact": pro.name, "sha256": sha256_file(pro), "precision": "fp16"}},
+    ).save(manifest_path_for(plan))
+    if tamper_prologue:
+        pro.write_bytes(pro.read_bytes() + b" ")
+    return plan
+
+
+def test_prologue_plan_writes_the_bound_cond_and_the_steps_read_it(fake_gpu, tmp_path, schedule, rng):
+    import fake_tensorrt
+
+    plan = make_refine_plans(tmp_path)
+    be = _ready(plan, schedule, shape=(2, 16, 24))
+    assert be.has_prologue
+    y, x = _rand(rng, (2, 3, 16, 24)), _rand(rng, (2, 3, 16, 24))
+    before = be.buffer_pointers()
+    be.set_rainy(y)
+    be.run_prologue()
+    np.testing.assert_allclose(be.get_cond(), fake_tensorrt.prologue_reference(y), rtol=1e-6, atol=1e-6)
+    be.set_x(x)
+    be.run()
+    want = fake_tensorrt.reference_loop(x, fake_tensorrt.prologue_reference(y), schedule.timesteps,
+                                        schedule.coefficients())
+    np.testing.assert_allclose(be.get_x(), want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert be.buffer_pointers() == before  # the prologue wrote cond in place: no buffer moved
+    be.close()
+
+
+def test_derainer_steps_zero_on_a_plan_returns_the_prologue_estimate(fake_gpu, tmp_path):
+    import fake_tensorrt
+
+    plan = make_refine_plans(tmp_path)
+    frame = np.random.default_rng(0).integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    with Derainer(plan, steps=0) as d:
+        got = d.derain(frame)
+    y = to_float(frame[None])
+    b = fake_tensorrt.prologue_reference(y)[:, 3:]
+    from runtime.derainer import to_uint8
+
+    assert np.array_equal(got, to_uint8(b)[0])
+
+
+def test_tampered_prologue_plan_is_refused_before_tensorrt_sees_it(fake_gpu, tmp_path):
+    plan = make_refine_plans(tmp_path, tamper_prologue=True)
+    with pytest.raises(ManifestError, match=r"prologue\.plan: sha256"):
+        open_backend(plan)
+    assert not [c for c in fake_gpu.trt.calls if "deserialize" in str(c)]
