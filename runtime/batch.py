@@ -110,6 +110,11 @@ def _is_hidden(p: Path) -> bool:
     return p.name.startswith(".")
 
 
+def _real(p: Path) -> Path:
+    """``p`` with symbolic links resolved; unlike ``Path.resolve`` it never raises on a link loop."""
+    return Path(os.path.realpath(p))
+
+
 def _inside(child: Path, parent: Path) -> bool:
     try:
         child.relative_to(parent)
@@ -136,7 +141,7 @@ def _walk(root: Path, recursive: bool, prune: Path | None) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not (prune is not None and (here / d).resolve() == prune))
+                             and not (prune is not None and _real(here / d) == prune))
         found += [here / f for f in filenames if not f.startswith(".") and kind_of(here / f) != "unsupported"]
     return sorted(found)
 
@@ -163,21 +168,21 @@ def discover_inputs(inputs: Sequence[str | os.PathLike], *, outdir: str | os.Pat
     own outputs are not inputs.
     """
     check_suffix(suffix)
-    out_resolved = Path(outdir).resolve() if outdir is not None else None
+    out_resolved = _real(Path(outdir)) if outdir is not None else None
     record = OutputRecord(outdir) if outdir is not None else None
     items: list[WorkItem] = []
     warnings: list[str] = []
     seen: set[Path] = set()
 
     def add(path: Path, rel: Path) -> None:
-        r = path.resolve()
+        r = _real(path)
         if r in seen:
             return
         seen.add(r)
         items.append(WorkItem(source=path, rel=rel, kind=kind_of(path)))
 
     def add_folder(root: Path, rel_base: Path) -> int:
-        root_r = root.resolve()
+        root_r = _real(root)
         prune = None
         if out_resolved is not None:
             if out_resolved == root_r:
@@ -188,7 +193,7 @@ def discover_inputs(inputs: Sequence[str | os.PathLike], *, outdir: str | os.Pat
                 prune = out_resolved  # outputs inside the input folder are never re-read
         n = 0
         for f in _walk(root, recursive, prune):
-            if prune is not None and _inside(f.resolve(), prune):
+            if prune is not None and _inside(_real(f), prune):
                 continue
             if out_resolved == root_r and record is not None and record.owns(f):
                 continue  # an earlier output written beside its input (a user's file with that name is an input)
@@ -214,12 +219,12 @@ def discover_inputs(inputs: Sequence[str | os.PathLike], *, outdir: str | os.Pat
                 if _is_hidden(m):
                     continue
                 if m.is_dir():
-                    if out_resolved is not None and _inside(m.resolve(), out_resolved):
+                    if out_resolved is not None and _inside(_real(m), out_resolved):
                         continue  # the output directory (or a folder in it) matched the pattern
                     n += add_folder(m, m.relative_to(base) if _inside(m, base) else Path(m.name))
                 elif (m.is_file() or _dangling(m)) and kind_of(m) != "unsupported":
-                    if out_resolved is not None and _inside(m.resolve(), out_resolved) and not _inside(base.resolve(),
-                                                                                                     out_resolved):
+                    if out_resolved is not None and _inside(_real(m), out_resolved) and not _inside(_real(base),
+                                                                                                  out_resolved):
                         continue
                     if record is not None and record.owns(m):
                         continue  # an earlier output of this output folder
@@ -437,13 +442,19 @@ def remove_stale_files(folders: Sequence[Path], before: float) -> list[Path]:
             target = own_temporary(e.name)
             if target is not None and Path(target).suffix.lower() in media:
                 lock = OutputLock(Path(folder) / target)
+                stale_lock = lock.path.exists()  # taken over and removed with the temporary
                 if lock.acquire() is None:
                     with contextlib.suppress(OSError):
                         os.unlink(e.path)
                         removed.append(Path(e.path))
                     lock.release()
+                    if stale_lock and lock.path not in removed:
+                        removed.append(lock.path)
             elif e.name.endswith(LOCK_SUFFIX) and fcntl is not None:
-                fd = os.open(e.path, os.O_RDWR)
+                try:
+                    fd = os.open(e.path, os.O_RDWR)
+                except OSError:
+                    continue  # removed above with its temporary, or by its owner meanwhile
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError:
@@ -601,7 +612,7 @@ class BatchRunner:
                 if problem is not None:
                     self._finish(result, "failed", t0, error=problem)
                     continue
-                claimed[dest.resolve()] = str(item.source)
+                claimed[_real(dest)] = str(item.source)
                 lock = OutputLock(dest)
                 try:
                     holder = lock.acquire()
@@ -667,7 +678,7 @@ class BatchRunner:
                     f"(images: {', '.join(sorted(IMAGE_SUFFIXES))}; videos: {', '.join(sorted(VIDEO_SUFFIXES))})")
         if not item.source.exists():
             return missing_reason(item.source)
-        src_r, dest_r = item.source.resolve(), dest.resolve()
+        src_r, dest_r = _real(item.source), _real(dest)
         if src_r == dest_r or (dest.exists() and os.path.samefile(item.source, dest)):
             return f"refusing to overwrite the input: output {dest} is the input file; choose another -o or --suffix"
         if dest_r in claimed:
