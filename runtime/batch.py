@@ -776,8 +776,9 @@ class BatchRunner:
     def _metadata_notes(self, result: FileResult, meta, dropped: dict[str, str]) -> None:
         result.details["metadata"] = ("stripped" if self.strip_metadata
                                       else [n for n in meta.names() if n not in dropped] if meta else [])
-        if dropped:
-            result.warnings.append(f"{result.input}: metadata not kept: {'; '.join(dropped.values())}")
+        lost = [*dropped.values(), *(meta.unreadable if meta else [])]
+        if lost:
+            result.warnings.append(f"{result.input}: metadata not kept: {'; '.join(lost)}")
 
     def _write_image(self, p: _Pending, y: np.ndarray) -> None:
         y = self._check_output(p.item.source, y, p.image.rgb)

@@ -21,6 +21,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,8 @@ class ImageMetadata:
     icc_profile: bytes | None = None
     exif: bytes | None = None
     dpi: tuple[float, float] | None = None
+    #: what was in the file but could not be read (a malformed EXIF block), one phrase each
+    unreadable: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.icc_profile or self.exif or self.dpi)
@@ -118,23 +121,31 @@ def _read_metadata(img: Image.Image) -> ImageMetadata:
     """ICC, EXIF (orientation reset to 1) and DPI of an opened image (the image is not changed)."""
     icc = img.info.get("icc_profile") or None
     exif_bytes = None
-    with contextlib.suppress(Exception):  # a malformed EXIF block is dropped, never fatal
-        original = img.getexif()
-        if len(original):
-            exif = Image.Exif()
-            exif.load(original.tobytes())  # a copy, with the Exif (camera, date) and GPS sub-IFDs
-            for tag in _LAYOUT_TAGS & set(exif):
-                del exif[tag]
-            if 0x0112 in exif:
-                exif[0x0112] = 1  # the pixels are returned upright
-            if len(exif):
-                exif_bytes = exif.tobytes()
+    unreadable: list[str] = []
+    try:  # a malformed EXIF block is dropped (and said so), never fatal
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            original = img.getexif()
+            if len(original):
+                exif = Image.Exif()
+                exif.load(original.tobytes())  # a copy, with the Exif (camera, date) and GPS sub-IFDs
+                for tag in _LAYOUT_TAGS & set(exif):
+                    del exif[tag]
+                if 0x0112 in exif:
+                    exif[0x0112] = 1  # the pixels are returned upright
+                if len(exif):
+                    exif_bytes = exif.tobytes()
+        if caught:
+            raise ValueError(str(caught[0].message))
+    except Exception as e:
+        exif_bytes = None
+        unreadable.append(f"EXIF: malformed ({e})")
     dpi = None
     raw_dpi = img.info.get("dpi")
     with contextlib.suppress(TypeError, ValueError):
         if raw_dpi and len(raw_dpi) == 2 and float(raw_dpi[0]) > 0 and float(raw_dpi[1]) > 0:
             dpi = (float(raw_dpi[0]), float(raw_dpi[1]))
-    return ImageMetadata(icc_profile=icc, exif=exif_bytes, dpi=dpi)
+    return ImageMetadata(icc_profile=icc, exif=exif_bytes, dpi=dpi, unreadable=unreadable)
 
 
 @dataclass
@@ -195,6 +206,21 @@ def _open_image(p: Path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = saved
 
 
+@contextlib.contextmanager
+def _exif_warnings():
+    """Collect Pillow's warnings about a malformed EXIF block (yielded as messages) instead of
+    letting them reach the user's terminal; other warnings pass on unchanged."""
+    problems: list[str] = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield problems
+    for w in caught:
+        if "exif" in str(w.message).lower():
+            problems.append(str(w.message))
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _to_rgb8(img: Image.Image) -> tuple[np.ndarray, np.ndarray | None, bool]:
     mode = img.mode
     alpha = None
@@ -249,7 +275,7 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
     if max_pixels is not None and max_pixels <= 0:
         max_pixels = None  # 0 or negative: no limit
     try:
-        with _open_image(p) as img:
+        with _exif_warnings() as exif_problems, _open_image(p) as img:
             w, h = img.size
             if max_pixels is not None and w * h > max_pixels:
                 raise ImageError(
@@ -267,6 +293,9 @@ def load_image(path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_
             img = ImageOps.exif_transpose(img)  # orientation applied exactly once
             rgb, alpha, high = _to_rgb8(img)
             mode = img.mode
+        if exif_problems:  # Pillow warned while parsing the EXIF block when opening the file
+            metadata.exif = None
+            metadata.unreadable.append(f"EXIF: malformed ({exif_problems[0]})")
     except ImageError:
         raise
     except PermissionError as e:
