@@ -328,8 +328,10 @@ def derain(
     warnings: list[str] = []
 
     def report_error(d: dict) -> None:  # --json on an error before the batch: the reason and the warnings
+        from runtime.batch import BatchReport
+
         _emit_json({"command": "derain", "version": _version(), "output_dir": str(output_dir), "files": [],
-                    "warnings": warnings, **d})
+                    "totals": BatchReport().totals(), "warnings": warnings, **d})
 
     with error_exits(_say, debug=debug, report=report_error if json_out else None):
         if output_dir.exists() and not output_dir.is_dir():

@@ -238,6 +238,7 @@ def test_nothing_matched_is_a_usage_error_with_the_reason_in_the_json(tmp_path, 
     assert r.code == 2, r
     j = r.json
     assert j["exit_code"] == 2 and j["error_type"] == "UsageError" and "nothing to derain" in j["error"]
+    assert j["files"] == [] and j["totals"]["files"] == 0
     assert "no image or video files" in j["error"] and "no image or video files" in j["warnings"][0]
     assert r.stderr.strip().splitlines()[-1].startswith("rd-run: error: nothing to derain:")
     r = rd_run("derain", str(tmp_path / "*.jpg"), "-o", tmp_path / "o")

@@ -565,3 +565,21 @@ def test_rd_export_help_states_sizes_as_hxw_and_the_step_range():
 
     text = " ".join(CliRunner().invoke(_app("rd_export.cli"), ["build", "--help"]).output.split())
     assert "HxW, height x width" in text and "2..1000" in text
+
+
+def test_field_tests_doc_cites_only_existing_tests():
+    """docs/field_tests.md: every test it names exists, and its count is the number of rows."""
+    import re
+
+    root = Path(__file__).resolve().parents[2]
+    doc = (root / "docs" / "field_tests.md").read_text()
+    cited = re.findall(r"`([\w/]+\.py)::(test_\w+)`", doc)
+    assert len(cited) > 60
+    for path, name in cited:
+        source = (root / "tests" / path.removeprefix("tests/")).read_text()
+        assert re.search(rf"^def {name}\(", source, re.M), f"{path}::{name} is cited but does not exist"
+    rows = re.findall(r"^\| (\d+) \|", doc, re.M)
+    assert [int(r) for r in rows] == list(range(1, len(rows) + 1))
+    count = int(re.search(r"\*\*Count: (\d+) cases\*\*", doc).group(1))
+    a, b = (int(n) for n in re.search(r"— (\d+) that failed .* (\d+) that held", doc).groups())
+    assert count == len(rows) == a + b
