@@ -345,9 +345,10 @@ class OutputRecord:
                             "pid": os.getpid()}) + "\n").encode()
         self.outdir.mkdir(parents=True, exist_ok=True)
         with _locked_append(self.path) as fd:
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n":
-                line = b"\n" + line  # a killed writer left a torn line: start a fresh one
+            if os.fstat(fd).st_size:
+                os.lseek(fd, -1, os.SEEK_END)  # O_APPEND: the write below still goes to the end
+                if os.read(fd, 1) != b"\n":
+                    line = b"\n" + line  # a killed writer left a torn line: start a fresh one
             os.write(fd, line)
             os.fsync(fd)
         self._entries[key] = (st.st_size, st.st_mtime_ns)
