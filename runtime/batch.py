@@ -299,7 +299,10 @@ class OutputRecord:
         self._offset = 0
 
     def _key(self, path: Path) -> str:
-        return Path(os.path.relpath(os.path.abspath(path), os.path.abspath(self.outdir))).as_posix()
+        # folders resolved (an output folder reached through another spelling or a symbolic link is
+        # the same folder), the file name itself not
+        where = os.path.join(os.path.realpath(path.parent), path.name)
+        return Path(os.path.relpath(where, os.path.realpath(self.outdir))).as_posix()
 
     def _refresh(self) -> None:
         try:

@@ -585,3 +585,14 @@ def test_field_tests_doc_cites_only_existing_tests():
     count = int(re.search(r"\*\*Count: (\d+) cases\*\*", doc).group(1))
     a, b = (int(n) for n in re.search(r"— (\d+) that failed .* (\d+) that held", doc).groups())
     assert count == len(rows) == a + b
+
+
+def test_the_output_folder_reached_another_way_is_the_same_folder(tmp_path, rd_run, make_image, monkeypatch):
+    """Outputs written through a symlinked or relative spelling of -o are still known as rd-run's."""
+    sfx = tmp_path / "sfx"
+    make_image(sfx / "photo.png")
+    (tmp_path / "alias").symlink_to(sfx, target_is_directory=True)
+    assert rd_run("derain", sfx, "-o", tmp_path / "alias", "--suffix", "_d").code == 0
+    monkeypatch.chdir(tmp_path)
+    r = rd_run("derain", "alias", "-o", "sfx/", "--suffix", "_d", "--json")
+    assert r.code == 0 and [Path(f["input"]).name for f in r.json["files"]] == ["photo.png"], r
