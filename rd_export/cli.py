@@ -25,10 +25,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from rd_export.precision import PRECISIONS
-from runtime.cli_errors import check_steps, error_exits
+from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, check_steps, error_exits, one_line_group
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Export RainDiffusion checkpoints to verified ONNX (FP32/FP16) and TensorRT engines.")
+                  rich_markup_mode=None, context_settings=HELP_OPTIONS, cls=one_line_group(""),
+                  help="Export RainDiffusion checkpoints to verified ONNX (FP32/FP16) and TensorRT engines. "
+                       "Frame sizes are HxW (height x width, e.g. 1080x1920), as in rd-run bench --size.")
 _state = {"debug": False}
 
 #: the precision choices come from the precision table (INT8 appears when it is registered)
@@ -121,13 +123,15 @@ def build(
                                                      "(model B).")] = None,
     steps: Annotated[int | None, typer.Option(
         callback=check_steps,
-        help="DDIM steps (2 or more): stored as the default in the manifest and used for verification "
+        help=f"DDIM steps ({STEPS_RANGE}): stored as the default in the manifest and used for verification "
              "(default 10).")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
-    min_size: Annotated[str | None, typer.Option(help="Engine profile minimum frame HxW (default 64x64); also "
-                                                      "the size verification runs at.")] = None,
-    opt_size: Annotated[str | None, typer.Option(help="Engine profile optimum HxW (default 256x256).")] = None,
-    max_size: Annotated[str | None, typer.Option(help="Engine profile maximum HxW (default 1024x1024).")] = None,
+    min_size: Annotated[str | None, typer.Option(help="Engine profile minimum frame HxW, height x width (default "
+                                                      "64x64); also the size verification runs at.")] = None,
+    opt_size: Annotated[str | None, typer.Option(help="Engine profile optimum HxW, height x width (default "
+                                                      "256x256).")] = None,
+    max_size: Annotated[str | None, typer.Option(help="Engine profile maximum HxW, height x width: 1080x1920 for "
+                                                      "1080p (default 1024x1024).")] = None,
     batch: Annotated[str | None, typer.Option(help="Engine batch range MIN..MAX or MIN..OPT..MAX (default "
                                                    "1..4).")] = None,
     workspace_mib: Annotated[int | None, typer.Option("--workspace", min=1, help="TensorRT workspace limit in MiB "
@@ -253,7 +257,7 @@ def verify(
     checkpoint: Annotated[Path, typer.Option(exists=True, dir_okay=False, readable=True,
                                              help="The checkpoint the artifact was exported from.")],
     steps: Annotated[int | None, typer.Option(
-        callback=check_steps, help="DDIM steps, 2 or more (default: the manifest's).")] = None,
+        callback=check_steps, help=f"DDIM steps, {STEPS_RANGE} (default: the manifest's).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the verification noise.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
     debug: _Debug = False,

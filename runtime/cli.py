@@ -23,7 +23,7 @@ from typing import Annotated, Any
 
 import typer
 
-from runtime.cli_errors import Terminated, check_steps, error_exits
+from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, Terminated, check_steps, error_exits, one_line_group, parse_hw
 from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
 from runtime.io import DEFAULT_MAX_PIXELS
 
@@ -55,8 +55,19 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
+    context_settings=HELP_OPTIONS,
+    cls=one_line_group("rd-run: "),
 )
+
+
+def _shipped_tile() -> str:
+    """The shipped model's native tile size, as its manifest records it (for --tile's help)."""
+    try:
+        profile = json.loads((ASSETS / "default.json").read_text())["descriptor"]["profile"]
+        h, w = profile["max_size"]
+        return f"{int(h)}x{int(w)}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "64x64"
 
 
 class Device(str, Enum):
@@ -82,15 +93,17 @@ PrecisionOpt = Annotated[Precision | None, typer.Option(
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
 StepsOpt = Annotated[int | None, typer.Option(
     "--steps", "-s", callback=check_steps, metavar="S",
-    help="DDIM sampling steps, 2 or more (one step of Algorithm 2 is at t = 1 and returns the noise). "
+    help=f"DDIM sampling steps, {STEPS_RANGE}; one step of Algorithm 2 is at t = 1 and returns the noise. "
          "Default: the model's own (manifest 'default_steps', usually 10). Fewer is faster.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output.")]
 TileOpt = Annotated[int | None, typer.Option(
     "--tile", min=16, metavar="P",
-    help="Derain in PxP tiles blended over --overlap pixels (P a multiple of the model's size multiple), "
-         "to bound memory. Default: whole frames; frames beyond the engine's shape profile are tiled "
-         "automatically.")]
+    help="Derain in PxP tiles blended over --overlap pixels at every step (P a multiple of the model's size "
+         "multiple). Default: the model's native tile size, the largest frame of its manifest's profile: "
+         "frames up to it run whole, larger ones are tiled at it. The shipped model's native tile is "
+         f"{_shipped_tile()}, so it tiles every frame larger than that (it does not generalise beyond "
+         "the crop it was trained on).")]
 OverlapOpt = Annotated[int | None, typer.Option(
     "--overlap", min=0, metavar="O",
     help="Overlap between neighbouring tiles, in pixels. Default: a quarter of the tile, at most 32.")]
@@ -283,8 +296,14 @@ def derain(
              "--suffix _derained). Needed when OUTDIR is an input folder.")] = "",
     skip_existing: Annotated[bool, typer.Option(
         "--skip-existing",
-        help="Skip inputs whose output already exists (resume an interrupted run). Without it, existing "
-             "outputs are replaced (atomically).")] = False,
+        help="Skip inputs whose output already exists (resume an interrupted run). Without it, rd-run's "
+             "own earlier outputs are replaced (atomically). A file rd-run did not write is never replaced: "
+             "that input fails (is skipped, with --skip-existing) and says why.")] = False,
+    strip_metadata: Annotated[bool, typer.Option(
+        "--strip-metadata",
+        help="Write outputs without the input's photo metadata. Default: the ICC colour profile, EXIF "
+             "(camera, date, GPS; orientation reset to 1, the pixels being upright) and DPI are kept where "
+             "the output format can hold them.")] = False,
     max_pixels: MaxPixelsOpt = DEFAULT_MAX_PIXELS,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -292,21 +311,37 @@ def derain(
     """Derain images and videos into an output folder.
 
     Never loses work: each output is written to a hidden temporary file and renamed when complete;
-    an input is never overwritten; a file that fails is reported and the rest go on (exit 7);
-    Ctrl-C stops cleanly (exit 130) and --skip-existing resumes. Alpha channels pass through
-    untouched; grayscale inputs come back grayscale; 16-bit inputs are written as 8-bit (with a
-    warning). Videos keep their frame count, frame rate and audio (needs PyAV: the [video] extra).
+    an input, or any file rd-run did not write, is never overwritten (OUTDIR/.rd-run-outputs.jsonl
+    records its outputs); a file that fails is reported and the rest go on (exit 7); Ctrl-C stops
+    cleanly (exit 130) and --skip-existing resumes; leftovers of a killed run are removed. Two runs
+    on one OUTDIR share the work: each output is locked while written, and the other run skips it.
+    Nothing matched by the inputs is a usage error (exit 2). Alpha channels pass through untouched;
+    grayscale inputs come back grayscale; 16-bit inputs are written as 8-bit (with a warning);
+    animated WebP/PNG and multi-page TIFF are derained frame by frame. Videos keep their frame
+    count, frame rate and audio (needs PyAV: the [video] extra); a truncated video gives the frames
+    there were, status 'partial' and a warning (exit 7).
     """
     from runtime.batch import BatchRunner, discover_inputs
 
     console = _stderr_console()
     runner = None
-    with _guard(debug, json_out):
+    warnings: list[str] = []
+
+    def report_error(d: dict) -> None:  # --json on an error before the batch: the reason and the warnings
+        from runtime.batch import BatchReport
+
+        _emit_json({"command": "derain", "version": _version(), "output_dir": str(output_dir), "files": [],
+                    "totals": BatchReport().totals(), "warnings": warnings, **d})
+
+    with error_exits(_say, debug=debug, report=report_error if json_out else None):
         if output_dir.exists() and not output_dir.is_dir():
             raise UsageError(f"--output-dir {output_dir} exists and is not a directory")
-        items, warnings = discover_inputs(inputs, outdir=output_dir, recursive=recursive, suffix=suffix)
+        items, found_warnings = discover_inputs(inputs, outdir=output_dir, recursive=recursive, suffix=suffix)
+        warnings.extend(found_warnings)
         for w in warnings:
             _say(w, "warning")
+        if not items:
+            raise UsageError("nothing to derain: " + "; ".join(warnings or ["no inputs"]))
         if tile is not None and overlap is not None and overlap >= tile:
             raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
         resolve_engine(engine, precision)  # fail fast on option errors, before any work
@@ -323,7 +358,8 @@ def derain(
 
         observer = _RichBatchObserver(console, show_bar=console.is_terminal and not debug)
         runner = BatchRunner(items, output_dir, factory, suffix=suffix, skip_existing=skip_existing,
-                             max_pixels=max_pixels, batch=batch or 1, observer=observer)
+                             max_pixels=max_pixels, batch=batch or 1, observer=observer, strip_metadata=strip_metadata)
+        runner.report.warnings.extend(warnings)
         stopped: KeyboardInterrupt | None = None
         try:
             with observer:
@@ -348,8 +384,12 @@ def _finish_derain(runner, engine, device, threads, json_out: bool, console, ter
         _say(f"{what} after {t['ok']} ok, {t['skipped']} skipped, {t['failed']} failed of {t['files']}; "
              f"no partial files left; rerun with --skip-existing to resume", "error")
     else:
-        typer.echo(f"rd-run: {t['files']} files: {t['ok']} ok, {t['skipped']} skipped, {t['failed']} failed "
-                   f"in {t['seconds']:.1f} s", err=True)
+        partial = f", {t['partial']} partial" if t["partial"] else ""
+        typer.echo(f"rd-run: {t['files']} files: {t['ok']} ok, {t['skipped']} skipped, {t['failed']} failed"
+                   f"{partial} in {t['seconds']:.1f} s", err=True)
+    if report.removed:
+        _say(f"removed {len(report.removed)} leftover temporary/lock file(s) of an earlier killed run: "
+             + ", ".join(Path(p).name for p in report.removed), "note")
     if json_out:
         out = {"command": "derain", "version": _version(), "output_dir": str(runner.outdir)}
         d = report.to_dict()
@@ -461,8 +501,10 @@ def _finish_eval(report, derainer, engine, device, threads, json_out: bool, cons
 def bench(
     engine: EngineOpt = None,
     precision: PrecisionOpt = None,
-    size: Annotated[str, typer.Option("--size", metavar="WxH",
-                                      help="Frame size WIDTHxHEIGHT (a random frame of that size).")] = "512x512",
+    size: Annotated[str, typer.Option("--size", metavar="HxW",
+                                      help="Frame size HEIGHTxWIDTH, rows first as in rd-export's --max-size "
+                                           "(1080x1920 is a 1080p frame), or one number for a square; a random "
+                                           "frame of that size.")] = "512x512",
     steps: StepsOpt = None,
     batch: Annotated[int, typer.Option("--batch", "-b", min=1, metavar="B",
                                        help="Frames per call (derain_batch when > 1).")] = 1,
@@ -481,10 +523,10 @@ def bench(
     Step latency is the frame latency divided by the number of steps. Peak memory is the process's
     peak resident set size (model loading included).
     """
-    from runtime.bench import parse_size, run_bench
+    from runtime.bench import run_bench
 
     with _guard(debug, json_out):
-        width, height = parse_size(size)
+        height, width = parse_hw(size, "--size")
         derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
                                  threads=threads, batch=batch)
         try:
@@ -495,14 +537,14 @@ def bench(
             _close(derainer)
         info = result["engine"]
         result.update(backend=info["backend"], device=info["device"], threads=info["threads"],
-                      precision=info["precision"], version=_version())
+                      precision=info["precision"], version=_version(), size=f"{height}x{width}")
         if json_out:
             _emit_json(result)
         else:
             rss = result["peak_rss_mib"]
             typer.echo(
                 f"{info['backend'] or 'engine'} on {info['device']} ({info['threads'] or 'default'} threads), "
-                f"{size}, batch {batch}, {result['steps']} steps, {runs} runs\n"
+                f"{height}x{width} (HxW), batch {batch}, {result['steps']} steps, {runs} runs\n"
                 f"  frame: min {result['frame_min_ms']:.1f}  median {result['frame_median_ms']:.1f}  "
                 f"p95 {result['frame_p95_ms']:.1f} ms   ({result['fps']:.2f} fps)\n"
                 f"  step:  min {result['step_min_ms']:.2f}  median {result['step_median_ms']:.2f}  "

@@ -9,16 +9,40 @@ No torch here: rd-run imports it.
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
-from runtime.errors import RDError
+try:  # typer >= 0.26 ships its own copy of click
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - older typer on click itself
+    from click.exceptions import ClickException
+    from click.exceptions import UsageError as ClickUsageError
+
+    try:
+        from click.exceptions import NoArgsIsHelpError
+    except ImportError:
+        class NoArgsIsHelpError(ClickUsageError):  # type: ignore[no-redef]
+            """Absent from click < 8.2 (it printed the help itself)."""
+
+from runtime.errors import RDError, UsageError
 from runtime.schedule import MIN_STEPS, steps_error
 
-__all__ = ["Terminated", "error_exits", "check_steps"]
+__all__ = ["Terminated", "error_exits", "check_steps", "one_line_group", "HELP_OPTIONS", "STEPS_RANGE",
+           "parse_hw"]
+
+#: ``-h`` and ``--help`` on every command of every CLI (typer's default is ``--help`` only).
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+#: How every ``--steps`` help states the range: the lower bound is checked here, the upper one
+#: (the model's T, 1000 for every preset) where the model is known.
+STEPS_RANGE = f"{MIN_STEPS}..1000 (at most the model's T, 1000)"
 
 
 class Terminated(KeyboardInterrupt):
@@ -75,3 +99,69 @@ def check_steps(value: int | None) -> int | None:
     if value is not None and value < MIN_STEPS:
         raise typer.BadParameter(steps_error(value))
     return value
+
+
+def one_line_group(prefix: str) -> type[TyperGroup]:
+    """A typer group class whose command-line errors (unknown option, bad value, missing argument)
+    are one line on stderr, ``<prefix>error: <message> (see '<command> --help')``, exit 2.
+
+    click prints the usage, a hint and the message on three lines, and typer with rich draws them
+    in a box; the README promises one line per error for every CLI.
+    """
+
+    class OneLineErrorGroup(TyperGroup):
+        def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+            try:
+                rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+            except NoArgsIsHelpError as e:  # a bare command: its help, as click shows it
+                if not standalone_mode:
+                    raise
+                e.show()
+                sys.exit(e.exit_code)
+            except ClickException as e:
+                if not standalone_mode:
+                    raise
+                hint = ""
+                ctx = getattr(e, "ctx", None)
+                if isinstance(e, ClickUsageError) and ctx is not None:
+                    hint = f" (see '{ctx.command_path} --help')"
+                typer.echo(f"{prefix}error: {' '.join(e.format_message().split())}{hint}", err=True)
+                sys.exit(e.exit_code)
+            except typer.Abort:
+                if not standalone_mode:
+                    raise
+                typer.echo(f"{prefix}error: aborted", err=True)
+                sys.exit(1)
+            if not standalone_mode:
+                return rv
+            sys.exit(rv if isinstance(rv, int) else 0)
+
+    return OneLineErrorGroup
+
+
+_HW = re.compile(r"\s*(\d+)\s*(?:[xX*]\s*(\d+))?\s*")
+_LABELLED = re.compile(r"\s*(?:(?:w(?:idth)?\s*=?\s*\d+|h(?:eight)?\s*=?\s*\d+)\s*[,x* ]?\s*)+", re.IGNORECASE)
+
+
+def parse_hw(text: str, option: str, *, limit: int = 16384) -> tuple[int, int]:
+    """A frame size as every CLI writes it: ``HEIGHTxWIDTH`` (rows first, like numpy shapes, TensorRT
+    profiles and the manifest), or one number for a square; returns ``(height, width)``.
+
+    Sizes written the other way round cannot be told apart from the text, so the message of every
+    refusal names the order, and a size labelled with w/h (``w640,h480``) is refused with the
+    HxW spelling of the same size.
+    """
+    m = _HW.fullmatch(str(text))
+    if m is None:
+        if _LABELLED.fullmatch(str(text)):
+            sides = dict(re.findall(r"([wh])\D*?(\d+)", str(text).lower()))
+            if set(sides) == {"w", "h"}:
+                raise UsageError(f"{option} {text!r}: sizes are HxW (height x width): write {sides['h']}x{sides['w']}")
+        raise UsageError(f"{option} {text!r} is not HxW (height x width, e.g. 1080x1920 for a 1080p frame) or "
+                         f"a single number for a square")
+    h = int(m.group(1))
+    w = int(m.group(2)) if m.group(2) else h
+    if not (1 <= h <= limit and 1 <= w <= limit):
+        raise UsageError(f"{option} {text!r}: height and width must be within 1..{limit}")
+    return h, w

@@ -76,12 +76,12 @@ class DependencyError(RDError):
 EXIT_CODES = {
     0: "success",
     1: "unexpected internal error",
-    2: "usage error (bad option or value)",
+    2: "usage error (bad option or value, or no input matched)",
     3: "input error (missing/unreadable/corrupt file, bad checkpoint)",
     4: "artifact error (bad ONNX/plan/manifest, engine built elsewhere)",
     5: "verification failed (export does not match the torch reference)",
     6: "missing optional dependency",
-    7: "partial failure: some files of a batch failed (see the report)",
+    7: "partial failure: some files of a batch failed or are incomplete (status partial; see the report)",
     130: "interrupted (Ctrl-C / SIGINT); no partial or temporary files are left",
     143: "terminated (SIGTERM); no partial or temporary files are left",
 }

@@ -5,15 +5,20 @@ derained (in groups of ``batch``) and re-encoded with their original timestamps,
 the same frame count and frame rate; audio packets are remuxed untouched (no re-encoding). The
 output is written to a temporary file beside the destination and renamed only when complete.
 
+A truncated or damaged input (fewer frames decoded than the container declares, by count or by
+duration) still gives an output of the frames there were, with a warning in the result saying
+how many were missing; ``rd-run derain`` marks such a file ``partial``.
+
 Not kept: subtitle/data streams, and the rotation side data of phone videos (frames come out
 as stored, unrotated).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,9 +83,50 @@ class VideoResult:
     codec: str  # encoder used for the output
     audio_streams: int  # audio streams passed through
     seconds: float
+    expected_frames: int | None = None  # what the container declares (count, or duration x rate)
+    warnings: list[str] = field(default_factory=list)  # a truncated or damaged input
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_HMS = re.compile(r"^(\d+):(\d\d):(\d\d(?:\.\d+)?)$")
+
+
+def declared_frames(container, stream, rate) -> tuple[int | None, str]:
+    """How many frames the container says the video stream has, and where that comes from.
+
+    The stream's frame count (mp4, mov) when set; else its duration (the stream's own, or the
+    DURATION tag Matroska muxers write) times the frame rate; else the container's duration.
+    ``(None, "")`` when nothing is declared.
+    """
+    if stream.frames:
+        return int(stream.frames), "frame count"
+    fps = float(rate) if rate else None
+    if not fps:
+        return None, ""
+    seconds = None
+    where = ""
+    if stream.duration and stream.time_base:
+        seconds, where = float(stream.duration * stream.time_base), "stream duration"
+    else:
+        m = _HMS.match(str(stream.metadata.get("DURATION") or stream.metadata.get("duration") or ""))
+        if m:
+            seconds = int(m.group(1)) * 3600 + int(m.group(2)) * 60 + float(m.group(3))
+            where = "stream duration"
+        elif container.duration:
+            seconds, where = container.duration / 1_000_000, "container duration"
+    if not seconds or seconds <= 0:
+        return None, ""
+    return round(seconds * fps), f"{where} {seconds:.3f} s at {fps:g} fps"
+
+
+def truncation_warning(src: Path, decoded: int, declared: int | None, where: str) -> str | None:
+    """A warning when fewer frames were decoded than declared (by more than 1 frame or 2%)."""
+    if declared is None or decoded >= declared - max(1, round(0.02 * declared)):
+        return None
+    return (f"{src}: truncated or damaged input: decoded {decoded} of the {declared} frames its container "
+            f"declares ({where}); the output has the {decoded} frames there were")
 
 
 def _fps(stream) -> float | None:
@@ -120,12 +166,15 @@ def _pick_encoder(av, in_codec: str, suffix: str) -> str:
 
 
 def derain_video(src: str | Path, dest: str | Path, derainer: _Derainer, *, batch: int = 1,
-                 on_frame: Callable[[int, int | None], None] | None = None) -> VideoResult:
+                 on_frame: Callable[[int, int | None], None] | None = None,
+                 before_replace: Callable[[Path], None] | None = None) -> VideoResult:
     """Derain every frame of ``src`` into ``dest`` (same container type), keeping timing and audio.
 
     ``on_frame(done, total)`` is called after each derained frame (``total`` may be None).
     Raises :class:`InputError` for an unreadable/corrupt video, :class:`DependencyError` without
-    PyAV. On any error or interrupt nothing is left at ``dest`` (nor any temporary file).
+    PyAV. On any error or interrupt nothing is left at ``dest`` (nor any temporary file). Fewer
+    frames than the container declares give a result with a warning (``warnings``).
+    ``before_replace``: see :func:`runtime.io.atomic_path`.
     """
     av = import_av()
     src, dest = Path(src), Path(dest)
@@ -141,12 +190,14 @@ def derain_video(src: str | Path, dest: str | Path, derainer: _Derainer, *, batc
         vin = inp.streams.video[0]
         vin.thread_type = "AUTO"
         audio_in = list(inp.streams.audio)
-        total = vin.frames or None
         rate = vin.average_rate or vin.guessed_rate or Fraction(25, 1)
+        declared, declared_from = declared_frames(inp, vin, rate)
+        total = declared
         width, height = vin.codec_context.width, vin.codec_context.height
         encoder = _pick_encoder(av, vin.codec_context.name, dest.suffix)
 
-        with atomic_path(dest) as tmp, av.open(str(tmp), "w", format=_container_format(dest)) as out:
+        with atomic_path(dest, before_replace=before_replace) as tmp, \
+                av.open(str(tmp), "w", format=_container_format(dest)) as out:
             out.metadata.update({k: v for k, v in inp.metadata.items() if k not in ("encoder",)})
             vout = out.add_stream(encoder, rate=rate)
             vout.width, vout.height = width, height
@@ -200,8 +251,10 @@ def derain_video(src: str | Path, dest: str | Path, derainer: _Derainer, *, batc
                 raise InputError(f"{src}: video error near frame {counter} ({e})") from None
             if counter == 0:
                 raise InputError(f"{src}: no video frames could be decoded")
+    warning = truncation_warning(src, done, declared, declared_from)
     return VideoResult(frames=done, fps=float(rate), width=width, height=height, codec=encoder,
-                       audio_streams=len(audio_in), seconds=time.perf_counter() - t0)
+                       audio_streams=len(audio_in), seconds=time.perf_counter() - t0, expected_frames=declared,
+                       warnings=[warning] if warning else [])
 
 
 _PIX_8BIT = ("yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p")

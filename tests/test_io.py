@@ -294,3 +294,86 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     os.umask(mask)
     out = save_image(tmp_path / "perm.png", np.zeros((2, 2, 3), np.uint8))
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+# --------------------------------------------------------------------------- field test (issue 21)
+
+
+def test_metadata_is_read_with_the_orientation_reset(tmp_path):
+    from runtime.io import ImageMetadata
+
+    p = tmp_path / "rot.jpg"
+    arr = np.zeros((32, 64, 3), np.uint8)
+    img = Image.fromarray(arr)
+    exif = img.getexif()
+    exif[0x0112], exif[0x010F] = 6, "RainCam"
+    img.save(p, exif=exif.tobytes(), dpi=(240, 240), quality=95)
+    li = load_image(p)
+    assert li.rgb.shape == (64, 32, 3)  # rotated once, although the metadata was read first
+    assert isinstance(li.metadata, ImageMetadata) and li.metadata.icc_profile is None
+    read = Image.Exif()
+    read.load(li.metadata.exif)
+    assert read[0x0112] == 1 and read[0x010F] == "RainCam"
+    assert li.metadata.dpi == (240, 240) and li.n_frames == 1 and li.format == "JPEG"
+
+
+def test_a_malformed_exif_block_is_dropped_not_fatal(tmp_path):
+    p = tmp_path / "bad_exif.jpg"
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(p, exif=b"Exif\x00\x00II*\x00\xff\xff\xff\x7f", quality=95)
+    li = load_image(p)
+    assert li.rgb.shape == (4, 4, 3) and li.metadata.exif is None
+    assert li.metadata.unreadable and li.metadata.unreadable[0].startswith("EXIF: malformed")
+
+
+def test_missing_reason_tells_loops_and_broken_links_from_missing_files(tmp_path):
+    import os
+
+    from runtime.io import missing_reason
+
+    os.symlink("b.png", tmp_path / "a.png")
+    os.symlink("a.png", tmp_path / "b.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nothing.png")
+    assert "symbolic link loop" in missing_reason(tmp_path / "a.png")
+    assert f"broken symbolic link (its target {tmp_path / 'nothing.png'} does not exist)" in missing_reason(
+        tmp_path / "gone.png")
+    assert missing_reason(tmp_path / "none.png").endswith("no such file or directory")
+    with pytest.raises(InputError, match="symbolic link loop"):
+        load_image(tmp_path / "a.png")
+
+
+def test_own_temporary_recognises_atomic_paths_names_only(tmp_path):
+    from runtime.io import own_temporary
+
+    with atomic_path(tmp_path / "img00.jpg") as tmp:
+        assert own_temporary(tmp.name) == "img00.jpg"
+        tmp.write_bytes(b"x")
+    assert own_temporary(".my.photo.a1b2c3d4.tmp.png") == "my.photo.png"
+    for name in (".notes.tmp.txt", "img.abcdefgh.tmp.jpg", ".img.ABCDEFGH.tmp.jpg", ".img.abc.tmp.jpg", ".keep"):
+        assert own_temporary(name) is None, name
+
+
+def test_before_replace_runs_on_the_finished_file_and_can_cancel(tmp_path):
+    seen = []
+    with atomic_path(tmp_path / "a.bin", before_replace=lambda t: seen.append(t.read_bytes())) as tmp:
+        tmp.write_bytes(b"done")
+    assert seen == [b"done"] and (tmp_path / "a.bin").read_bytes() == b"done"
+
+    def refuse(t):
+        raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "b.bin", before_replace=refuse) as tmp:
+        tmp.write_bytes(b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin"]
+
+
+def test_load_frames_reads_every_frame_and_limits_their_pixels_together(tmp_path):
+    from runtime.io import load_frames
+
+    frames = [Image.fromarray(np.full((10, 10, 3), 20 * i, np.uint8)) for i in range(3)]
+    p = tmp_path / "pages.tif"
+    frames[0].save(p, save_all=True, append_images=frames[1:])
+    assert load_image(p).n_frames == 3
+    lf = load_frames(p)
+    assert [int(f.rgb[0, 0, 0]) for f in lf.frames] == [0, 20, 40] and lf.format == "TIFF"
+    with pytest.raises(ImageError, match="3 frames of 10x10 exceed the limit of 250 pixels in all"):
+        load_frames(p, max_pixels=250)  # each frame (100 px) is under the limit, all three are not

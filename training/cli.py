@@ -22,13 +22,21 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runtime.cli_errors import check_steps, error_exits
+from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, check_steps, error_exits, one_line_group
 from runtime.errors import UsageError
 from training.config import NTBMode, Preset
 from training.multiscale import PREDICTIONS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode=None, context_settings=HELP_OPTIONS, cls=one_line_group(""),
                   help="Train RainDiffusion (Algorithm 1) and sample with the torch reference DDIM sampler.")
+
+#: What a training run directory holds (training.train.fit): a folder with any of these is a run.
+RUN_FILES = ("last.pt", "model.pt", "metrics.jsonl", "config.json")
+#: Defaults --config tiny applies when --crop / --batch / --val-size are not given. Its U-Net has
+#: two levels, so self-attention works at half the crop: over 4,096 tokens at crop 128 (~45-100 s
+#: and ~9 GB a step on a CPU), over 256 at crop 32 (docs/field_tests.md has the measurements).
+TINY_DEFAULTS = {"crop": 32, "batch": 4, "val_size": 32}
 _state = {"debug": False}
 
 
@@ -150,13 +158,19 @@ def fit(
         file_okay=False)],
     out: Annotated[Path, typer.Option(help="Run directory (metrics.jsonl, last.pt, model.pt, config.json).")],
     config: Annotated[Preset | None, typer.Option(
-        help="Model: tiny (tests), small (default; the paper's y-only condition), edge (predict-and-refine: "
-             "P = an attention-free G_B plus a small refiner conditioned on [y, P(y)]; the shipped model), "
+        help="Model: tiny (tests and smoke runs: crop 32, batch 4 and val-size 32 unless given; seconds a "
+             "step on a CPU), small (default; the paper's y-only condition), edge (predict-and-refine: P = "
+             "an attention-free G_B plus a small refiner conditioned on [y, P(y)]; the shipped model), "
              "base (GPU).")] = None,
     steps: Annotated[int | None, typer.Option(
         help="Total optimiser steps (a resumed run continues to this). [10000]")] = None,
     resume: Annotated[Path | None, typer.Option(help="Resume from a last.pt (same data order and RNG).",
                                                 exists=True, dir_okay=False)] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite",
+        help="Start a new run in an --out folder that already holds one, deleting its last.pt, model.pt, "
+             "metrics.jsonl, config.json and snap_*.pt first. Without it (or --resume) such a folder is "
+             "refused.")] = False,
     device: Annotated[Device, typer.Option(help="cpu or cuda (bf16 autocast on cuda).")] = Device.cpu,
     val_rainy: Annotated[Path | None, typer.Option(help="Paired validation: rainy folder.", exists=True,
                                                    file_okay=False)] = None,
@@ -196,13 +210,14 @@ def fit(
     prediction: Annotated[Prediction | None, typer.Option(
         help="What the estimators predict: eps (the paper), v, v_residual (v of x_0 - base) or x0_residual "
              "(x_0 - base itself), base being the condition's estimate (y, or P(y) with --config edge); "
-             "documented deviations: an undertrained eps model's 10-step DDIM output is noise. "
-             "[eps; x0_residual for --config edge]")] = None,
+             "documented deviations: an undertrained eps model's 10-step DDIM output is noise. Default: eps "
+             "(x0_residual for --config edge); with --init, the checkpoint's; with --resume, fixed by the "
+             "checkpoint. [eps]")] = None,
     init: Annotated[Path | None, typer.Option(
         help="Warm-start a new run from this checkpoint's weights (model.pt or last.pt); step 0, fresh "
              "optimiser. Only --prediction may differ from the checkpoint's model.", exists=True,
         dir_okay=False)] = None,
-    crop: Annotated[int | None, typer.Option(help="Random crop size (pixels). [128]")] = None,
+    crop: Annotated[int | None, typer.Option(help="Random crop size (pixels). [128; 32 with --config tiny]")] = None,
     batch: Annotated[int | None, typer.Option(help="Batch size per process. [4]")] = None,
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (betas 0.5, 0.999). [2e-5]")] = None,
     gen_lr: Annotated[float | None, typer.Option(
@@ -217,8 +232,9 @@ def fit(
         help="Also keep RUN/snap_<step>.pt (the stripped model; last.pt and model.pt are written then "
              "too) every N steps, to score a run's curve afterwards. [0 = off]")] = None,
     val_every: Annotated[int | None, typer.Option(help="Validate every N steps. [1000]")] = None,
-    val_steps: Annotated[int | None, typer.Option(help="DDIM steps for validation. [10]")] = None,
-    val_size: Annotated[int | None, typer.Option(help="Validation center-crop size. [128]")] = None,
+    val_steps: Annotated[int | None, typer.Option(help=f"DDIM steps for validation, {STEPS_RANGE}. [10]")] = None,
+    val_size: Annotated[int | None, typer.Option(
+        help="Validation center-crop size. [128; 32 with --config tiny]")] = None,
     log_every: Annotated[int | None, typer.Option(help="Log every N steps. [10]")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress output.")] = False,
     threads: Annotated[int | None, typer.Option(
@@ -242,6 +258,7 @@ def fit(
             "log_every": log_every,
         }.items() if v is not None}
         preset = config.value if config else None
+        _check_run_dir(out, resume, overwrite)
         init_ckpt = None
         if init is not None:
             if scales is not None or config is not None:
@@ -250,6 +267,8 @@ def fit(
 
             init_ckpt = load_checkpoint(init)
             preset = (init_ckpt.get("config", {}).get("train") or {}).get("preset") if resume is None else None
+        if preset == "tiny" and resume is None:  # a resumed run keeps its own crop and batch
+            overrides = {**TINY_DEFAULTS, **overrides}
         train = resolve_train_config(resume, overrides, preset)
         models = None
         pred = prediction.value if prediction else None
@@ -270,6 +289,8 @@ def fit(
         import os
 
         rank = int(os.environ.get("RANK", "0"))
+        if overwrite and rank == 0:
+            _clear_run_dir(out)
         reporter = RichReporter(_console(), enabled=not quiet and rank == 0)
         result = fit_run(clean, rainy, out, train=train, models=models, resume=resume, device=device.value,
                          val_rainy=val_rainy, val_clean=val_clean, reporter=reporter, init=init_ckpt)
@@ -280,6 +301,40 @@ def fit(
     _run(go)
 
 
+def _run_files(out: Path) -> list[str]:
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir() if p.name in RUN_FILES or (p.name.startswith("snap_")
+                                                                          and p.suffix == ".pt"))
+
+
+def _check_run_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
+    """Refuse to start a new run over an existing one (its checkpoints would be replaced and its
+    metrics appended to) unless --overwrite; --resume continues the run it names."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if overwrite and resume is not None:
+        raise UsageError("--overwrite starts a new run and --resume continues one: pass one of them")
+    found = _run_files(out)
+    if not found or overwrite:
+        return
+    if resume is not None and resume.resolve().parent == out.resolve():
+        return
+    what = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    if resume is not None:
+        raise UsageError(f"--out {out} already holds another training run ({what}) than --resume {resume}; "
+                         f"resume into the folder of that last.pt, choose another --out, or pass --overwrite")
+    last = out / "last.pt"
+    hint = f"--resume {last} to continue it" if last.is_file() else "another --out"
+    raise UsageError(f"--out {out} already holds a training run ({what}); pass {hint}, or --overwrite to start "
+                     f"over (deletes it)")
+
+
+def _clear_run_dir(out: Path) -> None:
+    for name in _run_files(out):
+        (out / name).unlink()
+
+
 @app.command()
 def sample(
     ckpt: Annotated[Path, typer.Argument(help="Checkpoint (model.pt or last.pt).", exists=True, dir_okay=False)],
@@ -287,7 +342,7 @@ def sample(
     out_dir: Annotated[Path, typer.Option("-o", "--out-dir", help="Output folder.")],
     steps: Annotated[int, typer.Option(
         callback=check_steps,
-        help="DDIM steps, 2 or more (one step of Algorithm 2 is at t = 1 and returns the noise).")] = 10,
+        help=f"DDIM steps, {STEPS_RANGE}; one step of Algorithm 2 is at t = 1 and returns the noise.")] = 10,
     model: Annotated[Model, typer.Option(help="derain (eps_A) or rain (eps_B).")] = Model.derain,
     seed: Annotated[int, typer.Option(help="Seed of x_T (numpy PCG64, same in every backend).")] = 0,
     raw: Annotated[bool, typer.Option("--raw", help="Use the raw (non-EMA) estimator of a last.pt.")] = False,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.batch import RECORD_NAME
 from runtime.errors import ArtifactError
 
 
@@ -15,7 +16,13 @@ def _arr(path) -> np.ndarray:
 
 
 def _hidden(folder) -> list:
-    return [p for p in folder.rglob("*") if p.name.startswith(".")]
+    """Hidden files left in an output folder, apart from rd-run's record of its outputs."""
+    return [p for p in folder.rglob("*") if p.name.startswith(".") and p.name != RECORD_NAME]
+
+
+def _names(folder) -> list[str]:
+    """What a user sees in a folder (``ls``): the visible names."""
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
 
 
 def test_folder_of_images(tmp_path, rd_run, make_image, fake_factory):
@@ -24,7 +31,7 @@ def test_folder_of_images(tmp_path, rd_run, make_image, fake_factory):
     r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--json", "--steps", "3", "--seed", "7")
     assert r.code == 0, r
     rep = r.json
-    assert rep["totals"] == {"files": 2, "ok": 2, "skipped": 0, "failed": 0, "not_processed": 0,
+    assert rep["totals"] == {"files": 2, "ok": 2, "skipped": 0, "failed": 0, "partial": 0, "not_processed": 0,
                              "seconds": rep["totals"]["seconds"]}
     assert [f["status"] for f in rep["files"]] == ["ok", "ok"]
     assert rep["engine"]["backend"] == "fake" and rep["exit_code"] == 0
@@ -55,7 +62,7 @@ def test_bad_files_are_reported_and_the_rest_complete(tmp_path, rd_run, make_ima
         assert not (tmp_path / "out" / name).exists()
     assert rep["totals"]["failed"] == 3 and rep["totals"]["ok"] == 2 and rep["exit_code"] == 7
     assert "rd-run: failed:" in r.stderr and "2_text.png" in r.stderr
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1_good.png", "5_good.jpg"]
+    assert _names(tmp_path / "out") == ["1_good.png", "5_good.jpg"] and not _hidden(tmp_path / "out")
 
 
 def test_skip_existing_resumes_without_loading_the_model(tmp_path, rd_run, make_image, fake_factory):
@@ -93,7 +100,7 @@ def test_outdir_equal_to_input_folder_needs_a_suffix(tmp_path, rd_run, make_imag
     assert r.code == 0 and (src / "a_d.png").is_file()
     r = rd_run("derain", src, "-o", src, "--suffix", "_d", "--json")  # a_d.png is an output, not an input
     assert r.code == 0 and r.json["totals"]["files"] == 1
-    assert sorted(p.name for p in src.iterdir()) == ["a.png", "a_d.png"]
+    assert _names(src) == ["a.png", "a_d.png"] and not _hidden(src)
 
 
 @pytest.mark.parametrize("recursive", [False, True])
@@ -214,11 +221,29 @@ def test_missing_input_is_one_line_exit_3(tmp_path, rd_run):
     assert r.stderr.strip() == f"rd-run: error: {tmp_path / 'nope'}: no such file or directory"
 
 
-def test_empty_folder_and_unmatched_glob_are_warnings(tmp_path, rd_run):
+def test_empty_folder_and_unmatched_glob_are_warnings(tmp_path, rd_run, make_image):
     (tmp_path / "empty").mkdir()
-    r = rd_run("derain", tmp_path / "empty", str(tmp_path / "*.none"), "-o", tmp_path / "out", "--json")
-    assert r.code == 0 and r.json["totals"]["files"] == 0
+    good = make_image(tmp_path / "a.png")
+    r = rd_run("derain", tmp_path / "empty", str(tmp_path / "*.none"), good, "-o", tmp_path / "out", "--json")
+    assert r.code == 0 and r.json["totals"]["files"] == 1
     assert "no image or video files" in r.stderr and "matched no" in r.stderr
+    # the warnings are in the JSON too, not only on stderr (field test, issue 21 point 7)
+    assert len(r.json["warnings"]) == 2 and "matched no" in r.json["warnings"][1]
+
+
+def test_nothing_matched_is_a_usage_error_with_the_reason_in_the_json(tmp_path, rd_run, fake_factory):
+    """Field test, issue 21 point 7: a run that processed nothing because nothing matched exited 0."""
+    (tmp_path / "empty").mkdir()
+    r = rd_run("derain", tmp_path / "empty", "-o", tmp_path / "o", "--json")
+    assert r.code == 2, r
+    j = r.json
+    assert j["exit_code"] == 2 and j["error_type"] == "UsageError" and "nothing to derain" in j["error"]
+    assert j["files"] == [] and j["totals"]["files"] == 0
+    assert "no image or video files" in j["error"] and "no image or video files" in j["warnings"][0]
+    assert r.stderr.strip().splitlines()[-1].startswith("rd-run: error: nothing to derain:")
+    r = rd_run("derain", str(tmp_path / "*.jpg"), "-o", tmp_path / "o")
+    assert r.code == 2 and "pattern matched no image or video files" in r.stderr
+    assert not fake_factory and not (tmp_path / "o").exists()  # no model loaded, nothing created
 
 
 def test_unsupported_explicit_file_fails_alone(tmp_path, rd_run, make_image):
@@ -306,7 +331,7 @@ def test_avi_without_audio_and_corrupt_video(tmp_path, rd_run, make_video):
     files = {f["input"].split("/")[-1]: f for f in r.json["files"]}
     assert files["a.avi"]["status"] == "ok" and files["a.avi"]["frames"] == 4
     assert files["b.mp4"]["status"] == "failed" and "not a readable video" in files["b.mp4"]["error"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.avi"]
+    assert _names(tmp_path / "out") == ["a.avi"] and not _hidden(tmp_path / "out")
 
 
 def test_glob_matching_the_output_dir_does_not_read_it(tmp_path, rd_run, make_image, monkeypatch):

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from runtime.batch import RECORD_NAME
+
 LAUNCHER = Path(__file__).with_name("rd_run_fake.py")
 
 
@@ -39,7 +41,9 @@ def _wait_for(cond, proc: subprocess.Popen, timeout: float = 30.0) -> None:
 
 
 def _leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.rglob("*") if p.name.startswith(".") or ".tmp" in p.name)
+    """Temporary or lock files left behind (rd-run's record of its outputs is not a leftover)."""
+    return sorted(p.name for p in folder.rglob("*") if (p.name.startswith(".") or ".tmp" in p.name)
+                  and p.name != RECORD_NAME)
 
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -58,7 +62,7 @@ def test_signal_during_image_batch_then_resume(tmp_path, sig, code, rd_run):
     report = json.loads(stdout)
     assert report["interrupted"] is True and report["exit_code"] == code
     assert _leftovers(out) == []
-    done = sorted(p.name for p in out.iterdir())
+    done = sorted(p.name for p in out.iterdir() if p.name != RECORD_NAME)
     assert 1 <= len(done) < 12
     for name in done:  # every output present is complete
         with Image.open(out / name) as img:
@@ -77,7 +81,8 @@ def test_sigint_during_video_leaves_no_temp_file(tmp_path, make_video):
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 130, stderr
-    assert sorted(p.name for p in out.iterdir()) == []  # neither a partial video nor its temp file
+    assert _leftovers(out) == [] and [p.name for p in out.iterdir() if p.name != RECORD_NAME] == []  # no partial
+
 
 
 def test_sigint_stops_a_stream_and_keeps_the_recording(tmp_path):

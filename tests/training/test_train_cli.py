@@ -198,3 +198,84 @@ def test_snapshot_every_keeps_the_stripped_model_along_the_run(tmp_path, image_d
     assert torch.load(run / "model.pt", weights_only=True)["step"] == 5
     res = fit(clean, rainy, tmp_path / "bad", ["--config", "tiny", "--snapshot-every", "-1"])
     assert res.exit_code == 2 and "snapshot_every must be an integer >= 0" in res.output
+
+
+# --------------------------------------------------------------------------- field test (issue 21)
+
+
+def test_an_existing_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, image_dirs):
+    """Field test, issue 21 point 2: fit into a folder holding a run started at step 0 and replaced it."""
+    clean, rainy = image_dirs
+    run = tmp_path / "run"
+    common = ["--config", "tiny", "--crop", "16", "--batch", "2", "--quiet", "--threads", "1"]
+    assert fit(clean, rainy, run, [*common, "--steps", "2"]).exit_code == 0
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()}
+    res = fit(clean, rainy, run, [*common, "--steps", "1"])
+    assert res.exit_code == 2, res.output
+    line = " ".join(res.output.split())
+    assert "already holds a training run" in line and f"--resume {run / 'last.pt'}" in line and "--overwrite" in line
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.iterdir()} == before  # untouched
+    res = fit(clean, rainy, tmp_path / "other", [*common, "--steps", "3", "--resume", str(run / "last.pt")])
+    assert res.exit_code == 0, res.output  # resuming into an empty folder is fine
+    res = fit(clean, rainy, tmp_path / "other", [*common, "--steps", "4", "--resume", str(run / "last.pt")])
+    assert res.exit_code == 2 and "another training run" in res.output  # but not over another run
+    res = fit(clean, rainy, run, [*common, "--steps", "1", "--overwrite", "--resume", str(run / "last.pt")])
+    assert res.exit_code == 2 and "pass one of them" in res.output
+
+    res = fit(clean, rainy, run, [*common, "--steps", "3", "--resume", str(run / "last.pt")])
+    assert res.exit_code == 0, res.output  # --resume continues it
+    res = fit(clean, rainy, run, [*common, "--steps", "1", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if r["kind"] == "train"] == [1]  # a fresh run, not appended to the old one
+    import torch
+
+    assert torch.load(run / "last.pt", weights_only=True)["step"] == 1
+
+
+def test_tiny_is_fast_at_its_own_defaults(tmp_path, image_dirs, monkeypatch):
+    """Field test, issue 21 point 10: --config tiny took ~45-100 s and 8-10 GB a step at crop 128
+    (self-attention over 4,096 tokens); its defaults are now crop 32 / batch 4 / val-size 32."""
+    import training.train as train_mod
+
+    seen = {}
+
+    def fake_fit(clean, rainy, out, *, train, models, **kw):
+        seen["train"], seen["models"] = train, models
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train_mod, "fit", fake_fit)
+    clean, rainy = image_dirs
+    fit(clean, rainy, tmp_path / "a", ["--config", "tiny"])
+    t = seen["train"]
+    assert (t.crop, t.batch, t.val_size, t.preset) == (32, 4, 32, "tiny")
+    fit(clean, rainy, tmp_path / "b", ["--config", "tiny", "--crop", "64", "--batch", "2"])
+    assert (seen["train"].crop, seen["train"].batch) == (64, 2)  # explicit options win
+    fit(clean, rainy, tmp_path / "c", ["--config", "small"])
+    assert (seen["train"].crop, seen["train"].val_size) == (128, 128)  # the other presets keep the paper's
+    help_text = " ".join(runner.invoke(app, ["fit", "--help"]).output.split())
+    assert "crop 32, batch 4 and val-size 32 unless given" in help_text
+
+
+@pytest.mark.parametrize("args", [["-h"], ["fit", "-h"], ["sample", "-h"]])
+def test_rd_train_takes_h(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "Usage:" in res.output
+
+
+@pytest.mark.parametrize("args", [["fit", "--bogus"], ["sample", "missing.pt", "x.png", "-o", "o"],
+                                  ["fit", "--clean", "nowhere", "--rainy", "nowhere", "--out", "r"], ["nope"]])
+def test_rd_train_usage_errors_are_one_line(args):
+    res = runner.invoke(app, args)
+    assert res.exit_code == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--help" in lines[0], res.stderr
+    assert not any(c in res.stderr for c in "╭│╰")
+
+
+def test_rd_train_help_states_the_step_range_and_the_prediction_default():
+    fit_help = " ".join(runner.invoke(app, ["fit", "--help"]).output.split())
+    assert "Default: eps" in fit_help and "[eps]" in fit_help  # rich markup used to swallow "[eps]"
+    assert "2..1000" in fit_help  # --val-steps
+    sample_help = " ".join(runner.invoke(app, ["sample", "--help"]).output.split())
+    assert "2..1000" in sample_help
