@@ -15,6 +15,7 @@ from typing import Any
 
 import typer
 
+from runtime import extras
 from runtime.errors import RDError
 from runtime.schedule import MIN_STEPS, steps_error
 
@@ -61,6 +62,9 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise
+        dep = extras.from_import_error(e) if isinstance(e, ImportError) else None
+        if dep is not None:  # an optional dependency imported where it is used: name its extra (exit 6)
+            raise fail(str(dep), dep, dep.exit_code) from None
         raise fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", e, 1) from None
     finally:
         if previous is not None:
