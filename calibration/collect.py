@@ -1,12 +1,12 @@
 """Calibration data for the fused DDIM step: its inputs recorded along real FP32 DDIM trajectories.
 
-Activations of a diffusion model depend on the timestep (DESIGN.md, calibration/), so a range
+Activations of a diffusion model depend on the timestep (docs/ARCHITECTURE.md, calibration/), so a range
 calibrated on one t clips another. We therefore record the step graph's own inputs
 ``(x_t, cond, t, coef)`` at **every** one of the S steps of Algorithm 2, for several real rainy
 images, at a few frame sizes the engine's shape profile covers, by running the FP32 ONNX with
 onnxruntime (no torch)::
 
-    x_T = initial_noise(cond.shape, seed + k)          # k-th image, PCG64 (DESIGN.md)
+    x_T = initial_noise(cond.shape, seed + k)          # k-th image, PCG64 (docs/ARCHITECTURE.md)
     for i in 0..S-1:                                   # tau_S .. tau_1
         record (x_t, cond, t = tau_i, coef_i)
         x_t = step(x_t, cond, t, coef_i)               # the FP32 fused step itself

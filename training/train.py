@@ -198,7 +198,7 @@ def load_val_pairs(rainy_dir: Path, clean_dir: Path, *, size: int, max_images: i
 @torch.no_grad()
 def validate(estimator: nn.Module, pairs: list[tuple], *, steps: int, seed: int, schedule) -> dict:
     """Mean Y PSNR / SSIM of the DDIM output vs clean, next to the rainy input's (raw and
-    brightness-matched, DESIGN.md)."""
+    brightness-matched, docs/ARCHITECTURE.md)."""
     out = {"psnr": [], "ssim": [], "psnr_in": [], "ssim_in": [], "psnr_in_shift": []}
     for i, (_, rainy, clean) in enumerate(pairs):
         x0 = ddim_sample(estimator, to_tensor(rainy), steps=steps, seed=seed + i, schedule_config=schedule)
