@@ -6,7 +6,7 @@ Two measurements, each in its own block (one onnxruntime session alive and busy 
    x_t / x_next swapped between two preallocated OrtValues, output written in place) against a
    naive loop over a plain ``onnxruntime.InferenceSession`` (same file, same session options)
    calling ``session.run(None, feeds)`` every step, which allocates a fresh output array each
-   time. On CPU the times should match (DESIGN.md: IOBinding vs ``run()`` equal on CPU); the
+   time. On CPU the times should match (docs/ARCHITECTURE.md: IOBinding vs ``run()`` equal on CPU); the
    point is that the runtime allocates nothing per step. Allocation is measured with
    tracemalloc in a separate, untimed pass: per step, the peak of traced memory during the
    step above what was traced before it (numpy arrays are traced; onnxruntime's own arena is

@@ -3,7 +3,7 @@
 For every pair of ``dev/sirr`` it scores, on the Y channel (PSNR / SSIM, deraining papers'
 convention): the rainy input, the rainy input after its best global brightness shift, G_B's
 output, and the DTB output (the exported fused step run by the runtime, or the torch sampler
-with --torch). Two checks tell deraining from a brightness shift (DESIGN.md):
+with --torch). Two checks tell deraining from a brightness shift (docs/ARCHITECTURE.md):
 
 - ``gain_matched``: output PSNR after matching the output's mean luminance to the clean
   image's, minus the same for the input (a pure darkening scores 0 here);

@@ -168,7 +168,7 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
         steps: DDIM steps of verification and the quality report (default: the manifest's ``default_steps``).
         calib_steps: step counts whose full trajectories are recorded for calibration (default
             :data:`CALIB_STEPS` plus ``steps``): every timestep users run is calibrated; the union is
-            the manifest's ``calibration.timesteps`` (the runtime warns once outside it).
+            the manifest calibration section's ``timesteps`` (the runtime warns once outside them).
         sizes: calibration frame sizes, ints or (H, W) (default: the profile's opt size and half).
         seed: image order, crops and x_T of every trajectory.
         method: ``minmax`` (default), ``percentile`` or ``entropy``.

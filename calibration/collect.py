@@ -1,6 +1,6 @@
 """Calibration data for the fused DDIM step: its inputs recorded along real FP32 DDIM trajectories.
 
-Activations of a diffusion model depend on the timestep (DESIGN.md, calibration/), so a range
+Activations of a diffusion model depend on the timestep (docs/ARCHITECTURE.md, calibration/), so a range
 calibrated on one t clips another. We therefore record the step graph's own inputs
 ``(x_t, cond, t, coef)`` at **every** one of the S steps of Algorithm 2, for several real rainy
 images, at a few frame sizes the engine's shape profile covers, by running the FP32 ONNX with

@@ -1,6 +1,6 @@
 """Static Q/DQ quantization of the fused step: one calibration, one or more graphs.
 
-Only ``Conv``, ``MatMul`` and ``Gemm`` get Q/DQ (DESIGN.md: measured more accurate than
+Only ``Conv``, ``MatMul`` and ``Gemm`` get Q/DQ (docs/ARCHITECTURE.md: measured more accurate than
 quantizing every op and no slower), weights per channel and symmetric. Everything else —
 GroupNorm (InstanceNormalization), SiLU, the attention einsums and softmaxes, the resizes, the
 softmax fusion over scales and the DDIM update arithmetic — stays FP32 by construction.
@@ -9,7 +9,7 @@ Two activation recipes come from the **same** calibrated ranges (a JSON range ca
 then read by every ``quantize_static`` call):
 
 - ``s8``: signed INT8 activations, symmetric (zero point 0). The only form TensorRT executes
-  for explicit Q/DQ (DESIGN.md), and the portable default.
+  for explicit Q/DQ (docs/ARCHITECTURE.md), and the portable default.
 - ``u8``: unsigned INT8 activations, asymmetric. onnxruntime's x86 kernels are built around
   u8 x s8 products; see :mod:`calibration.report` for which one this CPU prefers.
 """

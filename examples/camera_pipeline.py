@@ -1,6 +1,6 @@
 """Minimal camera pipeline: OpenCV capture -> Derainer -> window or file. No PyTorch involved.
 
-    pip install 'raindiffusion-edge[stream]'
+    pip install 'raindiffusion-edge[cpu,stream]'                       # or [trt,stream] for a plan
     python examples/camera_pipeline.py --source 0                      # webcam, shipped model
     python examples/camera_pipeline.py --source rtsp://cam/1 --engine model.trt.plan --out derained.mp4
 

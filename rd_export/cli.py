@@ -48,6 +48,14 @@ class Model(str, Enum):
     rain = "rain"
 
 
+def _profile_default(which: str) -> str:
+    """Where a profile bound comes from when not given: a checkpoint's native tile (its training
+    crop N, which the runtime tiles at), an ONNX's manifest (rd_export.export.native_profile)."""
+    value = {"min": "N/2 x N/2", "opt": "N x N", "max": "N x N", "batch": "1..4..8"}[which]
+    return (f"default {value} for a checkpoint trained at N-px crops, its native tile; an ONNX keeps the profile "
+            f"in its manifest")
+
+
 def _console() -> Console:
     return Console(stderr=True, soft_wrap=True, highlight=False)
 
@@ -126,14 +134,14 @@ def build(
         help=f"DDIM steps ({STEPS_RANGE}): stored as the default in the manifest and used for verification "
              "(default 10).")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
-    min_size: Annotated[str | None, typer.Option(help="Engine profile minimum frame HxW, height x width (default "
-                                                      "64x64); also the size verification runs at.")] = None,
-    opt_size: Annotated[str | None, typer.Option(help="Engine profile optimum HxW, height x width (default "
-                                                      "256x256).")] = None,
-    max_size: Annotated[str | None, typer.Option(help="Engine profile maximum HxW, height x width: 1080x1920 for "
-                                                      "1080p (default 1024x1024).")] = None,
-    batch: Annotated[str | None, typer.Option(help="Engine batch range MIN..MAX or MIN..OPT..MAX (default "
-                                                   "1..4).")] = None,
+    min_size: Annotated[str | None, typer.Option(help=f"Engine profile minimum frame HxW ({_profile_default('min')}); "
+                                                      "also the size verification runs at.")] = None,
+    opt_size: Annotated[str | None, typer.Option(
+        help=f"Engine profile optimum HxW ({_profile_default('opt')}).")] = None,
+    max_size: Annotated[str | None, typer.Option(
+        help=f"Engine profile maximum HxW ({_profile_default('max')}).")] = None,
+    batch: Annotated[str | None, typer.Option(help="Engine batch range MIN..MAX or MIN..OPT..MAX "
+                                                   f"({_profile_default('batch')}).")] = None,
     workspace_mib: Annotated[int | None, typer.Option("--workspace", min=1, help="TensorRT workspace limit in MiB "
                                                                                "(default 2048).")] = None,
     opt_level: Annotated[int | None, typer.Option(min=0, max=5, help="TensorRT builder optimisation level 0-5 "

@@ -1,4 +1,4 @@
-"""Checkpoint -> verified FP32 ONNX of the fused DDIM step (torch; STYLE.md #5: returns a Path).
+"""Checkpoint -> verified FP32 ONNX of the fused DDIM step (torch; returns a Path: docs/ARCHITECTURE.md, convention 5).
 
 The graph is ``training.multiscale.FusedStep`` of the EMA estimator of model A (derain, the
 default) or B (rain): inputs ``x_t, cond, t, coef``, output ``x_next``, dynamic N/H/W, I/O from

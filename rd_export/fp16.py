@@ -12,7 +12,7 @@ docs/export.md):
 - ``time_embedding``: everything computed from ``t`` alone. The sinusoid's arguments reach
   t * 1 = 1000, where FP16 spacing is 0.5 rad: cos/sin come out wrong.
 - ``ddim_update``: ``x_next = c * (a * x_t - b * eps_hat) + d * eps_hat``. At t = 901,
-  a = b = 58.7: FP16 rounding of the products is amplified into the image.
+  a = 60.83 and b = 60.82: FP16 rounding of the products is amplified into the image.
 
 The converter routes every graph input through one FP16 cast and joins neighbouring FP32 nodes
 through FP32 -> FP16 -> FP32 casts, which would quietly defeat the islands (x_t would reach the

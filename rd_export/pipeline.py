@@ -1,6 +1,6 @@
 """The stages behind ``rd-export build | inspect | verify``, as library functions.
 
-``build`` chains the pure export steps (STYLE.md #5): checkpoint -> verified FP32 ONNX ->
+``build`` chains the pure export steps (docs/ARCHITECTURE.md, code convention 5): checkpoint -> verified FP32 ONNX ->
 derived precision (table-driven, rd_export.precision) -> TensorRT plan. Given an ONNX artifact
 (with its manifest) it skips the export: the edge flow, which needs neither torch nor the
 checkpoint. Progress goes through a callback; nothing here prints.

@@ -1,9 +1,9 @@
 """Precision table of the exporter: one row per precision, nothing precision-specific elsewhere.
 
 Every precision is an ONNX artifact derived from the verified FP32 ONNX (precision lives in the
-ONNX: TensorRT 11 builds strongly typed networks only, DESIGN.md), plus the thresholds its
-verification must meet. INT8 plugs in with :func:`register_precision` (``rd_export.int8`` /
-``calibration/`` add a row whose ``derive`` takes ``calib=DIR``) and the CLI picks it up.
+ONNX: TensorRT 11 builds strongly typed networks only, docs/ARCHITECTURE.md), plus the thresholds its
+verification must meet. INT8's row below derives through ``calibration.api:derive_int8`` (it takes
+``calib=DIR``); :func:`register_precision` adds further rows, and the CLI picks them up.
 """
 
 from __future__ import annotations

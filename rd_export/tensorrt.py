@@ -1,6 +1,6 @@
 """ONNX -> TensorRT plan (``<stem>.trt.plan`` + ``<stem>.trt.json``), TensorRT 10.x and 11.x.
 
-One path serves both (DESIGN.md): the network is created **strongly typed**
+One path serves both (docs/ARCHITECTURE.md): the network is created **strongly typed**
 (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; deprecated-but-accepted in TensorRT 11, where
 every network is strongly typed), so precision comes from the ONNX (FP16 casts, Q/DQ for INT8)
 and no ``BuilderFlag.FP16/INT8`` or INT8 calibrator is used (TensorRT 11 removed them).

@@ -645,11 +645,11 @@ def _version(dist: str = "raindiffusion-edge") -> str | None:
 def collect_info() -> dict[str, Any]:
     import importlib.util
 
-    from runtime import __version__
+    from runtime import __version__, extras
 
     versions: dict[str, str | None] = {"raindiffusion-edge": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "cuda-python", "av",
-                 "opencv-python-headless", "opencv-python", "scikit-image", "typer", "rich"):
+    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13",
+                 "cuda-python", "av", "opencv-python-headless", "opencv-python", "scikit-image", "typer", "rich"):
         versions[dist] = _version(dist)
     backends: dict[str, Any] = {}
     if importlib.util.find_spec("onnxruntime") is not None:
@@ -660,11 +660,12 @@ def collect_info() -> dict[str, Any]:
         except Exception as e:
             backends["onnxruntime"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
     else:
-        backends["onnxruntime"] = {"available": False, "install": "pip install onnxruntime"}
+        backends["onnxruntime"] = {"available": False, "install": extras.install_command("cpu")}
     backends["tensorrt"] = {"available": importlib.util.find_spec("tensorrt") is not None,
                             "install": "pip install 'raindiffusion-edge[trt]'"}
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
-                "stream (OpenCV)": importlib.util.find_spec("cv2") is not None}
+                "stream (OpenCV)": importlib.util.find_spec("cv2") is not None,
+                "eval (scikit-image)": importlib.util.find_spec("skimage") is not None}
     models: dict[str, Any] = {}
     for precision, path in DEFAULT_MODELS.items():
         entry: dict[str, Any] = {"path": str(path), "installed": path.is_file()}

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - older typer on click itself
         class NoArgsIsHelpError(ClickUsageError):  # type: ignore[no-redef]
             """Absent from click < 8.2 (it printed the help itself)."""
 
+from runtime import extras
 from runtime.errors import RDError, UsageError
 from runtime.schedule import MIN_STEPS, steps_error
 
@@ -85,6 +86,9 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             raise
+        dep = extras.from_import_error(e) if isinstance(e, ImportError) else None
+        if dep is not None:  # an optional dependency imported where it is used: name its extra (exit 6)
+            raise fail(str(dep), dep, dep.exit_code) from None
         raise fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", e, 1) from None
     finally:
         if previous is not None:

@@ -1,4 +1,4 @@
-"""The I/O contract of the exported fused DDIM step (STYLE.md #4).
+"""The I/O contract of the exported fused DDIM step (docs/ARCHITECTURE.md, code convention 4).
 
 One object owns the tensor names, dtypes, dynamic axes, the size multiple and the
 min/opt/max shape profile. The ONNX exporter, the TensorRT builder and the runtime

@@ -6,7 +6,7 @@ For every rainy/clean pair (matched by file stem) three things are scored agains
 - the rainy input as it is (``rainy``), and
 - the rainy input after its best global brightness shift (``matched``): rain brightens images, so
   a model that only darkens already "gains" over the raw input (22.29 -> 25.94 dB on dev/sirr,
-  see DESIGN.md). Deraining is claimed only above the ``matched`` baseline, with SSIM.
+  see docs/ARCHITECTURE.md). Deraining is claimed only above the ``matched`` baseline, with SSIM.
 
 The brightness shift is :func:`runtime.metrics.brightness_matched`: one constant added to R, G and
 B so that the mean of Y equals the clean image's (the least-squares-optimal shift of Y), clipped.
@@ -38,6 +38,7 @@ class _Derainer(Protocol):
 def _metrics():
     from runtime import metrics  # numpy + scikit-image
 
+    metrics.require_ssim()  # no scikit-image: one DependencyError before any pair, not one failure per pair
     return metrics
 
 

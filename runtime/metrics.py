@@ -1,11 +1,15 @@
-"""Quality metrics on the Y channel, as deraining papers report them (numpy + scikit-image only).
+"""Quality metrics on the Y channel, as deraining papers report them (numpy; SSIM also scikit-image).
 
 ``rgb_to_y`` follows MATLAB's ``rgb2ycbcr`` on uint8 input (BT.601, studio range 16..235) and
 rounds to integers as MATLAB's uint8 output does, so PSNR / SSIM match the papers' MATLAB code.
 
-Beware the brightness confound (DESIGN.md): rain brightens images, so a global darkening alone
+Beware the brightness confound (docs/ARCHITECTURE.md): rain brightens images, so a global darkening alone
 raises PSNR. Score against :func:`brightness_matched` input too, and look at
 :func:`change_correlation` (does the output change the rainy image the way the clean image does?).
+
+scikit-image (the [eval] and [train] extras) is imported only by :func:`ssim_y`, so PSNR and the
+rest work on the base install; without it ``ssim_y`` and :func:`require_ssim` raise a one-line
+DependencyError naming the extra.
 """
 
 from __future__ import annotations
@@ -13,9 +17,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from skimage.metrics import structural_similarity
 
-__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "brightness_matched", "change_correlation"]
+__all__ = ["rgb_to_y", "psnr_y", "ssim_y", "require_ssim", "brightness_matched", "change_correlation"]
 
 _Y_WEIGHTS = np.array([65.481, 128.553, 24.966], dtype=np.float64)
 
@@ -47,9 +50,24 @@ def psnr_y(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
+def require_ssim():
+    """scikit-image's ``structural_similarity``, or DependencyError (exit 6) naming the [eval] extra.
+
+    Call it before a long loop so a missing extra fails at once, not on every item.
+    """
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError:
+        from runtime.extras import missing
+
+        raise missing("skimage", needed_for="SSIM") from None
+    return structural_similarity
+
+
 def ssim_y(a: np.ndarray, b: np.ndarray) -> float:
     """SSIM between the Y channels (Wang et al. settings: Gaussian window sigma 1.5, K1 .01, K2 .03)."""
     ya, yb = _pair(a, b)
+    structural_similarity = require_ssim()
     return float(structural_similarity(ya, yb, gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
                                        data_range=255, K1=0.01, K2=0.03))
 

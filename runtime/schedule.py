@@ -186,7 +186,7 @@ def sample_loop(step: Callable[[Any, Any, np.ndarray, np.ndarray], Any], x_T: An
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """x_T ~ N(0, I) from PCG64(seed): the same numbers in every backend (DESIGN.md)."""
+    """x_T ~ N(0, I) from PCG64(seed): the same numbers in every backend (docs/ARCHITECTURE.md)."""
     rng = np.random.Generator(np.random.PCG64(seed))
     return rng.standard_normal(shape, dtype=np.float32)
 

@@ -1,6 +1,6 @@
 """Overlapping tiles for frames larger than the engine's profile (or when ``tile`` is set).
 
-Why tiling works on the fused step (DESIGN.md): one DDIM step is affine in the noise estimate,
+Why tiling works on the fused step (docs/ARCHITECTURE.md): one DDIM step is affine in the noise estimate,
 ``x_next = c * (a * x_t - b * eps_hat) + d * eps_hat``, and every tile is cut from the same
 x_t. So a per-pixel weighted average of the tiles' ``x_next`` (weights summing to one) equals
 the step applied with the averaged ``eps_hat``. At **every** step the tile outputs are blended

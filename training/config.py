@@ -28,7 +28,7 @@ class NTBMode(str, Enum):
     """How the NTB generators are trained (issue 8).
 
     - ``faithful``: exactly Algorithm 1 (cycle L1 only). Measured here to collapse to identity
-      generators on unpaired CPU-scale runs (DESIGN.md), so it is kept for ablations.
+      generators on unpaired CPU-scale runs (docs/ARCHITECTURE.md), so it is kept for ablations.
     - ``synthetic``: documented deviation. Adds ``lambda_syn * |G_A(x) - synthrain(x)|_1``: the
       synthetic rain renderer is a weak prior for G_A (the Syn2Real line), so x' = G_A(x) looks
       rainy, the clean-side cycle |G_B(G_A(x)) - x| teaches G_B to derain, and the DTB's A-loss

@@ -6,7 +6,7 @@ angle from vertical, Gaussian cross-section ``width``), giving a streak layer S 
 it is composited onto the clean image I in [0, 1] by a screen blend, 1 - (1 - I)(1 - S), and an
 optional veil (``haze``, rain accumulation) mixes towards a bright atmospheric light A:
 out = (1 - haze) * screen + haze * A (A = 0.95). Both brighten (the veil only darkens pixels
-already above A), as real rain does (DESIGN.md's brightness confound).
+already above A), as real rain does (docs/ARCHITECTURE.md's brightness confound).
 
 Used for tests, demos, paired evaluation sets made from clean photos, and, in training's
 ``--ntb synthetic`` / ``render`` modes, as the rainy half of the clean photos' pairs

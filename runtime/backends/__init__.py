@@ -1,4 +1,4 @@
-"""Inference backends for the fused DDIM step, chosen by the artifact's suffix (STYLE.md #7).
+"""Inference backends for the fused DDIM step, by artifact suffix (docs/ARCHITECTURE.md, code convention 7).
 
 ``.onnx`` -> :class:`~runtime.backends.onnxruntime.OnnxRuntimeBackend` (CPU, or CUDA with
 onnxruntime-gpu); ``.plan`` -> :class:`~runtime.backends.tensorrt.TensorRTBackend` (CUDA GPU).

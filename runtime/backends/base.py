@@ -1,4 +1,4 @@
-"""The one small protocol every inference backend implements (STYLE.md #7).
+"""The one small protocol every inference backend implements (docs/ARCHITECTURE.md, code convention 7).
 
 A backend runs the exported **fused DDIM step** (``runtime.descriptor``) and nothing else::
 
@@ -109,7 +109,7 @@ class Backend(abc.ABC):
         return 0 if self._timesteps is None else int(self._timesteps.shape[0])
 
     def check_shape(self, batch: int, height: int, width: int) -> None:
-        """UsageError naming the bad value and the valid range (STYLE.md #11)."""
+        """UsageError naming the bad value and the valid range (docs/ARCHITECTURE.md, code convention 11)."""
         for name, v in (("batch", batch), ("height", height), ("width", width)):
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise UsageError(f"{name} must be a positive integer, got {v!r}")

@@ -10,8 +10,9 @@ measured on the 2-core CI CPU, the four rebinds cost ~3 us and allocate nothing
 (tracemalloc flat and RSS unchanged over 200 steps); the output is written straight into the
 preallocated x buffer (its data pointer is checked in the tests).
 
-Session options: graph optimisation level ORT_ENABLE_ALL (measured ~1.45x torch eager on the
-reference CPU, vs ~1.15x for BASIC; DESIGN.md), intra-op threads settable.
+Session options: graph optimisation level ORT_ENABLE_ALL (measured 1.28x torch eager on the 2-core
+AVX2 CI CPU, docs/benchmarks.md; ~1.45x on an AVX-512 CPU, where BASIC gave ~1.15x:
+docs/ARCHITECTURE.md), intra-op threads settable.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import numpy as np
 
 from runtime.artifacts import check_external_data
 from runtime.backends.base import Backend, load_manifest, parse_device
-from runtime.errors import ArtifactError, DependencyError, UsageError
+from runtime.errors import ArtifactError, UsageError
+from runtime.extras import cuda_provider_error, missing
 from runtime.manifest import Manifest
 
 __all__ = ["OnnxRuntimeBackend", "make_session", "providers_for"]
@@ -34,7 +36,7 @@ def _import_onnxruntime() -> Any:
     try:
         return importlib.import_module("onnxruntime")
     except ImportError:
-        raise DependencyError("onnxruntime is not installed: pip install onnxruntime") from None
+        raise missing("onnxruntime") from None
 
 
 def providers_for(device: str = "cpu") -> list:
@@ -44,11 +46,9 @@ def providers_for(device: str = "cpu") -> list:
     if kind == "cpu":
         return ["CPUExecutionProvider"]
     ort = _import_onnxruntime()
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise DependencyError(
-            "device='cuda' needs onnxruntime-gpu (CUDAExecutionProvider is not available): "
-            "pip install 'raindiffusion-edge[gpu]'"
-        )
+    available = list(ort.get_available_providers())
+    if "CUDAExecutionProvider" not in available:
+        raise cuda_provider_error(available)  # CPU build, or both builds installed: says which
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 

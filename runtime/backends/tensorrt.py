@@ -9,7 +9,7 @@ What happens, in order (every step before deserialisation runs without touching 
    (cuda-python) is imported, the device made current, and the GPU's compute capability compared
    with ``tensorrt.compute_capability``. Any mismatch raises :class:`EngineMismatchError` with
    the exact ``rd-export build ... --format trt`` command;
-3. the plan is deserialised (``runtime.engine_host_code_allowed`` set first when the manifest
+3. the plan is deserialised (``trt.Runtime.engine_host_code_allowed`` set first when the manifest
    says it was built version-compatible) into one execution context, and run by
    :class:`~runtime.backends.cuda_backend.CudaStepBackend` through the one TensorRT executor
    (runtime/backends/trt_executor.py): buffers once per shape, the tables on the executor's

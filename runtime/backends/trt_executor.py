@@ -21,7 +21,7 @@ once per frame shape, the S-step loop as one CUDA graph). Nothing here knows the
 Every public method first makes the executor's device current on the calling thread.
 
 TensorRT calls (TensorRT 10/11 Python API, named-tensor form): ``Runtime(logger)``,
-``runtime.engine_host_code_allowed = True`` for version-compatible plans (they embed the lean
+``trt.Runtime.engine_host_code_allowed = True`` for version-compatible plans (they embed the lean
 runtime, host code; TensorRT "Version Compatibility" / 11.x "Engine Compatibility"),
 ``deserialize_cuda_engine``, ``num_io_tensors`` / ``get_tensor_name`` / ``get_tensor_mode`` /
 ``get_tensor_dtype`` / ``get_tensor_profile_shape(name, 0)``, ``create_execution_context``;

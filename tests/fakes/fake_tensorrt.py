@@ -26,7 +26,7 @@ Where it matters it behaves like the real API, not like a convenience:
   enqueue after a shape change before capture);
 - a plan is ``PLAN_MAGIC`` + 8 bytes + JSON (I/O, profile, version, flags). It deserialises only
   on the TensorRT version that built it, unless built ``VERSION_COMPATIBLE`` (then on that
-  version or newer, and only with ``runtime.engine_host_code_allowed = True``: such plans carry
+  version or newer, and only with ``trt.Runtime.engine_host_code_allowed = True``: such plans carry
   the lean runtime, host code);
 - flavours: ``make_module("10.x")`` has ``BuilderFlag.FP16/INT8`` (deprecated there) and
   ``IBuilderConfig.int8_calibrator``; ``make_module("11.x")`` has neither (removed in 11).
