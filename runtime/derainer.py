@@ -44,6 +44,11 @@ __all__ = ["Derainer", "default_artifact", "default_overlap", "pad_reflect", "to
 
 _NOISE_CACHE_SIZE = 4
 
+#: Frames up to this many (padded) pixels run the prologue whole, once, before their tiles' steps
+#: (P is the reference's prologue on the whole frame; no tile seams, no overlap recomputed); larger
+#: frames run it per tile, which bounds memory (docs/benchmarks.md measures both).
+FRAME_PROLOGUE_MAX_PIXELS = 2_100_000
+
 
 def default_artifact() -> Path:
     """The shipped model ``runtime/assets/default.onnx`` (ArtifactError when it is not installed)."""
@@ -406,12 +411,21 @@ class Derainer:
         k = len(plan)
         b = min(self._batch, k)
         chunks = [list(range(j, min(j + b, k))) for j in range(0, k, b)]
+        whole = (be.frame_prologue(cond_p[None])[0]
+                 if be.has_prologue and hp * wp <= FRAME_PROLOGUE_MAX_PIXELS else None)
+        if whole is not None and self._steps == 0:  # P(y) of the whole frame is the output
+            return np.ascontiguousarray(whole[be.prologue_descriptor.estimate_channels])
         shape = (b, 3, plan.tile_h, plan.tile_w)
         be.bind(b, plan.tile_h, plan.tile_w)
         tiles_in, tiles_out = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
         rainy_tiles = np.zeros(shape, np.float32)
         conds = None  # each chunk's condition on the host, when the chunks take turns on the engine
-        if be.has_prologue and (len(chunks) > 1 or self._steps == 0):
+        if whole is not None:  # P on the whole frame once; the tiles' conditions are cut from it
+            cond_tiles = np.zeros((b, whole.shape[0], plan.tile_h, plan.tile_w), np.float32)
+            conds = [blender.cut(whole, cond_tiles, chunk).copy() for chunk in chunks]
+            if len(chunks) == 1:
+                be.set_cond(conds[0])
+        elif be.has_prologue and (len(chunks) > 1 or self._steps == 0):
             # The prologue runs once per tile; its [y, P(y)] tiles are kept for the steps.
             conds = []
             for chunk in chunks:

@@ -181,6 +181,14 @@ class Backend(abc.ABC):
         self._require_prologue()
         self._prologue()
 
+    def frame_prologue(self, rainy: np.ndarray) -> np.ndarray | None:
+        """The prologue on whole frames [N, 3, H, W] of any size, outside the bound shape (the
+        bound buffers are not touched): cond [N, C, H, W], or None where the engine cannot (a
+        TensorRT profile bounds the prologue engine to the step's tile sizes). The runtime uses it
+        for frames that are tiled for the steps, so P sees the whole frame, once."""
+        self._require_prologue_model()
+        return None
+
     def get_cond(self, out: np.ndarray | None = None) -> np.ndarray:
         """The bound condition, copied into ``out`` ([N, C, H, W] float32) or a new array."""
         self._check_bound()
@@ -290,6 +298,10 @@ class Backend(abc.ABC):
 
     def _require_prologue(self) -> None:
         self._check_bound()
+        self._require_prologue_model()
+
+    def _require_prologue_model(self) -> None:
+        self._check_open()
         if self.prologue_descriptor is None:
             raise UsageError(f"{self.artifact.name} has no prologue: its condition is the rainy image (set_cond)")
 

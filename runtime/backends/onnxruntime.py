@@ -109,6 +109,7 @@ class OnnxRuntimeBackend(Backend):
             self._pio = self._pro_session.io_binding()
         self._rainy: Any = None
         self._rainy_ov: Any = None
+        self._frame: tuple | None = None  # frame_prologue's buffers: (shape, in, in OrtValue, out, out OrtValue, io)
         self._x: list[Any] = []  # numpy arrays (CPU) backing the x OrtValues
         self._x_ov: list[Any] = []
         self._cond: Any = None
@@ -211,6 +212,30 @@ class OnnxRuntimeBackend(Backend):
         else:
             np.copyto(out, self._cond_ov.numpy())
 
+    def frame_prologue(self, rainy: np.ndarray) -> np.ndarray:
+        """The prologue on whole frames (see Backend.frame_prologue): its own input / output
+        buffers, allocated once per frame shape and reused while that shape repeats."""
+        self._require_prologue_model()
+        pd = self.prologue_descriptor
+        if not isinstance(rainy, np.ndarray) or rainy.dtype != np.float32 or rainy.ndim != 4 or rainy.shape[1] != 3:
+            got = f"{rainy.dtype} {rainy.shape}" if isinstance(rainy, np.ndarray) else type(rainy).__name__
+            raise UsageError(f"rainy must be a float32 array [N, 3, H, W], got {got}")
+        n, _, h, w = rainy.shape
+        if self._frame is None or self._frame[0] != rainy.shape:
+            inp, inp_ov = self._new_value(rainy.shape)
+            out, out_ov = self._new_value((n, pd.cond_channels, h, w))
+            io = self._pro_session.io_binding()
+            io.bind_ortvalue_input(pd.RAINY, inp_ov)
+            io.bind_ortvalue_output(pd.OUT, out_ov)
+            self._frame = (rainy.shape, inp, inp_ov, out, out_ov, io)
+        _, inp, inp_ov, out, out_ov, io = self._frame
+        if inp is not None:
+            np.copyto(inp, rainy)
+        else:
+            inp_ov.update_inplace(np.ascontiguousarray(rainy))
+        self._pro_session.run_with_iobinding(io)
+        return (out if out is not None else out_ov.numpy()).copy()
+
     def _write_x(self, x: np.ndarray) -> None:
         if self._x[self._cur] is not None:
             np.copyto(self._x[self._cur], x)
@@ -244,5 +269,6 @@ class OnnxRuntimeBackend(Backend):
         return self._io.get_outputs()[0].data_ptr()
 
     def _release_engine(self) -> None:
+        self._frame = None
         self._io = self._pio = None
         self._session = self._pro_session = None

@@ -78,44 +78,83 @@ def test_batch_equals_single_frames(refine):
         assert np.array_equal(a, b)
 
 
-@pytest.mark.parametrize("steps", [0, 2])
-def test_frames_beyond_the_native_tile_are_tiled_with_the_prologue_per_tile(refine, steps):
-    """A frame larger than the native tile (32) goes through 32-px tiles; each tile runs the prologue
-    on its own crop, so the output equals blending the torch reference's tiles."""
+def _tiled_reference(est, pro, frame: np.ndarray, steps: int, *, whole: bool) -> np.ndarray:
+    """Derainer's tiled loop in torch: 32-px tiles (overlap 8) blended after every step; the
+    condition from the prologue on the whole frame (``whole``) or on each tile's crop."""
     import torch
 
     from runtime.derainer import to_float
+    from runtime.schedule import DDIMSchedule, initial_noise, step_inputs
     from runtime.tiling import TileBlender, plan_tiles
-    from training.diffusion import ddim_sample
     from training.multiscale import fused_step
+
+    h, w = frame.shape[:2]
+    y = to_float(frame[None])[0]
+    blender = TileBlender(plan_tiles(h, w, 32, 8, multiple=8))
+    k = len(blender.plan)
+
+    def cut(canvas: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(blender.cut(canvas, np.zeros((k, canvas.shape[0], 32, 32), np.float32), range(k)))
+
+    with one_torch_thread(), torch.no_grad():
+        cond = cut(pro(torch.from_numpy(y[None]))[0].numpy()) if whole else pro(cut(y))
+        if steps == 0:
+            return blender.blend(cond[:, 3:].numpy())
+        s = DDIMSchedule()
+        s.set_timesteps(steps)
+        canvas = initial_noise((1, 3, h, w), 0)[0]
+        for i in range(steps):
+            t, coef = step_inputs(s.coefficients(), s.timesteps, i, k)
+            canvas = blender.blend(fused_step(est, cut(canvas), cond, torch.from_numpy(t),
+                                              torch.from_numpy(coef)).numpy())
+        return canvas
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_frames_beyond_the_native_tile_get_the_prologue_whole_and_tiled_steps(refine, steps):
+    """A frame larger than the native tile (32): P runs on the whole frame once (no seams), the
+    refiner's steps on 32-px tiles cut from that condition, blended after every step."""
+    from runtime.derainer import to_float
 
     onnx, est, pro = refine
     frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     with Derainer(onnx, steps=steps, threads=1) as d:
         assert d.native_tile == 32 and d.overlap == 8
         got = d.sample(to_float(frame[None]))[0]
-    y = torch.from_numpy(to_float(frame[None]))[0]
-    blender = TileBlender(plan_tiles(48, 64, 32, 8, multiple=d.size_multiple))
-    tiles = torch.from_numpy(blender.cut(y.numpy(), np.zeros((len(blender.plan), 3, 32, 32), np.float32),
-                                         range(len(blender.plan))))
-    with one_torch_thread(), torch.no_grad():
-        cond = pro(tiles)
-        if steps == 0:
-            want = blender.blend(cond[:, 3:].numpy())
-        else:  # the fused step on every tile, blended after every step (Derainer's tiled loop)
-            from runtime.schedule import DDIMSchedule, initial_noise, step_inputs
-
-            s = DDIMSchedule()
-            s.set_timesteps(steps)
-            canvas = initial_noise((1, 3, 48, 64), 0)[0]
-            for i in range(steps):
-                t, coef = step_inputs(s.coefficients(), s.timesteps, i, len(blender.plan))
-                x = torch.from_numpy(blender.cut(canvas, np.zeros((len(blender.plan), 3, 32, 32), np.float32),
-                                                 range(len(blender.plan))))
-                canvas = blender.blend(fused_step(est, x, cond, torch.from_numpy(t), torch.from_numpy(coef)).numpy())
-            want = canvas
+    want = _tiled_reference(est, pro, frame, steps, whole=True)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
-    del ddim_sample
+    if steps == 0:  # the whole-frame estimate is the torch reference itself (no tiles at all)
+        import torch
+
+        with torch.no_grad():
+            ref = pro(torch.from_numpy(to_float(frame[None])))[0, 3:].numpy()
+        np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("steps", [0, 2])
+def test_frames_beyond_the_pixel_budget_run_the_prologue_per_tile(refine, steps, monkeypatch):
+    import runtime.derainer as derainer_mod
+    from runtime.derainer import to_float
+
+    onnx, est, pro = refine
+    monkeypatch.setattr(derainer_mod, "FRAME_PROLOGUE_MAX_PIXELS", 1000)  # 48 x 64 = 3072 pixels: over it
+    frame = np.random.default_rng(4).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    with Derainer(onnx, steps=steps, threads=1) as d:
+        got = d.sample(to_float(frame[None]))[0]
+    np.testing.assert_allclose(got, _tiled_reference(est, pro, frame, steps, whole=False), atol=2e-4, rtol=0)
+
+
+def test_frame_prologue_reuses_its_buffers_per_shape(refine):
+    onnx, _, _ = refine
+    with Derainer(onnx, steps=2, threads=1) as d:
+        be = d.backend
+        y = np.zeros((1, 3, 48, 64), np.float32)
+        be.frame_prologue(y)
+        first = be._frame[2].data_ptr()
+        be.frame_prologue(y + 0.5)
+        assert be._frame[2].data_ptr() == first  # same input buffer for the same frame shape
+        be.frame_prologue(np.zeros((1, 3, 32, 64), np.float32))
+        assert be._frame[0] == (1, 3, 32, 64)
 
 
 def test_zero_steps_refused_for_a_y_only_model(tiny_model):
