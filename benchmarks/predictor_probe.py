@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--style", default="v1", help="rain_batch style (v1, v2)")
     ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train exactly this many steps instead (a budget independent of the machine's load)")
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     P = UNet(cfg)
     opt = torch.optim.Adam(P.parameters(), lr=a.lr)
     t0, steps, losses = time.perf_counter(), 0, []
-    while time.perf_counter() - t0 < a.minutes * 60:
+    while (steps < a.steps) if a.steps else (time.perf_counter() - t0 < a.minutes * 60):
         x, _ = sampler.next_batch()
         y = rain_batch(x, gen, a.style)
         loss = F.l1_loss(P(y), x)

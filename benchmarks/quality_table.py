@@ -60,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = [{"artifact": "rainy input", "steps": None,
              **{name: _mean([score(r, r, c) for _, r, c in pairs]) for name, pairs in sets.items()}}]
+    if not a.json:
+        print(_line(rows[0], sets), flush=True)
     panels: dict[str, list[np.ndarray]] = {}
     for art in a.artifacts:
         for s in step_counts:
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _line(row: dict, sets) -> str:
-    parts = [f"{row['artifact']:28s} S={row['steps']!s:>4s}"]
+    steps = "" if row["steps"] is None else str(row["steps"])
+    parts = [f"{row['artifact']:28s} S={steps:>4s}"]
     for name in sets:
         m = row[name]
         parts.append(f"{name}: {m['psnr']:.2f} / {m['ssim']:.4f} / {m['psnr_matched']:.2f} / {m['corr']:+.3f}")
