@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             r["torch_eager_s"] = round(t, 3)
             r["speedup_vs_torch"] = round(t / r["median_s"], 2)
     cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    isa = "AVX-512 VNNI" if "avx512_vnni" in cpu else "AVX-512" if "avx512f" in cpu else "AVX2" if "avx2" in cpu else "?"
+    isa = ("AVX-512 VNNI" if "avx512_vnni" in cpu else "AVX-512" if "avx512f" in cpu
+           else "AVX2" if "avx2" in cpu else "?")
     report = {"artifact": str(a.onnx), "threads": a.threads, "cpu_isa": isa, "runs": a.runs, "rows": rows,
               "self_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if a.json:
