@@ -50,6 +50,17 @@ class Model(str, Enum):
     rain = "rain"
 
 
+class Condition(str, Enum):
+    """--condition's choices: the derain estimator's condition (training.multiscale.COND_CHANNELS)."""
+
+    y = "y"
+    refine = "refine"
+
+    @property
+    def channels(self) -> int:
+        return 3 if self is Condition.y else 6
+
+
 #: --prediction's choices: what the estimators may predict (training.multiscale.PREDICTIONS).
 Prediction = Enum("Prediction", {p: p for p in PREDICTIONS}, type=str)
 
@@ -213,6 +224,10 @@ def fit(
              "documented deviations: an undertrained eps model's 10-step DDIM output is noise. Default: eps "
              "(x0_residual for --config edge); with --init, the checkpoint's; with --resume, fixed by the "
              "checkpoint. [eps]")] = None,
+    condition: Annotated[Condition | None, typer.Option(
+        help="What the derain estimator is conditioned on: y (the rainy image, the paper) or refine "
+             "([y, P(y)] with P = G_B: predict-and-refine, exported as a prologue graph plus the step). "
+             "[refine for --config edge, else y]")] = None,
     init: Annotated[Path | None, typer.Option(
         help="Warm-start a new run from this checkpoint's weights (model.pt or last.pt); step 0, fresh "
              "optimiser. Only --prediction may differ from the checkpoint's model.", exists=True,
@@ -283,9 +298,11 @@ def fit(
                 sc = tuple(float(s) for s in scales.split(",")) if scales else None
             except ValueError:
                 raise UsageError(f"--scales must be comma-separated numbers like 1,0.5,0.25, got {scales!r}") from None
-            models = model_preset(train.preset, scales=sc, prediction=pred)
-        elif scales is not None or prediction is not None:
-            raise UsageError("--scales/--prediction cannot change when resuming (the checkpoint fixes the model)")
+            models = model_preset(train.preset, scales=sc, prediction=pred,
+                                  cond_channels=None if condition is None else Condition(condition).channels)
+        elif scales is not None or prediction is not None or condition is not None:
+            raise UsageError("--scales/--prediction/--condition cannot change when resuming (the checkpoint fixes "
+                             "the model)")
         import os
 
         rank = int(os.environ.get("RANK", "0"))

@@ -279,3 +279,33 @@ def test_rd_train_help_states_the_step_range_and_the_prediction_default():
     assert "2..1000" in fit_help  # --val-steps
     sample_help = " ".join(runner.invoke(app, ["sample", "--help"]).output.split())
     assert "2..1000" in sample_help
+
+
+def test_a_predict_and_refine_run_on_several_clean_folders(tmp_path, image_dirs):
+    """--clean twice (both folders' images are used), a 6-channel refine model with x0_residual,
+    --rain-style v3, validation through the prologue; the checkpoint exports two graphs' worth."""
+    import shutil
+
+    clean, rainy = image_dirs
+    second = tmp_path / "more_clean"
+    shutil.copytree(clean, second)
+    run = tmp_path / "run"
+    res = runner.invoke(app, ["fit", "--clean", str(clean), "--clean", str(second), "--rainy", str(rainy),
+                              "--out", str(run), "--config", "tiny", "--ntb", "render", "--detach-cond",
+                              "--rain-style", "v3", "--prediction", "x0_residual", "--condition", "refine",
+                              "--steps", "2", "--crop", "16",
+                              "--batch", "2", "--threads", "1", "--val-rainy", str(rainy), "--val-clean",
+                              str(rainy), "--val-every", "2", "--val-steps", "2", "--val-size", "16", "--quiet"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["train"]["rain_style"] == "v3" and cfg["estimator"]["prediction"] == "x0_residual"
+    assert cfg["estimator"]["cond_channels"] == 6 and cfg["unet"]["in_channels"] == 9
+    val = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "val"]
+    assert val and np.isfinite(val[-1]["psnr"])
+    bad = runner.invoke(app, ["fit", "--clean", str(clean), "--clean", str(tmp_path / "nope"), "--rainy", str(rainy),
+                              "--out", str(tmp_path / "r2"), "--config", "tiny"])
+    assert bad.exit_code == 2 and "nope" in bad.output
+    bad = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r3"),
+                              "--config", "tiny", "--rain-style", "v9"])
+    assert bad.exit_code == 2 and "rain_style must be one of v1, v2, v3" in " ".join(bad.output.split())
