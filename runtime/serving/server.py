@@ -177,7 +177,9 @@ class _TritonProcess:
             if isinstance(e, (RDError, KeyboardInterrupt)):
                 raise
             tail = _log_tail(self._log)
-            raise ServerError(f"Triton Inference Server did not start ({type(e).__name__}: {e})"
+            from runtime.serving.client import one_line
+
+            raise ServerError(f"Triton Inference Server did not start ({type(e).__name__}: {one_line(str(e))})"
                               + (f"; its log: {tail}" if tail else "")) from None
         if not triton.is_alive():
             tail = _log_tail(self._log)
