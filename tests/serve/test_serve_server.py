@@ -145,3 +145,28 @@ def test_health_and_metrics_endpoints(served):
     text = fetch_metrics(served.urls["metrics"])
     assert 'nv_inference_request_success{model="derain",version="1"}' in text
     assert "nv_inference_queue_duration_us" in text
+
+
+def test_the_serve_client_example_derains_files_through_the_server(served, reference, tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "serve_client.py"
+    spec = importlib.util.spec_from_file_location("serve_client_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    shots = frames(13, (40, 48), (64, 64))
+    inputs = []
+    for i, f in enumerate(shots):
+        inputs.append(tmp_path / f"cam{i}.png")
+        Image.fromarray(f).save(inputs[-1])
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    code = example.main([*map(str, inputs), str(tmp_path / "broken.png"), "-o", str(tmp_path / "out"),
+                         "--url", served.urls["http"], "--workers", "2"])
+    assert code == 1  # the broken file is reported, the others are done
+    for f, p in zip(shots, inputs):
+        np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "out" / p.name)), reference.derain(f))
+    captured = capsys.readouterr()
+    assert "2 of 3 images derained" in captured.out and "broken.png: cannot read it" in captured.err
