@@ -19,9 +19,15 @@ pytestmark = pytest.mark.serve
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _children(pid: int) -> set[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+def _children(pid: int) -> dict[int, str]:
+    out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(line.split(None, 1)[0]): line.split(None, 1)[1][:80] for line in out.strip().splitlines()}
+
+
+def _default_sigint() -> None:
+    # a background job of a non-interactive shell starts with SIGINT ignored, and Python keeps that;
+    # give the server what a foreground process in a terminal has, where Ctrl-C is pressed
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _alive(pid: int) -> bool:
@@ -42,7 +48,8 @@ def test_rd_run_serve_answers_and_stops_cleanly(serve_available, reference, tmp_
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--steps", str(STEPS), "--seed", str(SEED),
            "--port", str(port), "--threads", "1", "--log-file", str(log)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_default_sigint)
     try:
         with DerainClient(f"http://127.0.0.1:{port}") as client:
             deadline = time.monotonic() + 120
@@ -66,7 +73,8 @@ def test_rd_run_serve_answers_and_stops_cleanly(serve_available, reference, tmp_
     assert "rd-run: ready: serving 'derain'" in err
     assert "Traceback" not in err
     assert seconds < 30
-    assert not [p for p in servers if _alive(p)], "tritonserver outlived rd-run serve"
+    left = {p: what for p, what in servers.items() if _alive(p)}
+    assert not left, f"outlived rd-run serve: {left}"
     assert log.is_file() and "successfully loaded 'derain'" in log.read_text()
 
 

@@ -128,3 +128,107 @@ def test_exported_gpu_repository_bls_loop_equals_derainer(serve_available, refer
             client.derain(np.zeros((65, 64, 3), np.uint8))
         with pytest.raises(RequestError, match="expects 'UINT8'"):
             client.infer(np.zeros((1, 8, 8, 3), np.float32))
+
+
+PROLOGUE_MODEL = textwrap.dedent('''
+    """Stand-in prologue plan: cond = [y, 0.5 y] (6 channels), as a predict-and-refine prologue shapes it."""
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            out = []
+            for request in requests:
+                y = pb_utils.get_input_tensor_by_name(request, {inp!r}).as_numpy()
+                cond = np.concatenate([y, np.float32(0.5) * y], axis=1)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor({out!r}, cond)]))
+            return out
+''')
+
+TOY_STEP_MODEL = textwrap.dedent('''
+    """Stand-in step plan over a 6-channel condition: eps_hat = cond[:, 3:] * t / 1000, then the DDIM update."""
+    import numpy as np
+    import triton_python_backend_utils as pb_utils
+
+    X, COND, T, COEF, OUT = {names!r}
+
+
+    class TritonPythonModel:
+        def execute(self, requests):
+            out = []
+            for r in requests:
+                x, cond, t, coef = (pb_utils.get_input_tensor_by_name(r, n).as_numpy() for n in (X, COND, T, COEF))
+                a, b, c, d = (coef[:, k, None, None, None] for k in range(4))
+                eps = cond[:, 3:] * (t / np.float32(1000))[:, None, None, None]
+                x_next = (c * (a * x - b * eps) + d * eps).astype(np.float32)
+                out.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUT, x_next)]))
+            return out
+''')
+
+
+def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_size: int) -> np.ndarray:
+    """What the BLS loop must compute with the toy prologue and step, from the runtime's own helpers."""
+    from runtime.derainer import pad_reflect, to_float, to_uint8
+    from runtime.schedule import DDIMSchedule, initial_noise
+
+    h, w = frame.shape[:2]
+    hp, wp = (max(-(-v // multiple) * multiple, min_size) for v in (h, w))
+    y = pad_reflect(to_float(frame[None]), hp, wp)
+    cond = np.concatenate([y, np.float32(0.5) * y], axis=1)
+    if steps == 0:
+        return to_uint8(cond[:, 3:, :h, :w])[0]
+    s = DDIMSchedule()
+    s.set_timesteps(steps)
+    x = initial_noise((1, 3, hp, wp), seed)
+    for i, coef in enumerate(s.coefficients()):
+        t = np.full((1,), float(s.timesteps[i]), np.float32)
+        co = np.repeat(coef[None], 1, axis=0)
+        a, b, c, d = (co[:, k, None, None, None] for k in range(4))
+        eps = cond[:, 3:] * (t / np.float32(1000))[:, None, None, None]
+        x = (c * (a * x - b * eps) + d * eps).astype(np.float32)
+    return to_uint8(x[:, :, :h, :w])[0]
+
+
+def test_gpu_repository_bls_runs_a_prologue_first_and_zero_steps_returns_its_estimate(serve_available, tmp_path):
+    """The predict-and-refine path of the BLS model (a prologue plan, a 6-channel condition, steps = 0),
+    driven by its settings as rd-export writes them for such an artifact, against a numpy reference."""
+    from rd_export.triton import TritonOptions, config_pbtxt, export_triton
+    from runtime.descriptor import TensorSpec
+    from runtime.manifest import Manifest
+    from runtime.serving.client import DerainClient
+
+    plan = _fake_plan(tmp_path)
+    desc = Manifest.for_artifact(plan).step_descriptor
+    repo = export_triton(plan, tmp_path / "repo", TritonOptions(steps=STEPS, seed=SEED))
+    img = ("batch", 3, "height", "width")
+    cond6 = TensorSpec(desc.COND, "float32", ("batch", 6, "height", "width"))
+    step_inputs = tuple(cond6 if s.name == desc.COND else s for s in desc.inputs)
+    for name, inputs, outputs, code in (
+            ("derain_step", step_inputs, desc.outputs,
+             TOY_STEP_MODEL.format(names=(desc.X, desc.COND, desc.T, desc.COEF, desc.OUT))),
+            ("derain_prologue", (TensorSpec("rainy", "float32", img),), (cond6,),
+             PROLOGUE_MODEL.format(inp="rainy", out=desc.COND))):
+        shutil.rmtree(repo / name, ignore_errors=True)
+        (repo / name / "1").mkdir(parents=True)
+        (repo / name / "1" / "model.py").write_text(code)
+        (repo / name / "config.pbtxt").write_text(config_pbtxt(name, inputs=inputs, outputs=outputs, max_batch=0,
+                                                               backend="python"))
+    settings_path = repo / "derain" / "1" / "derain.json"
+    settings = json.loads(settings_path.read_text())
+    settings["prologue"] = {"model": "derain_prologue", "input": "rainy", "output": desc.COND,
+                            "estimate_channels": [3, 6]}
+    settings_path.write_text(json.dumps(settings))
+    shutil.copytree(repo / "derain", repo / "derain0")  # the same model at zero steps
+    cfg = repo / "derain0" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('name: "derain"', 'name: "derain0"'))
+    zero = repo / "derain0" / "1" / "derain.json"
+    zero.write_text(json.dumps({**settings, "steps": 0, "schedule": {"timesteps": [], "coefficients": []}}))
+
+    m, lo = desc.size_multiple, desc.profile.min_size[0]
+    shots = frames(14, (40, 48), (17, 23))
+    with _serve(repo) as server:
+        for model, steps in (("derain", STEPS), ("derain0", 0)):
+            with DerainClient(server.urls["http"], model=model) as client:
+                for f in shots:
+                    np.testing.assert_array_equal(client.derain(f), _toy_reference(f, steps, SEED, m, lo))
