@@ -76,13 +76,16 @@ def direct_rows(artifact: Path, steps: int, shots: list[np.ndarray], max_batch: 
 
 
 def served_row(artifact: Path, steps: int, shots: list[np.ndarray], expected: list[np.ndarray], *, instances: int,
-               max_batch: int, queue_delay_us: int, clients: int, port: int, cores: int) -> dict:
+               max_batch: int, queue_delay_us: int, clients: int, port: int, cores: int,
+               log_dir: Path | None = None) -> dict:
     from runtime import Derainer
     from runtime.serving.client import DerainClient, fetch_metrics, metric_total
     from runtime.serving.server import DerainServer, ServeConfig
 
     per_client = len(shots) // clients
-    config = ServeConfig(http_port=port, instances=instances, max_batch=max_batch, queue_delay_us=queue_delay_us)
+    log = None if log_dir is None else log_dir / f"tritonserver_{instances}x_b{max_batch}.log"
+    config = ServeConfig(http_port=port, instances=instances, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                         log_file=log)
     threads = max(1, cores // instances)
     lat: list[float] = []
     failed: list[str] = []
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--instances", type=int, nargs="+", default=[2], help="instance counts of the extra rows")
     ap.add_argument("--port", type=int, default=18800)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--log-dir", type=Path, help="keep each server's tritonserver log in this folder")
     args = ap.parse_args(argv)
 
     from runtime.serving.environment import check_server
@@ -158,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     shots = [np.clip(base.astype(np.int16) + rng.integers(-3, 4, base.shape), 0, 255).astype(np.uint8)
              for _ in range(n)]
     rows, expected = direct_rows(args.engine, args.steps, shots, args.max_batch, cores)
+    if args.log_dir is not None:
+        args.log_dir.mkdir(parents=True, exist_ok=True)
     common = {"shots": shots, "expected": expected, "clients": args.clients, "cores": cores,
-              "queue_delay_us": args.queue_delay_us}
+              "queue_delay_us": args.queue_delay_us, "log_dir": args.log_dir}
     rows.append(served_row(args.engine, args.steps, port=args.port, instances=1, max_batch=1, **common))
     rows.append(served_row(args.engine, args.steps, port=args.port + 10, instances=1, max_batch=args.max_batch,
                            **common))

@@ -25,10 +25,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,7 +82,6 @@ class ServeConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     model_name: str = MODEL_NAME
     log_file: Path | None = None  # the server's log; None: a temporary file, removed on stop
-    startup_timeout_s: float = 120.0
     ports: dict[str, int] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -118,12 +122,18 @@ def _check_ports_free(config: ServeConfig) -> None:
                                  f"choose other ports (--port, --grpc-port, --metrics-port)") from None
 
 
-def _log_tail(path: Path | None, lines: int = 15) -> str:
+#: tritonserver log lines that every CPU-only start prints (no CUDA driver, no DCGM): not the reason
+_NOISE = ("pinned memory", "CudaDriverHelper", "NVML", "DCGM", "config modification time", "CUDA driver")
+
+
+def _log_tail(path: Path | None, lines: int = 6) -> str:
+    """The server log's error lines (else its last lines), joined on one line; '' without a log."""
     if path is None or not path.is_file():
         return ""
-    text = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
-    keep = [ln for ln in text if ln.startswith(("E", "W")) or "rror" in ln][-lines:] or text[-lines:]
-    return " | ".join(s.strip() for s in keep)
+    text = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if ln.strip() and not any(n in ln for n in _NOISE)]
+    keep = [ln for ln in text if ln.startswith("E")][-lines:] or text[-lines:]
+    return " | ".join(keep)
 
 
 class _TritonProcess:
@@ -173,10 +183,10 @@ class _TritonProcess:
                 self._triton = triton
                 triton.run()  # starts tritonserver, loads the models, waits until they are ready
         except BaseException as e:
+            tail = _log_tail(self._log)  # before stop() removes a temporary log
             self.stop()
             if isinstance(e, (RDError, KeyboardInterrupt)):
                 raise
-            tail = _log_tail(self._log)
             from runtime.serving.client import one_line
 
             raise ServerError(f"Triton Inference Server did not start ({type(e).__name__}: {one_line(str(e))})"
@@ -203,7 +213,10 @@ class _TritonProcess:
                 tail = _log_tail(self._log)
                 raise ServerError("Triton Inference Server stopped unexpectedly" + (f"; its log: {tail}"
                                                                                       if tail else ""))
-            time.sleep(poll_s) if stop is None else stop.wait(poll_s)
+            if stop is None:
+                time.sleep(poll_s)
+            else:
+                stop.wait(poll_s)
 
     def stop(self) -> None:
         """Stop the server (in-flight requests get up to EXIT_TIMEOUT_S to finish); idempotent."""
@@ -288,15 +301,100 @@ def _infer_callable(handler: FrameHandler) -> Callable[[list], list[dict[str, np
 
 
 class RepositoryServer(_TritonProcess):
-    """The bundled ``tritonserver`` serving every model of a model repository (``rd-export triton``)."""
+    """The bundled ``tritonserver`` serving every model of a model repository (``rd-export triton``).
 
-    def __init__(self, repository: str | os.PathLike, config: ServeConfig | None = None) -> None:
+    Started as the plain command a user runs in NVIDIA's container (``tritonserver
+    --model-repository REPO ...``), with PyTriton's binaries, the Python backend stub of this
+    interpreter and the library-path fix of :mod:`runtime.serving.environment`; the Python models
+    run under this interpreter's environment (its ``bin/`` first on ``PATH``). Readiness is polled on
+    ``/v2/health/ready``; a server that exits while loading (a model that fails) raises ServerError
+    at once with the reason from its log.
+    """
+
+    def __init__(self, repository: str | os.PathLike, config: ServeConfig | None = None, *,
+                 startup_timeout_s: float = 120.0) -> None:
         repo = Path(repository)
         if not repo.is_dir():
             raise UsageError(f"model repository {repo} is not a folder")
         super().__init__(config or ServeConfig())
         self.repository = repo.resolve()
+        self.startup_timeout_s = float(startup_timeout_s)
+        self._proc: subprocess.Popen | None = None
+        self._out: Path | None = None
 
-    def _extra_config(self) -> dict[str, Any]:
-        return {"model_repository": self.repository}
+    def _command(self, server_dir: Path) -> list[str]:
+        c = self.config
+        return [str(server_dir / "bin" / "tritonserver"), "--model-repository", str(self.repository),
+                "--backend-directory", str(server_dir / "backends"), "--cache-directory", str(server_dir / "caches"),
+                "--http-address", c.host, "--http-port", str(c.ports["http"]),
+                "--grpc-address", c.host, "--grpc-port", str(c.ports["grpc"]),
+                "--metrics-address", c.host, "--metrics-port", str(c.ports["metrics"]),
+                "--allow-gpu-metrics", "false", "--exit-timeout-secs", str(EXIT_TIMEOUT_S),
+                "--log-verbose", "0", "--log-file", str(self._log),
+                f"--backend-config=python,shm-region-prefix-name=rd{os.getpid()}x{id(self)}_"]
 
+    def start(self) -> None:
+        with server_environment() as fixed:
+            from pytriton.utils.distribution import get_libs_path, get_root_module_path, get_stub_path
+
+            _check_ports_free(self.config)
+            self._tmp = tempfile.TemporaryDirectory(prefix="rd-triton-")
+            tmp = Path(self._tmp.name)
+            if self._log is None:
+                self._log = tmp / "tritonserver.log"
+            server_dir = tmp / "tritonserver"  # the stub of this Python goes where the backend looks for it
+            shutil.copytree(get_root_module_path() / "tritonserver", server_dir,
+                            ignore=shutil.ignore_patterns("python_backend_stubs"))
+            shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
+                        server_dir / "backends" / "python" / "triton_python_backend_stub")
+            env = dict(os.environ)
+            env["LD_LIBRARY_PATH"] = os.pathsep.join([fixed["LD_LIBRARY_PATH"], str(get_libs_path())])
+            env["PATH"] = os.pathsep.join([str(Path(sys.prefix) / "bin"), env.get("PATH", "")])
+        self._out = tmp / "stdout.log"
+        with open(self._out, "wb") as out:
+            self._proc = subprocess.Popen(self._command(server_dir), env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                          stderr=subprocess.STDOUT)
+        ready = self.config.url("http") + "/v2/health/ready"
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                why = self._reason()
+                self.stop()
+                raise ServerError(f"tritonserver exited (status {code}) while loading {self.repository}"
+                                  + (f": {why}" if why else ""))
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(ready, timeout=2) as r:
+                    if r.status == 200:
+                        return
+            if time.monotonic() > deadline:
+                why = self._reason()
+                self.stop()
+                raise ServerError(f"tritonserver was not ready after {self.startup_timeout_s:g} s"
+                                  + (f": {why}" if why else ""))
+            time.sleep(0.25)
+
+    def _reason(self) -> str:
+        lines = []
+        if self._out is not None and self._out.is_file():
+            lines = [ln for ln in self._out.read_text(errors="replace").splitlines() if ln.startswith("error")]
+        tail = _log_tail(self._log, lines=4)
+        return " | ".join([*(ln.strip() for ln in lines[-1:]), *([tail] if tail else [])])
+
+    def is_alive(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None and not self._stopped.is_set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)  # tritonserver's clean shutdown
+            try:
+                proc.wait(timeout=EXIT_TIMEOUT_S + 10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._tmp is not None:
+            with contextlib.suppress(OSError):
+                self._tmp.cleanup()
+            self._tmp = None

@@ -24,6 +24,15 @@ def _children(pid: int) -> dict[int, str]:
     return {int(line.split(None, 1)[0]): line.split(None, 1)[1][:80] for line in out.strip().splitlines()}
 
 
+def _leftovers() -> set[str]:
+    """Shared-memory segments and PyTriton workspaces that exist now."""
+    found = set()
+    for root in (Path("/dev/shm"), Path.home() / ".cache" / "pytriton"):
+        if root.is_dir():
+            found |= {str(p) for p in root.iterdir()}
+    return found
+
+
 def _default_sigint() -> None:
     # a background job of a non-interactive shell starts with SIGINT ignored, and Python keeps that;
     # give the server what a foreground process in a terminal has, where Ctrl-C is pressed
@@ -45,6 +54,7 @@ def test_rd_run_serve_answers_and_stops_cleanly(serve_available, reference, tmp_
 
     port = free_port_triple()
     log = tmp_path / "triton.log"
+    before = _leftovers()
     cmd = [sys.executable, "-m", "runtime.cli", "serve", "--steps", str(STEPS), "--seed", str(SEED),
            "--port", str(port), "--threads", "1", "--log-file", str(log)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -76,6 +86,7 @@ def test_rd_run_serve_answers_and_stops_cleanly(serve_available, reference, tmp_
     left = {p: what for p, what in servers.items() if _alive(p)}
     assert not left, f"outlived rd-run serve: {left}"
     assert log.is_file() and "successfully loaded 'derain'" in log.read_text()
+    assert _leftovers() - before == set(), "shared memory or a PyTriton workspace was left behind"
 
 
 def test_rd_run_serve_port_in_use_is_a_usage_error(serve_available):

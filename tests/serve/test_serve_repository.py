@@ -232,3 +232,15 @@ def test_gpu_repository_bls_runs_a_prologue_first_and_zero_steps_returns_its_est
             with DerainClient(server.urls["http"], model=model) as client:
                 for f in shots:
                     np.testing.assert_array_equal(client.derain(f), _toy_reference(f, steps, SEED, m, lo))
+
+
+def test_a_repository_whose_model_cannot_load_is_a_one_line_server_error(serve_available, tmp_path):
+    from rd_export.triton import TritonOptions, export_triton
+    from runtime.derainer import default_artifact
+    from runtime.serving.server import ServerError
+
+    repo = export_triton(default_artifact(), tmp_path / "repo", TritonOptions(steps=STEPS))
+    (repo / "derain" / "1" / "default.onnx").write_bytes(b"not the artifact")  # its sha256 no longer matches
+    with pytest.raises(ServerError, match="does not match its manifest") as info:
+        _serve(repo).start()
+    assert "\n" not in str(info.value)
