@@ -145,32 +145,50 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def _copy_artifact(artifact: Path, dest_dir: Path, name: str | None = None) -> Path:
+def _copy_artifact(artifact: Path, dest_dir: Path, name: str | None = None, *, manifest: bool = True) -> Path:
     """The artifact (and its manifest, renamed with it) into ``dest_dir``."""
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / (name or artifact.name)
     shutil.copyfile(artifact, dest)
-    shutil.copyfile(manifest_path_for(artifact), manifest_path_for(dest))
+    if manifest:
+        shutil.copyfile(manifest_path_for(artifact), manifest_path_for(dest))
     return dest
+
+
+def prologue_file(artifact: Path, manifest: Manifest) -> Path | None:
+    """The prologue graph beside a predict-and-refine artifact (hash-checked where the manifest can), or None.
+
+    The manifest's ``prologue`` entry names it (``{"artifact": file name beside the step, "sha256"}``).
+    """
+    find = getattr(manifest, "prologue_path", None)
+    if callable(find):  # the manifest checks the file's hash itself
+        return find(artifact)
+    info = manifest.get("prologue")
+    if info is None:
+        return None
+    name = info.get("artifact") if isinstance(info, dict) else None
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ArtifactError(f"{manifest_path_for(artifact)}: field 'prologue.artifact' must name the prologue file")
+    path = artifact.with_name(name)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: the prologue graph of {artifact.name} is missing (an artifact of a "
+                            f"predict-and-refine model is two files; copy both, and the manifest)")
+    return path
 
 
 def prologue_graph(artifact: Path, manifest: Manifest, descriptor: StepDescriptor) -> tuple[Path, object] | None:
     """The prologue plan of a predict-and-refine artifact and its descriptor, or None (a y-only model).
 
     The step's condition has more channels than its sample when a prologue makes it (the step
-    descriptor's ``cond_channels``); the manifest names the prologue's file (``prologue.artifact``).
+    descriptor's ``cond_channels``); the prologue's I/O contract is ``descriptor.prologue()``.
     """
     cond_channels = int(getattr(descriptor, "cond_channels", descriptor.channels))
     if cond_channels == descriptor.channels:
         return None
-    info = manifest.get("prologue")
-    name = info.get("artifact") if isinstance(info, dict) else None
-    if not isinstance(name, str) or not name:
+    path = prologue_file(artifact, manifest)
+    if path is None:
         raise ArtifactError(f"{manifest_path_for(artifact)}: the step's condition has {cond_channels} channels (a "
-                            f"predict-and-refine model) but the manifest names no prologue graph ('prologue.artifact')")
-    path = artifact.parent / name
-    if not path.is_file():
-        raise ArtifactError(f"{path}: the prologue graph named by {manifest_path_for(artifact).name} is missing")
+                            f"predict-and-refine model) but the manifest names no prologue graph ('prologue')")
     return path, descriptor.prologue()
 
 
@@ -188,12 +206,11 @@ def _gpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: Triton
     _copy_artifact(artifact, root / step_name / "1", "model.plan")
     settings_prologue = None
     if prologue is not None:
-        p_path, p_desc = prologue
-        load_manifest(p_path, "trt")  # its own manifest and hash, as the runtime checks them
+        p_path, p_desc = prologue  # hash-checked against the step's manifest
         _write(root / prologue_name / "config.pbtxt",
                config_pbtxt(prologue_name, inputs=p_desc.inputs, outputs=p_desc.outputs, max_batch=0,
                             platform="tensorrt_plan", instances=opts.gpu_instances, kind="KIND_GPU"))
-        _copy_artifact(p_path, root / prologue_name / "1", "model.plan")
+        _copy_artifact(p_path, root / prologue_name / "1", "model.plan", manifest=False)
         est = p_desc.estimate_channels
         settings_prologue = {"model": prologue_name, "input": p_desc.input_names[0], "output": p_desc.output_names[0],
                              "estimate_channels": [est.start, est.stop]}
@@ -220,7 +237,8 @@ def _gpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: Triton
 
 
 def _cpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: TritonOptions) -> None:
-    steps, _, _ = _schedule_tables(manifest, opts.steps, allow_zero=False)
+    prologue = prologue_file(artifact, manifest)  # a predict-and-refine ONNX is two files
+    steps, _, _ = _schedule_tables(manifest, opts.steps, allow_zero=prologue is not None)
     name = opts.model_name
     inputs, outputs = _frame_specs()
     _write(root / name / "config.pbtxt",
@@ -228,6 +246,8 @@ def _cpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: Triton
                         instances=opts.instances, kind="KIND_CPU", queue_delay_us=opts.queue_delay_us))
     _write(root / name / "1" / "model.py", _template("cpu"))
     copied = _copy_artifact(artifact, root / name / "1")
+    if prologue is not None:  # beside the step, under the name its manifest gives
+        _copy_artifact(prologue, root / name / "1", manifest=False)
     settings = {
         "variant": "cpu",
         "contract": {"input": contract.INPUT, "output": contract.OUTPUT, "channels": contract.FRAME_CHANNELS},

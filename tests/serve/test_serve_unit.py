@@ -244,3 +244,24 @@ def test_rd_export_triton_cli(tmp_path):
     assert r.exit_code == 2 and "--force" in r.output
     r = runner.invoke(app, ["triton", str(default_artifact()), "-o", str(tmp_path / "r3"), "--steps", "1"])
     assert r.exit_code == 2
+
+
+def test_cpu_repository_carries_a_predict_and_refine_prologue_file(tmp_path):
+    """A predict-and-refine ONNX is two files (the manifest's 'prologue' entry names the second):
+    both go into the repository, and a missing prologue is refused."""
+    from rd_export.triton import export_triton
+    from runtime.derainer import default_artifact
+    from runtime.manifest import Manifest, sha256_file
+
+    onnx = tmp_path / "model.onnx"
+    shutil.copyfile(default_artifact(), onnx)
+    pro = tmp_path / "model.prologue.onnx"
+    pro.write_bytes(b"prologue graph bytes")
+    d = Manifest.for_artifact(default_artifact()).to_dict()
+    d.update(artifact=onnx.name, prologue={"artifact": pro.name, "sha256": sha256_file(pro)})
+    Manifest.from_dict(d).save(tmp_path / "model.json")
+    repo = export_triton(onnx, tmp_path / "repo")
+    assert (repo / "derain" / "1" / pro.name).read_bytes() == pro.read_bytes()
+    pro.unlink()
+    with pytest.raises(ArtifactError, match=r"prologue graph of model\.onnx is missing"):
+        export_triton(onnx, tmp_path / "repo2")
