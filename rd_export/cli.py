@@ -303,5 +303,52 @@ def verify(
     _run(go, debug)
 
 
+@app.command()
+def triton(
+    artifact: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help=(
+        "A TensorRT .trt.plan (GPU repository: the plan as a tensorrt_plan model + a Python BLS model running "
+        "the DDIM loop) or an .onnx (CPU repository: a Python model running the runtime on onnxruntime), "
+        "with its .json manifest beside it."))],
+    out: Annotated[Path, typer.Option("-o", "--out", file_okay=False, help="The model repository folder to write.")],
+    steps: Annotated[int | None, typer.Option(callback=check_steps, help=(
+        "DDIM steps the served model runs, 2 or more (default: the manifest's).")) ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the initial noise (same seed, same output).")] = 0,
+    instances: Annotated[int, typer.Option(min=1, help="Instances of the served model (each its own runtime on "
+                                                       "CPU; BLS loops on GPU).")] = 1,
+    gpu_instances: Annotated[int, typer.Option(min=1, help="GPU instances of each TensorRT plan model.")] = 1,
+    max_batch: Annotated[int | None, typer.Option(min=1, help=(
+        "Frames Triton's dynamic batcher may put in one batch (default: the plan's max batch; 8 on CPU).")) ] = None,
+    queue_delay_us: Annotated[int, typer.Option(min=0, help="How long a request may wait for others to batch "
+                                                           "with, in microseconds.")] = 2000,
+    max_pixels: Annotated[int, typer.Option(min=0, help="Refuse frames with more pixels (0: no limit; default "
+                                                       "3840x2160).")] = 3840 * 2160,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU repository: onnxruntime threads per instance "
+                                                            "(default: the cores shared out).")] = None,
+    name: Annotated[str, typer.Option(help="Model name in the repository (the GPU plans get NAME_step, "
+                                           "NAME_prologue).")] = "derain",
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the repository's layout as JSON on stdout.")] = False,
+    debug: _Debug = False,
+) -> None:
+    """Write a Triton Inference Server model repository for ARTIFACT (see docs/serving.md)."""
+    from rd_export.triton import TritonOptions, export_triton
+
+    console = _console()
+
+    def go():
+        opts = TritonOptions(model_name=name, steps=steps, seed=seed, instances=instances,
+                             gpu_instances=gpu_instances, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                             max_pixels=max_pixels, threads=threads)
+        repo = export_triton(artifact, out, opts, force=force)
+        files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
+        if as_json:
+            _echo_json({"repository": str(repo), "models": sorted(p.name for p in repo.iterdir() if p.is_dir()),
+                        "files": files})
+        else:
+            console.print(f"[green]wrote[/] {escape(str(repo))}: " + ", ".join(escape(f) for f in files))
+
+    _run(go, debug)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -733,5 +733,78 @@ def main() -> None:  # pragma: no cover - console-script style entry for `python
     app(prog_name="rd-run")
 
 
+# --------------------------------------------------------------------------- serve (runtime.serving)
+
+
+@app.command(epilog=_EXIT_EPILOG)
+def serve(
+    engine: EngineOpt = None,
+    precision: PrecisionOpt = None,
+    steps: StepsOpt = None,
+    seed: SeedOpt = 0,
+    host: Annotated[str, typer.Option("--host", metavar="ADDR", help=(
+        "Address Triton listens on (HTTP, gRPC and metrics). The default serves this machine only; "
+        "0.0.0.0 serves the network.")) ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=1, max=65535, metavar="N",
+                                      help="HTTP port (Triton's KServe v2 API and health endpoints).")] = 8000,
+    grpc_port: Annotated[int | None, typer.Option("--grpc-port", min=1, max=65535, metavar="N",
+                                                  help="gRPC port. Default: --port + 1.")] = None,
+    metrics_port: Annotated[int | None, typer.Option("--metrics-port", min=1, max=65535, metavar="N", help=(
+        "Prometheus metrics port (GET /metrics). Default: --port + 2.")) ] = None,
+    instances: Annotated[int, typer.Option("--instances", "-k", min=1, metavar="K", help=(
+        "Model instances, each with its own engine, serving requests in parallel.")) ] = 1,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, metavar="B", help=(
+        "Most frames Triton's dynamic batcher puts in one batch (requests of the same frame size are "
+        "batched together; a request may carry up to B frames).")) ] = 8,
+    queue_delay_us: Annotated[int, typer.Option("--queue-delay-us", min=0, metavar="US", help=(
+        "How long a request may wait for others to batch with, in microseconds.")) ] = 2000,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", min=1, metavar="T", help=(
+        "CPU threads per instance. Default: the CPU cores shared out between the instances.")) ] = None,
+    tile: TileOpt = None,
+    overlap: OverlapOpt = None,
+    device: DeviceOpt = None,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help=(
+        "Refuse frames with more than N pixels (default 3840x2160); 0 = no limit.")) ] = 3840 * 2160,
+    model_name: Annotated[str, typer.Option("--model-name", metavar="NAME",
+                                            help="Name the model is served under.")] = "derain",
+    log_file: Annotated[Path | None, typer.Option("--log-file", dir_okay=False, metavar="FILE", help=(
+        "Keep Triton's server log in FILE. Default: a temporary file, removed on exit.")) ] = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Serve the model to many cameras through NVIDIA Triton Inference Server (docs/serving.md).
+
+    Frames go in and come out as UINT8 [N, H, W, 3] tensors (input 'frame', output 'derained');
+    each output equals what 'rd-run derain' / Derainer gives for that frame. Starts in one command
+    (needs the [serve] extra), answers HTTP, gRPC and health (/v2/health/ready) requests and serves
+    Prometheus metrics; Ctrl-C or SIGTERM stops it cleanly (exit 130 / 143).
+    """
+    import logging
+
+    from runtime.serving.server import DerainServer, ServeConfig
+
+    with _guard(debug):
+        if tile is not None and overlap is not None and overlap >= tile:
+            raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
+        resolve_engine(engine, precision)
+        config = ServeConfig(host=host, http_port=port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             instances=instances, max_batch=max_batch, queue_delay_us=queue_delay_us,
+                             max_pixels=max_pixels, model_name=model_name, log_file=log_file)
+        if not debug:  # PyTriton logs each refused request's traceback; the client gets the reason
+            logging.getLogger("pytriton").setLevel(logging.CRITICAL)
+
+        def factory(n_threads: int):
+            return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
+                                 device=device, threads=n_threads)
+
+        server = DerainServer(factory, config, threads=threads)
+        with server:
+            info = engine_info(server.derainers[0], engine, device, server.threads)
+            urls = server.urls
+            _say(f"serving {model_name!r} ({Path(info['artifact']).name}, {info['backend']}, {info['steps']} steps, "
+                 f"{instances} instance(s) x {server.threads} thread(s), max batch {max_batch}) on {urls['http']} "
+                 f"(gRPC {urls['grpc']}, metrics {urls['metrics']}); Ctrl-C or SIGTERM stops", "ready")
+            server.wait()
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
