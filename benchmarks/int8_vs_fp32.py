@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.simplefilter("always", CalibrationWarning)
     manifest = Manifest.for_artifact(args.fp32)
-    steps = args.steps or manifest.default_steps
+    steps = args.steps or manifest.verify_steps
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     result: dict = {"fp32": str(args.fp32), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
                     "threads": args.threads or os.cpu_count(), "size": args.size, "steps": steps, "methods": {}}

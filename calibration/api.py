@@ -197,7 +197,7 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
     manifest = _load_fp32(fp32_onnx)
     descriptor = manifest.step_descriptor
     schedule_config = _schedule_config(manifest)
-    steps = int(steps or manifest.default_steps)
+    steps = int(steps or manifest.verify_steps)
     if not MIN_STEPS <= steps <= schedule_config.num_train_timesteps:
         raise UsageError(steps_error(steps, schedule_config.num_train_timesteps))
     counts = sorted({*(CALIB_STEPS if calib_steps is None else calib_steps), steps})

@@ -131,8 +131,12 @@ def build(
                                                      "(model B).")] = None,
     steps: Annotated[int | None, typer.Option(
         callback=check_steps,
-        help=f"DDIM steps ({STEPS_RANGE}): stored as the default in the manifest and used for verification "
+        help="DDIM steps verification runs, 2..1000; also the manifest's default unless --default-steps "
              "(default 10).")] = None,
+    default_steps: Annotated[int | None, typer.Option(
+        callback=check_steps,
+        help=f"The steps the runtime runs by default, stored in the manifest ({STEPS_RANGE}); default: "
+             "--steps. A checkpoint only.")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(
         help=f"Engine profile minimum frame HxW, height x width ({_profile_default('min')}); also the size "
@@ -181,7 +185,7 @@ def build(
     def go():
         opts = BuildOptions(
             precision=precision.value if precision else None, fmt=fmt.value if fmt else None,
-            model=model.value if model else None, steps=steps, name=name,
+            model=model.value if model else None, steps=steps, default_steps=default_steps, name=name,
             min_size=parse_size(min_size, "--min-size"), opt_size=parse_size(opt_size, "--opt-size"),
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,

@@ -182,9 +182,12 @@ def _now() -> str:
 def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, model: str = "derain",
                 name: str = "model", steps: int = 10,
                 profile: ShapeProfile | Callable[[ShapeProfile], ShapeProfile] | None = None, opset: int = 17,
-                seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet) -> Path:
+                seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet,
+                default_steps: int | None = None) -> Path:
     """Export the EMA estimator of ``checkpoint`` as ``out_dir/<name>.onnx`` + ``<name>.json``, verified.
 
+    ``steps``: the DDIM steps verification runs (and the manifest's ``default_steps`` unless
+    ``default_steps`` is given; 0 there = the predictor alone, predict-and-refine models only).
     ``profile``: the engine shape profile; None = :func:`native_profile` of the checkpoint's training
     crop; a callable gets that native profile and returns the one to use (the CLI's size options).
     Raises CheckpointError (bad checkpoint), UsageError (bad profile / options),
@@ -204,6 +207,10 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     if steps > schedule.num_train_timesteps:
         raise UsageError(f"steps {steps} exceeds the schedule's T = {schedule.num_train_timesteps}")
     refines = estimator.config.refines
+    if default_steps is not None and not (default_steps == 0 and refines) and not (
+            isinstance(default_steps, int) and MIN_STEPS <= default_steps <= schedule.num_train_timesteps):
+        raise UsageError(f"default steps: {steps_error(default_steps, schedule.num_train_timesteps)}"
+                         + ("" if refines else " (0 needs a predict-and-refine model)"))
     if refines and model != "derain":
         raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
                          "comes from G_A, which has no prologue graph yet)")
@@ -238,8 +245,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),
             descriptor=descriptor.to_dict(),
-            schedule={"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
-                      "beta_end": schedule.beta_end, "default_steps": steps},
+            schedule={**schedule.to_dict(), "default_steps": steps if default_steps is None else default_steps},
             model_config=estimator.config.to_dict(), toolkit_version=toolkit_version,
             extra={
                 "source": {"checkpoint": checkpoint.name, "checkpoint_sha256": sha256_file(checkpoint),

@@ -187,7 +187,7 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     if src_manifest.precision != "fp32":
         raise UsageError(f"{src.name} is {src_manifest.precision}; FP16 is derived from the FP32 ONNX")
     descriptor = src_manifest.step_descriptor
-    steps = steps or src_manifest.default_steps
+    steps = steps or src_manifest.verify_steps
     dest = Path(out) if out is not None else src.with_name(src.name.removesuffix(".onnx") + ".fp16.onnx")
     spec = get_precision("fp16")
 

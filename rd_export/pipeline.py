@@ -93,6 +93,7 @@ class BuildOptions:
     fmt: str | None = None  # onnx | trt | all; None: all for checkpoints, trt for ONNX input
     model: str | None = None  # derain | rain; None: derain (checkpoint) / the manifest's (ONNX)
     steps: int | None = None
+    default_steps: int | None = None  # the manifest's default (export only); None = steps
     name: str = "model"
     min_size: tuple[int, int] | None = None
     opt_size: tuple[int, int] | None = None
@@ -175,12 +176,15 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
 
         progress("stage 1/3 export: checkpoint -> FP32 ONNX")
         base = export_onnx(source, out, model=opts.model or "derain", name=opts.name, steps=opts.steps or 10,
+                           default_steps=opts.default_steps,
                            profile=opts.profile, seed=opts.seed, simplify=opts.simplify, progress=progress)
         result.artifacts.append(BuiltArtifact.from_path(base))
     else:
         from rd_export.export import load_onnx_manifest
 
         src_manifest = load_onnx_manifest(source)
+        if opts.default_steps is not None:
+            raise UsageError("--default-steps is set when exporting a checkpoint; an ONNX keeps its manifest's")
         if opts.model and opts.model != src_manifest.model:
             raise UsageError(f"{source.name} holds the {src_manifest.model} model; --model {opts.model} "
                              f"needs an export from the checkpoint")
@@ -302,7 +306,7 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
     if estimator.size_multiple != descriptor.size_multiple:
         raise UsageError(f"{Path(checkpoint).name} has size multiple {estimator.size_multiple}, the artifact "
                          f"{descriptor.size_multiple}: not the model this artifact was exported from")
-    steps = steps or manifest.default_steps
+    steps = steps or manifest.verify_steps
     spec = get_precision(manifest.precision)
     candidate = None
     min_psnr, max_abs = spec.min_psnr_db, spec.max_step_abs if spec.reference == "torch" else None

@@ -300,7 +300,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
                              "version_compatible": bool(version_compatible), "build_flags": build_flags}
         if verify:
             progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']} (profile min, opt, max)")
-            extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.default_steps,
+            extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.verify_steps,
                                                   seed=seed, schedule=src.schedule, device=gpu["device"],
                                                   allow_host_code=bool(version_compatible),
                                                   prologue=(pro_bytes, pro_onnx) if pro_bytes else None)

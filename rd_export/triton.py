@@ -1,6 +1,7 @@
 """``rd-export triton``: an artifact -> a Triton Inference Server model repository (docs/serving.md).
 
-Two variants, chosen by the artifact (STYLE.md #5: one pure function that returns the path):
+Two variants, chosen by the artifact (docs/ARCHITECTURE.md, code convention 5: one pure function that
+returns the path):
 
 GPU (a TensorRT ``.plan`` and its manifest), for NVIDIA's Triton container on a GPU box::
 

@@ -43,7 +43,8 @@ HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 #: How every ``--steps`` help states the range: the lower bound is checked here, the upper one
 #: (the model's T, 1000 for every preset) where the model is known.
-STEPS_RANGE = f"{MIN_STEPS}..1000 (at most the model's T, 1000)"
+STEPS_RANGE = (f"{MIN_STEPS}..1000 (at most the model's T, 1000), or 0 for a predict-and-refine model "
+               f"(its predictor alone)")
 
 
 class Terminated(KeyboardInterrupt):
@@ -96,11 +97,12 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
 
 
 def check_steps(value: int | None) -> int | None:
-    """Callback of every CLI's DDIM ``--steps``: at least MIN_STEPS, with the reason when it is 1.
+    """Callback of every CLI's DDIM ``--steps``: 0 or at least MIN_STEPS, with the reason when it is 1.
 
-    The upper bound (the model's T) is checked where the model is known.
+    0 is the predictor alone, which only a predict-and-refine model has: the model's own check
+    (``Derainer``, the exporter) refuses it for the others, as it checks the upper bound (its T).
     """
-    if value is not None and value < MIN_STEPS:
+    if value is not None and value != 0 and value < MIN_STEPS:
         raise typer.BadParameter(steps_error(value))
     return value
 

@@ -98,6 +98,15 @@ class Manifest:
         return int(self.schedule.get("default_steps", 10))
 
     @property
+    def verify_steps(self) -> int:
+        """The DDIM steps a derived artifact (FP16, INT8, a plan) is verified at: the default steps,
+        or, when those are 0 (the predictor alone), the steps the source was verified at."""
+        if self.default_steps >= MIN_STEPS:
+            return self.default_steps
+        v = (self.get("verification") or {}).get("steps")
+        return int(v) if isinstance(v, int) and not isinstance(v, bool) and v >= MIN_STEPS else 3
+
+    @property
     def prologue(self) -> dict | None:
         """The prologue entry ({"artifact": file name beside the step, "sha256", ...}) or None."""
         return self.extra.get("prologue")
@@ -276,7 +285,9 @@ def validate(d: Any, *, where: str = "manifest") -> None:
         raise ManifestError(f"{where}: field 'schedule.beta_start'/'schedule.beta_end' must satisfy "
                             f"0 < beta_start <= beta_end < 1, got {sched['beta_start']}..{sched['beta_end']}")
     steps = sched.get("default_steps")
-    if "default_steps" in sched and not (_is_int(steps) and MIN_STEPS <= steps <= sched["num_train_timesteps"]):
+    zero_ok = pro is not None and steps == 0 and _is_int(steps)  # predict-and-refine: the predictor alone
+    if "default_steps" in sched and not zero_ok and not (
+            _is_int(steps) and MIN_STEPS <= steps <= sched["num_train_timesteps"]):
         why = steps_error(steps, sched["num_train_timesteps"])
         raise ManifestError(f"{where}: field 'schedule.default_steps': {why}")
 

@@ -117,3 +117,27 @@ def test_verification_checks_the_exported_prologue(refine_export, tmp_path):
     with one_torch_thread():
         ok = verify_onnx(onnx, est, desc, steps=3, prologue=pro, prologue_path=onnx.with_name("model.prologue.onnx"))
     assert ok["prologue_max_abs"] < 1e-4 and np.isfinite(ok["psnr_db"])
+
+
+def test_default_steps_zero_and_derived_precisions_verify_at_steps(refine_export, tmp_path):
+    """A refine model may ship with 0 default steps (the predictor alone): the manifest says 0, the
+    runtime then runs the prologue only, and FP16 (derived) is still verified through DDIM steps."""
+    from rd_export.fp16 import make_fp16
+    from runtime.derainer import Derainer
+    from runtime.manifest import Manifest
+
+    ck, _ = refine_export
+    with one_torch_thread():
+        onnx = export_onnx(ck, tmp_path, steps=3, default_steps=0)
+    m = Manifest.for_artifact(onnx)
+    assert m.default_steps == 0 and m.verify_steps == 3 and m.get("verification")["steps"] == 3
+    with Derainer(onnx, threads=1) as d:
+        assert d.steps == 0
+    fp16 = Manifest.for_artifact(make_fp16(onnx))
+    assert fp16.default_steps == 0 and fp16.get("verification")["steps"] == 3
+    from runtime.errors import UsageError
+
+    with pytest.raises(UsageError, match="0 needs a predict-and-refine model"):
+        from rdx_helpers import write_random_checkpoint as w
+
+        export_onnx(w(tmp_path / "y.pt"), tmp_path / "y", steps=3, default_steps=0)

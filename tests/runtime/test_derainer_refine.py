@@ -166,3 +166,25 @@ def test_leaving_the_native_tile_warns(refine):
     onnx, _, _ = refine
     with pytest.warns(UserWarning, match="tile 64 differs from the model's native tile size 32"):
         Derainer(onnx, steps=2, tile=64, threads=1).close()
+
+
+def test_rd_run_steps_zero(refine, tmp_path, tiny_model):
+    """rd-run derain --steps 0: the predictor alone on a refine artifact; a y-only one says why not."""
+    from typer.testing import CliRunner
+
+    from runtime.cli import app
+    from runtime.io import save_image
+
+    onnx, _, _ = refine
+    src = tmp_path / "in.png"
+    save_image(src, np.random.default_rng(5).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["derain", str(src), "-o", str(tmp_path / "out"), "--engine", str(onnx), "--steps", "0",
+                             "--threads", "1"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "out" / "in.png").is_file()
+    bad = runner.invoke(app, ["derain", str(src), "-o", str(tmp_path / "out2"), "--engine", str(tiny_model.onnx),
+                              "--steps", "0"])
+    assert bad.exit_code == 2 and "got 0" in bad.output
+    one = runner.invoke(app, ["derain", str(src), "-o", str(tmp_path / "out3"), "--steps", "1"])
+    assert one.exit_code == 2 and "a single step of Algorithm 2" in one.output
