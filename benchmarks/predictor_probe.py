@@ -51,6 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", type=Path, default=None, help="write P's state dict here")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="start from this P state dict (a --save of an earlier run, or G_B of a checkpoint)")
+    ap.add_argument("--into", nargs=2, type=Path, default=None, metavar=("CKPT", "OUT"),
+                    help="also write OUT: a copy of the checkpoint CKPT (model.pt or last.pt of a --config edge "
+                         "run) whose G_B is the trained P, to warm-start the refiner on it (rd-train fit --init OUT "
+                         "--freeze-ntb)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
     clean_dirs = [DATA / "unpaired" / "clean", DATA / "unpaired" / "clean_more"]
@@ -74,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = UNetConfig(in_channels=3, base_channels=a.base, channel_mult=(1, 2, 2), groups=8, time_embedding=False,
                      residual=True, attention_levels=())
     P = UNet(cfg)
+    if a.init is not None:
+        state = torch.load(a.init, weights_only=True)
+        state = state.get("state", {}).get("G_B", state) if "state" in state else state  # a checkpoint's G_B
+        P.load_state_dict(state)
     opt = torch.optim.Adam(P.parameters(), lr=a.lr)
     t0, steps, losses = time.perf_counter(), 0, []
     while (steps < a.steps) if a.steps else (time.perf_counter() - t0 < a.minutes * 60):
@@ -88,6 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     train_s = time.perf_counter() - t0
     if a.save:
         torch.save(P.state_dict(), a.save)
+    if a.into:
+        from training.checkpoint import check_state_dict, load_checkpoint, save_checkpoint, strip_checkpoint
+
+        ck = load_checkpoint(a.into[0])
+        if UNetConfig.from_dict(ck["config"]["ntb_unet"]) != cfg:
+            print(f"predictor_probe: {a.into[0]}'s G_B is not this P's shape", file=sys.stderr)
+            return 2
+        check_state_dict(P, ck["state"]["G_B"], "G_B", str(a.into[0]))
+        ck = strip_checkpoint(ck) if "optimizer" in ck else ck
+        ck["state"] = dict(ck["state"], G_B=P.state_dict())
+        ck.pop("_path", None)
+        save_checkpoint(a.into[1], ck)
     P.eval()
 
     @torch.no_grad()
@@ -96,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         return to_uint8(P(xp)[..., :h, :w])
 
     report = {"style": a.style, "minutes": a.minutes, "steps": steps, "train_s": round(train_s, 1),
+              "init": str(a.init) if a.init else None,
               "crop": a.crop, "batch": a.batch, "lr": a.lr, "base": a.base,
               "params": sum(p.numel() for p in P.parameters()),
               "final_l1": statistics.fmean(losses[-100:]) if losses else None,

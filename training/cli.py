@@ -238,6 +238,10 @@ def fit(
     gen_lr: Annotated[float | None, typer.Option(
         help="Learning rate of the NTB generators G_A, G_B only (the estimators keep --lr); a lower one "
              "slows their tone drift under --lambda-sds (issue 8). [--lr]")] = None,
+    freeze_ntb: Annotated[bool | None, typer.Option(
+        "--freeze-ntb/--no-freeze-ntb",
+        help="Keep the NTB generators G_A, G_B as they are and train the estimators only (predict-and-refine: "
+             "refine on a predictor trained before, e.g. warm-started with --init). [no]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and synthetic rain. [0]")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay of the estimators. [0.999]")] = None,
     grad_clip: Annotated[float | None, typer.Option(
@@ -264,7 +268,8 @@ def fit(
         from training.train import resolve_train_config
 
         overrides = {k: v for k, v in {
-            "steps": steps, "batch": batch, "crop": crop, "lr": lr, "gen_lr": gen_lr, "seed": seed,
+            "steps": steps, "batch": batch, "crop": crop, "lr": lr, "gen_lr": gen_lr, "freeze_ntb": freeze_ntb,
+            "seed": seed,
             "ntb": ntb.value if ntb else None, "lambda_syn": lambda_syn, "rain_style": rain_style,
             "lambda_cyc": lambda_cyc,
             "lambda_adv": lambda_adv, "lambda_idt": lambda_idt, "cond_drop": cond_drop, "lambda_sds": lambda_sds,

@@ -65,6 +65,9 @@ class TrainConfig:
     #: Learning rate of the NTB generators (G_A, G_B); None = ``lr``. A lower one slows the
     #: generators' tone drift under the score-distillation prior (issue 8).
     gen_lr: float | None = None
+    #: Keep the NTB generators G_A, G_B fixed (train the estimators only): refining on a predictor
+    #: trained before (predict-and-refine's last stage).
+    freeze_ntb: bool = False
     beta1: float = 0.5
     beta2: float = 0.999
     lambda_cyc: float = 1.0

@@ -342,6 +342,9 @@ def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Pat
 
     model = RainDiffusion(models).to(dev)
     ema = EMA(model, train.ema_decay, train.ema_warmup)
+    if train.freeze_ntb:  # no gradient reaches G_A / G_B: Adam skips them (they stay in the groups' order)
+        model.G_A.requires_grad_(False)
+        model.G_B.requires_grad_(False)
     optimizer = torch.optim.Adam(param_groups(model, train), betas=(train.beta1, train.beta2))
     disc = disc_optimizer = None
     if train.lambda_adv > 0:  # deviation (issue 8): CycleGAN's discriminators for the NTB, own optimiser

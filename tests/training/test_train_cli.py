@@ -309,3 +309,27 @@ def test_a_predict_and_refine_run_on_several_clean_folders(tmp_path, image_dirs)
     bad = runner.invoke(app, ["fit", "--clean", str(clean), "--rainy", str(rainy), "--out", str(tmp_path / "r3"),
                               "--config", "tiny", "--rain-style", "v9"])
     assert bad.exit_code == 2 and "rain_style must be one of v1, v2, v3" in " ".join(bad.output.split())
+
+
+def test_freeze_ntb_trains_the_estimators_only(tmp_path, image_dirs):
+    import torch
+
+    from training.checkpoint import load_checkpoint
+
+    clean, rainy = image_dirs
+    run = tmp_path / "run"
+    res = fit(clean, rainy, run, ["--config", "tiny", "--ntb", "render", "--freeze-ntb", "--steps", "2", "--crop",
+                                  "16", "--batch", "2", "--threads", "1", "--quiet", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    ck = load_checkpoint(run / "last.pt")
+    assert ck["config"]["train"]["freeze_ntb"] is True
+    from training.algorithm import RainDiffusion
+    from training.checkpoint import model_configs
+
+    torch.manual_seed(3)  # the run's initial weights: the same seed builds the same fresh model
+    fresh = RainDiffusion(model_configs(ck))
+    for name in ("G_A", "G_B"):
+        for k, v in fresh.state_dict().items():
+            if k.startswith(name + "."):
+                assert torch.equal(ck["state"][name][k[len(name) + 1:]], v), k
+    assert any(not torch.equal(ck["state"]["eps_A"][k], v) for k, v in fresh.eps_A.state_dict().items())
