@@ -53,6 +53,10 @@ OPTIONAL: dict[str, Dependency] = {o.module: o for o in (
     Dependency("cv2", "OpenCV", "stream", "opencv-python-headless"),
     Dependency("tensorrt", "TensorRT", "trt", "tensorrt-cu12"),
     Dependency("cuda", "cuda-python", "trt", "cuda-python"),
+    Dependency("pytriton", "PyTriton", "serve", "nvidia-pytriton"),
+    Dependency("tritonclient", "tritonclient", "serve", "tritonclient"),
+    # provided by the tritonserver that PyTriton bundles (the Python backend), inside a served model only
+    Dependency("triton_python_backend_utils", "Triton's Python backend", "serve", "nvidia-pytriton"),
 )}
 
 

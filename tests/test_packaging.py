@@ -144,6 +144,8 @@ def _imports(package: str) -> tuple[set[str], set[str]]:
     own = {"runtime", "training", "rd_export", "calibration"}
     top, lazy = set(), set()
     for path in sorted((REPO / package).rglob("*.py")):
+        if "triton_models" in path.parts:  # templates copied into a Triton model repository, run by tritonserver
+            continue
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         scoped = set()
         for node in ast.walk(tree):

@@ -259,6 +259,7 @@ def test_cpu_repository_carries_a_predict_and_refine_prologue_file(tmp_path):
     pro.write_bytes(b"prologue graph bytes")
     d = Manifest.for_artifact(default_artifact()).to_dict()
     d.update(artifact=onnx.name, prologue={"artifact": pro.name, "sha256": sha256_file(pro)})
+    d["descriptor"] = dict(d["descriptor"], cond_channels=6)  # a prologue's step takes [y, P(y)]
     Manifest.from_dict(d).save(tmp_path / "model.json")
     repo = export_triton(onnx, tmp_path / "repo")
     assert (repo / "derain" / "1" / pro.name).read_bytes() == pro.read_bytes()
