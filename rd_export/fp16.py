@@ -33,7 +33,7 @@ from onnx import TensorProto, helper
 from rd_export.graph import check_model, consumers, island_nodes, load_model, toposort
 from rd_export.precision import get_precision
 from rd_export.verify import check_report, compare_onnx
-from runtime.errors import ArtifactError, UsageError
+from runtime.errors import UsageError
 from runtime.io import atomic_path
 from runtime.manifest import Manifest, prologue_name, sha256_file
 
@@ -196,7 +196,7 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     fp16, report_islands = convert_fp16(model, islands)
     check_model(fp16, min_opset=17, where=dest.name)
     check_signature(fp16, descriptor, where=dest.name)
-    schedule = _schedule_config(src_manifest)
+    schedule = src_manifest.schedule_config
     src_pro = src_manifest.prologue_path(src)
     pro_dest = dest.with_name(prologue_name(dest.name)) if src_pro is not None else None
     if src_pro is not None:  # the prologue converts the same way; only its GroupNorms stay FP32
@@ -233,17 +233,6 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     return manifest.publish(dest)
 
 
-def _schedule_config(manifest: Manifest):
-    from runtime.schedule import ScheduleConfig
-
-    s = manifest.schedule
-    try:
-        return ScheduleConfig(num_train_timesteps=int(s["num_train_timesteps"]), beta_start=float(s["beta_start"]),
-                              beta_end=float(s["beta_end"]))
-    except (KeyError, ValueError) as e:
-        raise ArtifactError(f"manifest of {manifest.artifact}: invalid schedule ({e})") from None
-
-
 def measure_islands(onnx_fp32: str | os.PathLike, *, steps: int = 10, seed: int = 0,
                     size: tuple[int, int] = (64, 64), variants: dict[str, Sequence[str]] | None = None,
                     workdir: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -257,7 +246,7 @@ def measure_islands(onnx_fp32: str | os.PathLike, *, steps: int = 10, seed: int 
     model = load_model(onnx_fp32)
     schedule = None
     try:
-        schedule = _schedule_config(Manifest.for_artifact(onnx_fp32))
+        schedule = Manifest.for_artifact(onnx_fp32).schedule_config
     except Exception:  # a bare ONNX (no manifest) uses the default schedule
         schedule = None
     if variants is None:

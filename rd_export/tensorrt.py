@@ -461,10 +461,7 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
     from rd_export.verify import OnnxPrologue, OnnxStep, check_report, compare_onnx, step_points, verification_cond
     from runtime.schedule import DDIMSchedule, ScheduleConfig
 
-    sc = ScheduleConfig()
-    if schedule:
-        sc = ScheduleConfig(num_train_timesteps=int(schedule["num_train_timesteps"]),
-                            beta_start=float(schedule["beta_start"]), beta_end=float(schedule["beta_end"]))
+    sc = ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig()
     sched = DDIMSchedule(sc)
     timesteps = sched.set_timesteps(steps)
     coefs = sched.coefficients()

@@ -19,7 +19,7 @@ from typing import Any
 from runtime.descriptor import StepDescriptor
 from runtime.errors import ArtifactError, ManifestError
 from runtime.io import atomic_write_bytes
-from runtime.schedule import MIN_STEPS, steps_error
+from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
 __all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "prologue_name", "sha256_file"]
 
@@ -92,6 +92,15 @@ class Manifest:
     @property
     def step_descriptor(self) -> StepDescriptor:
         return StepDescriptor.from_dict(self.descriptor)
+
+    @property
+    def schedule_config(self) -> ScheduleConfig:
+        """The forward process of the model (``schedule`` without ``default_steps``); ManifestError
+        when the section does not make one (a manifest built by hand: a loaded one was validated)."""
+        try:
+            return ScheduleConfig.from_dict(self.schedule)
+        except ValueError as e:
+            raise ManifestError(f"manifest of {self.artifact}: invalid schedule ({e})") from None
 
     @property
     def default_steps(self) -> int:

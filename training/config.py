@@ -20,8 +20,7 @@ from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 from training.multiscale import EstimatorConfig
 from training.unet import UNetConfig
 
-__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset", "schedule_to_dict",
-           "schedule_from_dict"]
+__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset"]
 
 
 class NTBMode(str, Enum):
@@ -154,23 +153,13 @@ class ModelConfigs:
     def to_dict(self) -> dict:
         est = self.estimator.to_dict()
         return {"unet": est["unet"], "estimator": est, "ntb_unet": self.ntb_unet.to_dict(),
-                "diffusion": schedule_to_dict(self.schedule)}
+                "diffusion": self.schedule.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfigs:
         return cls(estimator=EstimatorConfig.from_dict(d["estimator"]),
                    ntb_unet=UNetConfig.from_dict(d["ntb_unet"]),
-                   schedule=schedule_from_dict(d["diffusion"]))
-
-
-def schedule_to_dict(cfg: ScheduleConfig) -> dict:
-    return {"num_train_timesteps": int(cfg.num_train_timesteps), "beta_start": float(cfg.beta_start),
-            "beta_end": float(cfg.beta_end)}
-
-
-def schedule_from_dict(d: dict) -> ScheduleConfig:
-    return ScheduleConfig(num_train_timesteps=int(d["num_train_timesteps"]), beta_start=float(d["beta_start"]),
-                          beta_end=float(d["beta_end"]))
+                   schedule=ScheduleConfig.from_dict(d["diffusion"]))
 
 
 #: (prediction, cond_channels) of each preset when not given.

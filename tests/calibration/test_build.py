@@ -12,7 +12,7 @@ from runtime.derainer import Derainer
 from runtime.errors import InputError, ManifestError, UsageError, VerificationError
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
 from runtime.metrics import psnr_y
-from runtime.schedule import DDIMSchedule, ScheduleConfig
+from runtime.schedule import DDIMSchedule
 
 #: INT8 vs FP32, end to end, on the tiny model (conftest; gentle schedule, 4 steps). Measured: s8
 #: graph (exact Q/DQ) and u8r CPU graph ~57-59 dB held out; the s8 graph through onnxruntime's
@@ -41,8 +41,7 @@ def test_artifacts_and_manifest(tiny_int8, tiny_fp32, steps):
     assert m.descriptor == fp32.descriptor and m.schedule == fp32.schedule
     assert m.get("source")["onnx_sha256"] == sha256_file(tiny_fp32.onnx)
     c = m.get("calibration")
-    sched = DDIMSchedule(ScheduleConfig(**{k: fp32.schedule[k] for k in ("num_train_timesteps", "beta_start",
-                                                                         "beta_end")}))
+    sched = DDIMSchedule(fp32.schedule_config)
     # every step of every calibrated step count: 2, 3, 5, 10 and the build's own
     counts = sorted({2, 3, 5, 10, steps})
     assert c["calibrated_step_counts"] == counts
