@@ -33,6 +33,7 @@ from onnx import TensorProto, helper
 from rd_export.graph import check_model, consumers, island_nodes, load_model, toposort
 from rd_export.precision import get_precision
 from rd_export.verify import check_report, compare_onnx
+from runtime.backends.onnxruntime import make_session
 from runtime.errors import UsageError
 from runtime.io import atomic_path
 from runtime.manifest import Manifest, prologue_name, sha256_file
@@ -275,7 +276,6 @@ def tensor_errors(fp32: onnx.ModelProto, fp16: onnx.ModelProto, tensors: Sequenc
                   feeds: dict) -> dict[str, float]:
     """max |fp16 - fp32| of intermediate tensors (exposed as extra graph outputs), onnxruntime CPU."""
     import numpy as np
-    import onnxruntime as ort
 
     outs = {}
     for label, model in (("fp32", fp32), ("fp16", fp16)):
@@ -286,9 +286,7 @@ def tensor_errors(fp32: onnx.ModelProto, fp16: onnx.ModelProto, tensors: Sequenc
         actual = [t if t in produced else f"{t}_cast_to_fp16" for t in tensors]
         for name in actual:
             m.graph.output.append(helper.make_empty_tensor_value_info(name))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = make_session(m.SerializeToString(), quiet=True)
         outs[label] = dict(zip(tensors, sess.run(actual, feeds)))
     return {name: float(np.abs(outs["fp16"][name].astype(np.float64) - outs["fp32"][name]).max()) for name in tensors}
 
@@ -307,11 +305,7 @@ def normalization_sums(onnx_fp32: str | os.PathLike, feeds: dict) -> dict[str, f
     m.CopyFrom(model)
     for name in names:
         m.graph.output.append(helper.make_empty_tensor_value_info(name))
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    outs = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(names, feeds)
+    outs = make_session(m.SerializeToString(), quiet=True).run(names, feeds)
     sums = [np.abs(o.astype(np.float64).reshape(o.shape[0], o.shape[1], -1).sum(-1)).max() for o in outs]
     sq = [(o.astype(np.float64).reshape(o.shape[0], o.shape[1], -1) ** 2).sum(-1).max() for o in outs]
     count = max(int(np.prod(o.shape[2:])) for o in outs)

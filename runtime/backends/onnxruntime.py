@@ -52,14 +52,17 @@ def providers_for(device: str = "cpu") -> list:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+def make_session(path: str | os.PathLike | bytes, *, device: str = "cpu", threads: int | None = None,
                  optimization: str = "all", quiet: bool = False) -> Any:
-    """The one way the toolkit opens an onnxruntime session (runtime, verification, calibration).
+    """The one way the toolkit opens an onnxruntime session (runtime, verification, calibration,
+    the exporter's measurements and the tests).
 
-    ``optimization``: "all" (ORT_ENABLE_ALL, the runtime's) or "basic" / "disabled" (what
-    quantisation tools want to see: the graph as written). ``threads``: intra-op threads (and
-    one inter-op thread), None = onnxruntime's default. External-data paths are checked before
-    onnxruntime opens the file; a file onnxruntime cannot load is an ArtifactError.
+    ``path``: an ONNX file, or a serialised model (``ModelProto.SerializeToString()``) for graphs
+    built in memory. ``optimization``: "all" (ORT_ENABLE_ALL, the runtime's) or "basic" /
+    "disabled" (what quantisation tools want to see: the graph as written). ``threads``: intra-op
+    threads (and one inter-op thread), None = onnxruntime's default. ``quiet`` logs errors only.
+    External-data paths of a file are checked before onnxruntime opens it; a model onnxruntime
+    cannot load is an ArtifactError.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
@@ -67,7 +70,9 @@ def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int |
     if optimization not in levels:
         raise UsageError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
     ort = _import_onnxruntime()
-    check_external_data(path)  # before onnxruntime opens any external-data file
+    in_memory = isinstance(path, (bytes, bytearray))
+    if not in_memory:
+        check_external_data(path)  # before onnxruntime opens any external-data file
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
     if threads is not None:
@@ -77,10 +82,11 @@ def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int |
         options.log_severity_level = 3
     providers = providers_for(device)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(bytes(path) if in_memory else str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ArtifactError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {first})") from None
+        what = "an in-memory model" if in_memory else str(path)
+        raise ArtifactError(f"{what}: onnxruntime cannot load it ({type(e).__name__}: {first})") from None
 
 
 class OnnxRuntimeBackend(Backend):
