@@ -58,9 +58,9 @@ from calibration.quantize import (
 from calibration.report import compare_latency, compare_quality, step_psnr
 from calibration.sensitivity import choose_fp32_nodes, sensitivity
 from runtime.descriptor import PrologueDescriptor
-from runtime.errors import ArtifactError, UsageError, VerificationError
+from runtime.errors import UsageError, VerificationError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, manifest_path_for, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, steps_error
 
 __all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
@@ -122,17 +122,9 @@ def _schedule_config(manifest: Manifest) -> ScheduleConfig:
 
 
 def _load_fp32(fp32_onnx: Path) -> Manifest:
-    if not fp32_onnx.is_file():
-        raise ArtifactError(f"{fp32_onnx}: FP32 ONNX not found")
-    manifest = Manifest.for_artifact(fp32_onnx)
-    where = manifest_path_for(fp32_onnx)
-    if manifest.format != "onnx":
-        raise ArtifactError(f"{where}: describes a {manifest.format} artifact; INT8 is derived from the FP32 ONNX")
-    if manifest.artifact != fp32_onnx.name:
-        raise ArtifactError(f"{where}: describes '{manifest.artifact}', not '{fp32_onnx.name}'")
+    manifest = load_manifest(fp32_onnx, "onnx")
     if manifest.precision != "fp32":
         raise UsageError(f"{fp32_onnx.name} is {manifest.precision}; INT8 is derived from the FP32 ONNX")
-    manifest.check_artifact_hash(fp32_onnx)
     return manifest
 
 

@@ -36,7 +36,7 @@ from rd_export.verify import check_report, compare_onnx
 from runtime.backends.onnxruntime import make_session
 from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, prologue_name, sha256_file
 
 __all__ = ["ISLANDS", "DEFAULT_ISLANDS", "convert_fp16", "drop_cast_round_trips", "make_fp16", "measure_islands",
            "island_report", "tensor_errors", "time_embedding_tensors"]
@@ -179,12 +179,12 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     Verification (onnxruntime CPU, vs the FP32 ONNX): end-to-end PSNR >= 40 dB and no NaN/Inf at
     any step, or VerificationError and nothing is written.
     """
-    from rd_export.export import load_onnx_manifest, verification_size
+    from rd_export.export import verification_size
     from rd_export.graph import check_signature
 
     progress = progress or (lambda s: None)
     src = Path(onnx_fp32)
-    src_manifest = load_onnx_manifest(src)
+    src_manifest = load_manifest(src, "onnx")
     if src_manifest.precision != "fp32":
         raise UsageError(f"{src.name} is {src_manifest.precision}; FP16 is derived from the FP32 ONNX")
     descriptor = src_manifest.step_descriptor

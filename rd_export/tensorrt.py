@@ -53,7 +53,7 @@ from runtime.backends.trt_executor import import_tensorrt as _import_tensorrt
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, UsageError, VerificationError
 from runtime.io import atomic_path, atomic_write_bytes
-from runtime.manifest import Manifest, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, prologue_name, sha256_file
 
 __all__ = [
     "INSTALL_HINT",
@@ -242,11 +242,9 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     an ONNX TensorRT cannot build), CudaError (the GPU failed, e.g. out of memory),
     VerificationError.
     """
-    from rd_export.export import load_onnx_manifest
-
     progress = progress or (lambda s: None)
     onnx_path = Path(onnx_path)
-    src = load_onnx_manifest(onnx_path)  # hash-checked before the GPU is touched
+    src = load_manifest(onnx_path, "onnx")  # hash-checked before the GPU is touched
     check_external_data(onnx_path)  # TensorRT's parser would open external-data files as named
     check_tensorrt_quantization(onnx_path, src)
     descriptor = descriptor or src.step_descriptor

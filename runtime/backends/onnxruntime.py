@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 
 from runtime.artifacts import check_external_data
-from runtime.backends.base import Backend, load_manifest, parse_device
+from runtime.backends.base import Backend, parse_device
 from runtime.errors import ArtifactError, UsageError
 from runtime.extras import cuda_provider_error, missing
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, load_manifest
 
 __all__ = ["OnnxRuntimeBackend", "make_session", "providers_for"]
 
