@@ -69,10 +69,10 @@ def make_session(path: str | os.PathLike | bytes, *, device: str = "cpu", thread
     levels = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
     if optimization not in levels:
         raise UsageError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
-    ort = _import_onnxruntime()
     in_memory = isinstance(path, (bytes, bytearray))
     if not in_memory:
-        check_external_data(path)  # before onnxruntime opens any external-data file
+        check_external_data(path)  # before onnxruntime is even imported
+    ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
     if threads is not None:
@@ -102,10 +102,10 @@ class OnnxRuntimeBackend(Backend):
         manifest = manifest if manifest is not None else load_manifest(artifact, "onnx")
         super().__init__(artifact, manifest)
         prologue_path = manifest.prologue_path(self.artifact)  # hash-checked, before any session opens
-        self._ort = _import_onnxruntime()
         self.device = "cpu" if kind == "cpu" else f"cuda:{index}"
         self._ort_device = ("cpu", 0) if kind == "cpu" else ("cuda", index)
         self._session = make_session(self.artifact, device=self.device, threads=threads)
+        self._ort = _import_onnxruntime()
         self._check_io(self._session, self.artifact, self.descriptor, "fused step")
         self._io = self._session.io_binding()
         self._pro_session = self._pio = None
