@@ -310,8 +310,12 @@ def valid_manifest(draw):
     beta_start = draw(st.floats(1e-6, 1e-2))
     num_train = draw(st.integers(2, 2000))
     extra = {}
+    artifact = draw(plain_name)
+    refines = draw(st.booleans())  # predict-and-refine: a 6-channel cond and its prologue entry go together
+    if refines:
+        extra["prologue"] = {"artifact": draw(plain_name.filter(lambda n: n != artifact)), "sha256": draw(hex64)}
     for key, types in _OPTIONAL.items():
-        if draw(st.booleans()):
+        if key != "prologue" and draw(st.booleans()):
             kind = types[0]
             extra[key] = draw(st.text(max_size=10) if kind is str else
                               st.lists(finite_json, max_size=3) if kind is list else
@@ -319,9 +323,9 @@ def valid_manifest(draw):
     extra.update(draw(st.dictionaries(st.text(max_size=8).filter(lambda k: k not in _REQUIRED and k not in _OPTIONAL),
                                       finite_json, max_size=2)))
     return Manifest(
-        artifact=draw(plain_name), format=draw(st.sampled_from(FORMATS)), precision=draw(st.sampled_from(PRECISIONS)),
+        artifact=artifact, format=draw(st.sampled_from(FORMATS)), precision=draw(st.sampled_from(PRECISIONS)),
         model=draw(st.sampled_from(MODELS)), sha256=draw(hex64),
-        descriptor=StepDescriptor(size_multiple=m, profile=prof).to_dict(),
+        descriptor=StepDescriptor(size_multiple=m, profile=prof, cond_channels=6 if refines else 3).to_dict(),
         schedule={"num_train_timesteps": num_train, "beta_start": beta_start,
                   "beta_end": beta_start + draw(st.floats(0, 0.1)), "default_steps": draw(st.integers(2, num_train))},
         model_config=draw(st.dictionaries(st.text(max_size=6), finite_json, max_size=3)),
