@@ -14,7 +14,9 @@ Stages (each a function of this package, callable on its own)::
 
 The INT8 artifact is an ordinary ONNX of the fused step (same inputs/outputs), so the runtime
 opens it like any other; the manifest says ``precision: int8`` and carries the ``calibration``
-report. Torch is never imported here (:func:`build_int8_from_checkpoint` imports the exporter).
+report. Torch is never imported here, and nothing of the exporter but its comparisons
+(``rd_export.verify``): the exporter calls this package (``rd_export.precision``), not the
+other way round. From a checkpoint: ``rd-export build model.pt --precision int8 --calib DIR``.
 """
 
 from __future__ import annotations
@@ -63,8 +65,7 @@ from runtime.io import atomic_path
 from runtime.manifest import Manifest, load_manifest, manifest_path_for, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, steps_error
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
-           "int8_path_for", "default_fp32_nodes"]
+__all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "int8_path_for", "default_fp32_nodes"]
 
 #: end-to-end PSNR of INT8 vs FP32 that verification demands (dB, peak 2 on [-1, 1])
 DEFAULT_MIN_PSNR_DB = 35.0
@@ -408,28 +409,3 @@ def _write(graph: Path, dest: Path, src_manifest: Manifest, fp32_onnx: Path, *, 
                             toolkit_version=src_manifest.toolkit_version, extra=extra)
         manifest.save(tmp_manifest)
     # exiting the inner contexts renamed the prologue and the ONNX, then the outer one the manifest
-
-
-def derive_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike | None = None, *, calib: str | os.PathLike,
-                steps: int | None = None, seed: int = 0, progress: Progress | None = None, **options) -> Path:
-    """The precision table's ``derive`` for INT8 (``rd_export.precision``): ``calib`` is the folder.
-
-    The verification threshold comes from the table's ``int8`` row when one is registered.
-    """
-    if "min_psnr_db" not in options:
-        from rd_export.precision import PRECISIONS
-
-        spec = PRECISIONS.get("int8")
-        options["min_psnr_db"] = spec.min_psnr_db if spec is not None else DEFAULT_MIN_PSNR_DB
-    return build_int8(fp32_onnx, calib, out=out, steps=steps, seed=seed, progress=progress, **options)
-
-
-def build_int8_from_checkpoint(checkpoint: str | os.PathLike, calib_dir: str | os.PathLike,
-                               out_dir: str | os.PathLike, *, name: str = "model", model: str = "derain",
-                               steps: int = 10, seed: int = 0, **options) -> Path:
-    """Export the verified FP32 ONNX from a checkpoint (needs torch), then :func:`build_int8`."""
-    from rd_export.export import export_onnx
-
-    fp32 = export_onnx(checkpoint, out_dir, model=model, name=name, steps=steps, seed=seed)
-    return build_int8(fp32, calib_dir, steps=steps, seed=seed, **options)
-

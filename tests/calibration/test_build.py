@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from calibration.api import build_int8, derive_int8, int8_path_for
+from calibration.api import build_int8, int8_path_for
 from runtime.derainer import Derainer
 from runtime.errors import InputError, ManifestError, UsageError, VerificationError
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
@@ -110,9 +110,11 @@ def test_registry_derive_forwards_to_build_int8(monkeypatch, tmp_path):
         seen.update(fp32_onnx=fp32_onnx, calib_dir=calib_dir, **kw)
         return tmp_path / "x.int8.onnx"
 
+    from rd_export.precision import PRECISIONS
+
     monkeypatch.setattr("calibration.api.build_int8", fake)
-    out = derive_int8(tmp_path / "m.onnx", out=tmp_path / "m.int8.onnx", calib=tmp_path / "c", steps=None, seed=3,
-                      progress=None, calib_images=5)
+    out = PRECISIONS["int8"].derive(tmp_path / "m.onnx", out=tmp_path / "m.int8.onnx", calib=tmp_path / "c",
+                                    steps=None, seed=3, progress=None, calib_images=5)
     assert out == tmp_path / "x.int8.onnx"
     assert seen["calib_dir"] == tmp_path / "c" and seen["calib_images"] == 5 and seen["seed"] == 3
     assert seen["min_psnr_db"] == 35.0  # the precision table's row, or DEFAULT_MIN_PSNR_DB
@@ -169,10 +171,11 @@ def test_manifest_is_json_with_finite_numbers(tiny_int8):
 def test_from_checkpoint_through_the_real_exporter(tiny_checkpoint, rainy_dir, tmp_path):
     """Checkpoint -> rd_export.export_onnx (verified FP32) -> build_int8: node names of the real export
     are found (the attention head), and the artifact carries the checkpoint provenance."""
-    from calibration import build_int8_from_checkpoint
+    from rd_export.export import export_onnx
 
-    int8 = build_int8_from_checkpoint(tiny_checkpoint, rainy_dir, tmp_path, steps=2, calib_images=2, eval_images=1,
-                                      sizes=[32], cpu_variant=False, latency=False, min_psnr_db=None)
+    fp32 = export_onnx(tiny_checkpoint, tmp_path, steps=2, seed=0)
+    int8 = build_int8(fp32, rainy_dir, steps=2, seed=0, calib_images=2, eval_images=1, sizes=[32],
+                      cpu_variant=False, latency=False, min_psnr_db=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.json", "model.int8.onnx", "model.json",
                                                           "model.onnx"]
     m = Manifest.for_artifact(int8)
