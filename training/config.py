@@ -20,7 +20,7 @@ from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 from training.multiscale import EstimatorConfig
 from training.unet import UNetConfig
 
-__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset"]
+__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset", "PRESET_TRAIN_DEFAULTS"]
 
 
 class NTBMode(str, Enum):
@@ -98,6 +98,8 @@ class TrainConfig:
     val_size: int = 128
     val_max_images: int = 8
     preset: str = Preset.small.value
+    #: The named recipe (training.recipes) whose defaults this run started from; None: none.
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "crop", "disc_channels", "ckpt_every", "val_every", "log_every",
@@ -122,6 +124,8 @@ class TrainConfig:
         if self.lambda_sds > 0 and self.cond_drop == 0:
             raise UsageError("lambda_sds needs cond_drop > 0: the prior is the estimators' unconditional "
                              "model, which only condition dropout trains")
+        if self.recipe is not None and not isinstance(self.recipe, str):
+            raise UsageError(f"recipe must be a recipe's name, got {self.recipe!r}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         from training.synthrain import RAIN_STYLES
@@ -161,6 +165,11 @@ class ModelConfigs:
                    ntb_unet=UNetConfig.from_dict(d["ntb_unet"]),
                    schedule=ScheduleConfig.from_dict(d["diffusion"]))
 
+
+#: TrainConfig defaults a preset brings to a new run, under a recipe's and the explicit options.
+#: tiny's U-Net has two levels, so self-attention works at half the crop: over 4,096 tokens at
+#: crop 128 (tens of seconds and ~9 GB a step on a CPU), over 256 at crop 32 (docs/field_tests.md).
+PRESET_TRAIN_DEFAULTS: dict[str, dict] = {Preset.tiny.value: {"crop": 32, "batch": 4, "val_size": 32}}
 
 #: (prediction, cond_channels) of each preset when not given.
 PRESET_DEFAULTS = {Preset.edge: ("x0_residual", 6)}

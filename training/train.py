@@ -36,11 +36,12 @@ from runtime.metrics import brightness_matched, psnr_y, ssim_y
 from training import ddp
 from training.algorithm import RainDiffusion, algorithm1_step
 from training.checkpoint import check_state_dict, load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
-from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
+from training.config import PRESET_TRAIN_DEFAULTS, ModelConfigs, NTBMode, TrainConfig, model_preset
 from training.data import UnpairedSampler, load_folders
 from training.diffusion import ddim_sample, to_tensor, to_uint8
 from training.gan import Discriminators
 from training.multiscale import Prologue
+from training.recipes import get_recipe
 from training.synthrain import rain_batch
 
 __all__ = ["EMA", "Reporter", "FitResult", "fit", "resolve_train_config", "validate", "load_val_pairs"]
@@ -132,13 +133,24 @@ class FitResult:
     records: list[dict] = field(default_factory=list)
 
 
-def resolve_train_config(resume: Path | None, overrides: dict, preset: str | None = None) -> TrainConfig:
-    """A fresh run: TrainConfig(**overrides). A resumed run: the checkpoint's TrainConfig with the
-    given overrides on top (so resuming continues the same run unless told otherwise)."""
+def resolve_train_config(resume: Path | None, overrides: dict, preset: str | None = None,
+                         recipe: str | None = None) -> TrainConfig:
+    """The TrainConfig of a run.
+
+    A fresh run layers, each over the one before: TrainConfig's defaults, the preset's
+    (``PRESET_TRAIN_DEFAULTS``: tiny's small crops), the recipe's (training.recipes), then
+    ``overrides`` (the options given). ``preset`` None takes the recipe's, else ``small``. A
+    resumed run: the checkpoint's TrainConfig with ``overrides`` on top (so resuming continues
+    the same run unless told otherwise); ``preset`` and ``recipe`` must then be the checkpoint's.
+    """
     if resume is None:
-        if preset is not None:
-            overrides = {**overrides, "preset": preset}
-        return TrainConfig(**overrides)
+        r = get_recipe(recipe) if recipe is not None else None
+        preset = preset or (r.preset if r is not None else None) or TrainConfig.preset
+        layered = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **(dict(r.train) if r is not None else {}),
+                   **overrides, "preset": preset}
+        if r is not None:
+            layered["recipe"] = r.name
+        return TrainConfig(**layered)
     ckpt = load_checkpoint(resume)
     base = ckpt["config"].get("train")
     if base is None or "optimizer" not in ckpt or "rng" not in ckpt:
@@ -147,6 +159,9 @@ def resolve_train_config(resume: Path | None, overrides: dict, preset: str | Non
     if preset is not None and preset != base.get("preset"):
         raise UsageError(f"--config {preset} differs from the checkpoint's preset {base.get('preset')!r}; "
                          f"drop --config when resuming")
+    if recipe is not None and recipe != base.get("recipe"):
+        raise UsageError(f"--recipe {recipe} differs from the checkpoint's recipe {base.get('recipe')!r}; "
+                         f"drop --recipe when resuming (the run keeps its own settings)")
     return TrainConfig.from_dict({**base, **overrides})
 
 
