@@ -185,3 +185,19 @@ def test_from_checkpoint_through_the_real_exporter(tiny_checkpoint, rainy_dir, t
     union = sorted({int(t) for n in (2, 3, 5, 10) for t in sched.set_timesteps(n)}, reverse=True)
     c = m.get("calibration")
     assert c["timesteps"] == union and c["calibrated_step_counts"] == [2, 3, 5, 10]
+
+
+@pytest.mark.slow  # ~50 s: every layer group is quantized and probed once
+def test_fp32_search_keeps_the_most_sensitive_layer(tiny_fp32, rainy_dir, tmp_path):
+    """target_psnr_db out of reach: the all-but-one ranking is measured, the most sensitive layer
+    group (one, max_fp32_layers=1) is kept FP32 on top of the default ones, and the manifest says so."""
+    int8 = build_int8(tiny_fp32.onnx, rainy_dir, out=tmp_path, calib_images=2, eval_images=1, sizes=[16],
+                      cpu_variant=False, latency=False, min_psnr_db=None, target_psnr_db=300.0, max_fp32_layers=1)
+    c = Manifest.for_artifact(int8).get("calibration")
+    search = c["fp32_search"]
+    assert search["target_psnr_db"] == 300.0 and search["before_db"] < 300.0 and "after_db" in search
+    ranking = search["ranking"]
+    psnrs = [r["psnr_db_all_but"] for r in ranking]  # all but this group quantized: most sensitive first
+    assert psnrs and psnrs == sorted(psnrs, reverse=True)
+    default = build_int8.__globals__["default_fp32_nodes"](str(tiny_fp32.onnx))
+    assert len(c["fp32_nodes"]) > len(default)
