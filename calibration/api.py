@@ -75,10 +75,10 @@ DEFAULT_MIN_PSNR_DB = 35.0
 CALIB_STEPS = (2, 3, 5, 10)
 #: ``model.int8.onnx`` is the s8 (TensorRT) graph; ``model.int8.cpu.onnx`` the onnxruntime x86 CPU one
 CPU_SUFFIX = ".int8.cpu"
-#: the CPU graph: UINT8 asymmetric activations, 7-bit weights. Measured (calibration/README.md):
-#: onnxruntime's x86 kernels without VNNI sum u8 x s8 products in pairs in int16 (vpmaddubsw) and
-#: saturate with 8-bit weights (-18 dB end to end on the tiny model); 7-bit weights remove that
-#: (fused = exact Q/DQ semantics) at the same speed. With VNNI the cost is at most ~1 bit of weight.
+#: the CPU graph: UINT8 asymmetric activations, 7-bit weights. onnxruntime's x86 kernels without
+#: VNNI sum u8 x s8 products in pairs in int16 (vpmaddubsw), which saturates with 8-bit weights;
+#: 7-bit weights cannot saturate (fused = exact Q/DQ semantics) and cost nothing in speed, and with
+#: VNNI at most ~1 bit of weight (calibration/README.md has the measurements).
 CPU_RECIPE = "u8r"
 S8_ON_CPU_NOTE = ("the s8 graph run by onnxruntime's CPU kernels on the build machine; x86 CPUs without VNNI "
                   "saturate 8-bit products in int16 pairs, so CPU users should run the .int8.cpu.onnx sibling")

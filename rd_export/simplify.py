@@ -1,17 +1,9 @@
 """Graph simplification (onnxslim), kept only where it measurably helps.
 
-Decision (measured with :func:`measure_simplification`, see docs/export.md): **off by default**.
-On the shipped "small" model (1.09M-param estimator, 3 scales) at 256x256, onnxruntime CPU,
-one thread, 5 runs after warm-up:
-
-    nodes           1864 -> 887   (Constant/Identity nodes folded, the 3 copies of the time MLP deduplicated)
-    latency ALL     376.5 -> 371.8 ms median (-1.2 %, within run-to-run noise)
-    latency BASIC   460.6 -> 462.7 ms median (+0.4 %)
-    outputs         bit-identical (max |diff| 0.0 at 64x64 b1 and 64x96 b2)
-    cost            35 s of CPU per export (2 shared cores)
-
-onnxruntime (and TensorRT's builder) fold the same constants at load time, so the smaller graph
-buys no speed here; ``--simplify`` stays available for tools that read the raw graph.
+**Off by default**: onnxslim halves the node count, but onnxruntime (and TensorRT's builder)
+fold the same constants at load time, so the smaller graph buys no speed and costs tens of
+seconds per export (:func:`measure_simplification` measures it; the numbers are in
+docs/export.md). ``--simplify`` stays available for tools that read the raw graph.
 """
 
 from __future__ import annotations

@@ -181,7 +181,8 @@ def fit(
     val_clean: Annotated[Path | None, typer.Option(help="Paired validation: clean folder (same file names).",
                                                    exists=True, file_okay=False)] = None,
     ntb: Annotated[NTBMode | None, typer.Option(
-        help="faithful = exactly Algorithm 1 (cycle L1 only; collapses to identity generators in our runs). "
+        help="faithful = exactly Algorithm 1 (cycle L1 only; collapses to identity generators on unpaired "
+             "data: docs/quality.md). "
              "synthetic (default) = documented deviation adding lambda_syn * |G_A(x) - synthrain(x)|_1, "
              "synthetic rain as a weak prior for G_A. render = documented deviation: the rain renderer "
              "replaces G_A on the clean branch (x' = synthrain(x)).")] = None,
@@ -192,20 +193,20 @@ def fit(
     lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
     lambda_adv: Annotated[float | None, typer.Option(
         help="Weight of CycleGAN's LSGAN term: PatchGAN discriminators judge G_B(y) against clean photos "
-             "and G_A(x) against rainy ones (documented deviation, issue 8; 0 = off, the paper). CycleGAN's "
+             "and G_A(x) against rainy ones (documented deviation, docs/training.md; 0 = off, the paper). CycleGAN's "
              "ratio to the cycle L1 is 1:10, i.e. 0.1 here. [0]")] = None,
     lambda_idt: Annotated[float | None, typer.Option(
         help="Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1, which keeps the "
-             "generators from changing colour and tone (documented deviation, issue 8; 0 = off). CycleGAN "
+             "generators from changing colour and tone (documented deviation, docs/training.md; 0 = off). CycleGAN "
              "uses half the cycle weight, i.e. 0.5 here. [0]")] = None,
     cond_drop: Annotated[float | None, typer.Option(
         help="Probability that the noise losses of the real images drop their condition, so the "
              "estimators also learn unconditional priors of clean and rainy photos (classifier-free "
-             "guidance style; issue 8 candidate 1, a documented deviation). [0]")] = None,
+             "guidance style; a documented deviation, docs/training.md). [0]")] = None,
     lambda_sds: Annotated[float | None, typer.Option(
         help="Weight of the score-distillation prior: the unconditional derain estimator pulls G_B(y) "
              "toward clean photos (and the rain estimator G_A(x) toward rainy ones). Needs --cond-drop "
-             "(issue 8 candidate 1, a documented deviation; 0 = off). [0]")] = None,
+             "(a documented deviation, docs/training.md; 0 = off). [0]")] = None,
     detach_cond: Annotated[bool | None, typer.Option(
         "--detach-cond/--no-detach-cond",
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
@@ -226,7 +227,7 @@ def fit(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate (betas 0.5, 0.999). [2e-5]")] = None,
     gen_lr: Annotated[float | None, typer.Option(
         help="Learning rate of the NTB generators G_A, G_B only (the estimators keep --lr); a lower one "
-             "slows their tone drift under --lambda-sds (issue 8). [--lr]")] = None,
+             "slows their tone drift under --lambda-sds. [--lr]")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of data order, noise and synthetic rain. [0]")] = None,
     ema_decay: Annotated[float | None, typer.Option(help="EMA decay of the estimators. [0.999]")] = None,
     grad_clip: Annotated[float | None, typer.Option(

@@ -24,10 +24,10 @@ __all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset", "
 
 
 class NTBMode(str, Enum):
-    """How the NTB generators are trained (issue 8).
+    """How the NTB generators are trained (docs/training.md has each mode's origin and results).
 
-    - ``faithful``: exactly Algorithm 1 (cycle L1 only). Measured here to collapse to identity
-      generators on unpaired CPU-scale runs (docs/ARCHITECTURE.md), so it is kept for ablations.
+    - ``faithful``: exactly Algorithm 1 (cycle L1 only), which identity generators satisfy: on
+      unpaired data it collapses to them (docs/ARCHITECTURE.md), so it serves ablations.
     - ``synthetic``: documented deviation. Adds ``lambda_syn * |G_A(x) - synthrain(x)|_1``: the
       synthetic rain renderer is a weak prior for G_A (the Syn2Real line), so x' = G_A(x) looks
       rainy, the clean-side cycle |G_B(G_A(x)) - x| teaches G_B to derain, and the DTB's A-loss
@@ -62,7 +62,7 @@ class TrainConfig:
     crop: int = 128
     lr: float = 2e-5
     #: Learning rate of the NTB generators (G_A, G_B); None = ``lr``. A lower one slows the
-    #: generators' tone drift under the score-distillation prior (issue 8).
+    #: generators' tone drift under the score-distillation prior.
     gen_lr: float | None = None
     beta1: float = 0.5
     beta2: float = 0.999
@@ -78,7 +78,7 @@ class TrainConfig:
     #: Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1 (0 = off, the paper).
     lambda_idt: float = 0.0
     #: Probability that the noise losses of the real images (A on clean x, B on rainy y) drop their
-    #: condition (issue 8 candidate 1: the estimators also learn unconditional priors).
+    #: condition, so the estimators also learn unconditional priors (what ``lambda_sds`` distils).
     cond_drop: float = 0.0
     #: Weight of the score-distillation prior on the generators (needs cond_drop > 0; 0 = off).
     lambda_sds: float = 0.0
@@ -168,7 +168,7 @@ class ModelConfigs:
 
 #: TrainConfig defaults a preset brings to a new run, under a recipe's and the explicit options.
 #: tiny's U-Net has two levels, so self-attention works at half the crop: over 4,096 tokens at
-#: crop 128 (tens of seconds and ~9 GB a step on a CPU), over 256 at crop 32 (docs/field_tests.md).
+#: crop 128, over 256 at crop 32 (docs/field_tests.md measures the difference).
 PRESET_TRAIN_DEFAULTS: dict[str, dict] = {Preset.tiny.value: {"crop": 32, "batch": 4, "val_size": 32}}
 
 #: (prediction, cond_channels) of each preset when not given.

@@ -5,14 +5,12 @@ each in an OrtValue (on CPU ``OrtValue.ortvalue_from_numpy`` wraps the numpy mem
 copy, so writing the numpy array updates the bound input; on CUDA the OrtValues live on the
 device, ``ortvalue_from_shape_and_type``, and are filled with ``update_inplace``). The per-step
 t and coef inputs are S small OrtValues made once per (steps, batch). A step rebinds
-x_t / x_next / t / coef to those preallocated OrtValues and calls ``run_with_iobinding``:
-measured on the 2-core CI CPU, the four rebinds cost ~3 us and allocate nothing
-(tracemalloc flat and RSS unchanged over 200 steps); the output is written straight into the
-preallocated x buffer (its data pointer is checked in the tests).
+x_t / x_next / t / coef to those preallocated OrtValues and calls ``run_with_iobinding``: the
+rebinds allocate nothing (the tests hold tracemalloc to it), and the output is written straight
+into the preallocated x buffer (its data pointer is checked in the tests).
 
-Session options: graph optimisation level ORT_ENABLE_ALL (measured 1.28x torch eager on the 2-core
-AVX2 CI CPU, docs/benchmarks.md; ~1.45x on an AVX-512 CPU, where BASIC gave ~1.15x:
-docs/ARCHITECTURE.md), intra-op threads settable.
+Session options (:func:`make_session`): graph optimisation level ORT_ENABLE_ALL, the fastest level
+measured (docs/ARCHITECTURE.md "Speed", docs/benchmarks.md), intra-op threads settable.
 """
 
 from __future__ import annotations
@@ -232,7 +230,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _step(self, i: int) -> None:
         d, io = self.descriptor, self._io
-        # Ping-pong: rebind to preallocated OrtValues (no allocation, ~3 us for the four binds).
+        # Ping-pong: rebind to preallocated OrtValues (no allocation).
         io.bind_ortvalue_input(d.X, self._x_ov[self._cur])
         io.bind_ortvalue_output(d.OUT, self._x_ov[self._cur ^ 1])
         io.bind_ortvalue_input(d.T, self._t_ov[i])
