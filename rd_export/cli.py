@@ -134,12 +134,13 @@ def build(
         help=f"DDIM steps ({STEPS_RANGE}): stored as the default in the manifest and used for verification "
              "(default 10).")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
-    min_size: Annotated[str | None, typer.Option(help=f"Engine profile minimum frame HxW ({_profile_default('min')}); "
-                                                      "also the size verification runs at.")] = None,
+    min_size: Annotated[str | None, typer.Option(
+        help=f"Engine profile minimum frame HxW, height x width ({_profile_default('min')}); also the size "
+             "verification runs at.")] = None,
     opt_size: Annotated[str | None, typer.Option(
-        help=f"Engine profile optimum HxW ({_profile_default('opt')}).")] = None,
+        help=f"Engine profile optimum HxW, height x width ({_profile_default('opt')}).")] = None,
     max_size: Annotated[str | None, typer.Option(
-        help=f"Engine profile maximum HxW ({_profile_default('max')}).")] = None,
+        help=f"Engine profile maximum HxW, height x width ({_profile_default('max')}).")] = None,
     batch: Annotated[str | None, typer.Option(help="Engine batch range MIN..MAX or MIN..OPT..MAX "
                                                    f"({_profile_default('batch')}).")] = None,
     workspace_mib: Annotated[int | None, typer.Option("--workspace", min=1, help="TensorRT workspace limit in MiB "
