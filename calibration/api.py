@@ -14,7 +14,9 @@ Stages (each a function of this package, callable on its own)::
 
 The INT8 artifact is an ordinary ONNX of the fused step (same inputs/outputs), so the runtime
 opens it like any other; the manifest says ``precision: int8`` and carries the ``calibration``
-report. Torch is never imported here (:func:`build_int8_from_checkpoint` imports the exporter).
+report. Torch is never imported here, and nothing of the exporter but its comparisons
+(``rd_export.verify``): the exporter calls this package (``rd_export.precision``), not the
+other way round. From a checkpoint: ``rd-export build model.pt --precision int8 --calib DIR``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -57,14 +61,13 @@ from calibration.quantize import (
 )
 from calibration.report import compare_latency, compare_quality, step_psnr
 from calibration.sensitivity import choose_fp32_nodes, sensitivity
-from runtime.descriptor import PrologueDescriptor
-from runtime.errors import ArtifactError, UsageError, VerificationError
+from runtime.descriptor import PrologueDescriptor, StepDescriptor
+from runtime.errors import UsageError, VerificationError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, manifest_path_for, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, DDIMSchedule, ScheduleConfig, steps_error
 
-__all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "derive_int8", "build_int8_from_checkpoint",
-           "int8_path_for", "default_fp32_nodes"]
+__all__ = ["DEFAULT_MIN_PSNR_DB", "CPU_SUFFIX", "CPU_RECIPE", "build_int8", "int8_path_for", "default_fp32_nodes"]
 
 #: end-to-end PSNR of INT8 vs FP32 that verification demands (dB, peak 2 on [-1, 1])
 DEFAULT_MIN_PSNR_DB = 35.0
@@ -72,10 +75,10 @@ DEFAULT_MIN_PSNR_DB = 35.0
 CALIB_STEPS = (2, 3, 5, 10)
 #: ``model.int8.onnx`` is the s8 (TensorRT) graph; ``model.int8.cpu.onnx`` the onnxruntime x86 CPU one
 CPU_SUFFIX = ".int8.cpu"
-#: the CPU graph: UINT8 asymmetric activations, 7-bit weights. Measured (calibration/README.md):
-#: onnxruntime's x86 kernels without VNNI sum u8 x s8 products in pairs in int16 (vpmaddubsw) and
-#: saturate with 8-bit weights (-18 dB end to end on the tiny model); 7-bit weights remove that
-#: (fused = exact Q/DQ semantics) at the same speed. With VNNI the cost is at most ~1 bit of weight.
+#: the CPU graph: UINT8 asymmetric activations, 7-bit weights. onnxruntime's x86 kernels without
+#: VNNI sum u8 x s8 products in pairs in int16 (vpmaddubsw), which saturates with 8-bit weights;
+#: 7-bit weights cannot saturate (fused = exact Q/DQ semantics) and cost nothing in speed, and with
+#: VNNI at most ~1 bit of weight (calibration/README.md has the measurements).
 CPU_RECIPE = "u8r"
 S8_ON_CPU_NOTE = ("the s8 graph run by onnxruntime's CPU kernels on the build machine; x86 CPUs without VNNI "
                   "saturate 8-bit products in int16 pairs, so CPU users should run the .int8.cpu.onnx sibling")
@@ -117,24 +120,14 @@ def default_fp32_nodes(model) -> list[str]:
 
 
 def _schedule_config(manifest: Manifest) -> ScheduleConfig:
-    try:
-        return ScheduleConfig.from_dict(manifest.schedule)
-    except ValueError as e:
-        raise ArtifactError(f"manifest of {manifest.artifact}: invalid schedule ({e})") from None
+    """``manifest.schedule_config``; kept because benchmarks/int8_vs_fp32.py imports this name."""
+    return manifest.schedule_config
 
 
 def _load_fp32(fp32_onnx: Path) -> Manifest:
-    if not fp32_onnx.is_file():
-        raise ArtifactError(f"{fp32_onnx}: FP32 ONNX not found")
-    manifest = Manifest.for_artifact(fp32_onnx)
-    where = manifest_path_for(fp32_onnx)
-    if manifest.format != "onnx":
-        raise ArtifactError(f"{where}: describes a {manifest.format} artifact; INT8 is derived from the FP32 ONNX")
-    if manifest.artifact != fp32_onnx.name:
-        raise ArtifactError(f"{where}: describes '{manifest.artifact}', not '{fp32_onnx.name}'")
+    manifest = load_manifest(fp32_onnx, "onnx")
     if manifest.precision != "fp32":
         raise UsageError(f"{fp32_onnx.name} is {manifest.precision}; INT8 is derived from the FP32 ONNX")
-    manifest.check_artifact_hash(fp32_onnx)
     return manifest
 
 
@@ -165,7 +158,7 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             unreadable files inside are skipped with a ``CalibrationWarning``.
         out: output directory or ``.onnx`` path (default: beside the FP32 ONNX).
         calib_images / eval_images: images calibrated on / held out for the quality report.
-        steps: DDIM steps of verification and the quality report (default: the manifest's ``default_steps``).
+        steps: DDIM steps of verification and the quality report (default: the manifest's ``verify_steps``).
         calib_steps: step counts whose full trajectories are recorded for calibration (default
             :data:`CALIB_STEPS` plus ``steps``): every timestep users run is calibrated; the union is
             the manifest calibration section's ``timesteps`` (the runtime warns once outside them).
@@ -190,162 +183,54 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
 
     Returns the path of the INT8 (s8, TensorRT-compatible) ONNX.
     """
-    from rd_export.verify import check_report, compare_onnx
-
     progress = progress or _quiet
-    fp32_onnx = Path(fp32_onnx)
-    manifest = _load_fp32(fp32_onnx)
-    descriptor = manifest.step_descriptor
-    schedule_config = _schedule_config(manifest)
-    steps = int(steps or manifest.verify_steps)
-    if not MIN_STEPS <= steps <= schedule_config.num_train_timesteps:
-        raise UsageError(steps_error(steps, schedule_config.num_train_timesteps))
-    counts = sorted({*(CALIB_STEPS if calib_steps is None else calib_steps), steps})
-    for c in counts:
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not (
-                MIN_STEPS <= c <= schedule_config.num_train_timesteps):
-            raise UsageError(f"calibration {steps_error(c, schedule_config.num_train_timesteps)}")
-    src_pro = manifest.prologue_path(fp32_onnx)
-    method = Method(method)
-    frame_sizes = calibration_sizes(descriptor, sizes)
-    dest = int8_path_for(fp32_onnx, out)
-    cpu_dest = int8_path_for(fp32_onnx, out, suffix=CPU_SUFFIX) if cpu_variant else None
-
+    job = _Job.plan(Path(fp32_onnx), out, steps=steps, calib_steps=calib_steps, sizes=sizes, seed=seed,
+                    method=method, cpu_variant=cpu_variant, threads=threads)
     # 1: images
     calib, held = select_images(calib_dir, calib_images=calib_images, eval_images=eval_images, seed=seed)
     progress(f"calibration images: {len(calib)} from {calib_dir} (held out: {len(held)})")
+    eval_conds = _eval_conds(held or calib, job.sizes, seed)
+    if not held:
+        warnings.warn("no held-out image: the INT8 quality report uses a calibration image",
+                      RuntimeWarning, stacklevel=2)
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".int8-", dir=dest.parent) as tmp:
+    job.dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".int8-", dir=job.dest.parent) as tmp:
         work = Path(tmp)
         # 2: pre-process
-        pre = preprocess(fp32_onnx, work / "pre.onnx")
-        # 3: trajectories, every step of every calibrated step count
-        pro32 = prologue_fn(make_session(src_pro, threads=threads)) if src_pro is not None else None
-        progress(f"recording FP32 trajectories of {', '.join(map(str, counts))} steps at "
-                 f"{', '.join(f'{h}x{w}' for h, w in frame_sizes)}")
-        trajectories = record_trajectories(fp32_onnx, calib, descriptor=descriptor, schedule_config=schedule_config,
-                                           steps=counts, sizes=frame_sizes, seed=seed, threads=threads,
-                                           prologue=pro32)
-        coverage = timestep_coverage(trajectories)
-        expected = sorted({int(t) for c in counts for t in DDIMSchedule(schedule_config).set_timesteps(c)})
-        if sorted(coverage) != sorted(expected):  # a broken recorder must not calibrate silently
-            raise VerificationError(f"calibration covers timesteps {sorted(coverage)}, expected {sorted(expected)}")
-        reader = TrajectoryDataReader.from_trajectories(trajectories, descriptor)
+        pre = preprocess(job.fp32_onnx, work / "pre.onnx")
+        # 3: trajectories, every step of every calibrated step count, each through the FP32 prologue
+        trajectories, coverage = _record(job, calib, progress)
+        reader = TrajectoryDataReader.from_trajectories(trajectories, job.descriptor)
         # 4: calibrate once
-        progress(f"calibrating ({method.value}) on {len(reader)} step inputs")
-        cache = calibrate(pre, reader, cache=work / "ranges.json", method=method, workdir=work)
-
-        # 5-6: quantize; keep FP32 what must stay FP32
+        progress(f"calibrating ({job.method.value}) on {len(reader)} step inputs")
+        cache = calibrate(pre, reader, cache=work / "ranges.json", method=job.method, workdir=work)
+        # 5-6: quantize; keep FP32 what must stay FP32 (with a target: the most sensitive layers too)
         base_fp32 = list(default_fp32_nodes(pre) if fp32_nodes is None else fp32_nodes)
-        known = {n for n, _ in quantizable_nodes(pre)}
-        unknown = [n for n in base_fp32 if n not in known]
-        if unknown:
-            raise UsageError(f"fp32_nodes not found among the model's Conv/MatMul/Gemm nodes: {unknown[:5]}")
-        held_out = bool(held)
-        eval_conds = _eval_conds(held or calib, frame_sizes, seed)
-        if not held_out:
-            warnings.warn("no held-out image: the INT8 quality report uses a calibration image",
-                          RuntimeWarning, stacklevel=2)
-        fp32_session = make_session(fp32_onnx, threads=threads)
-        same_prologue = None if pro32 is None else (pro32, pro32)
-
-        def probe(path: Path) -> float:  # the s8 graph's own Q/DQ semantics (what TensorRT executes)
-            return compare_quality(fp32_session, make_session(path, reference=True), eval_conds,
-                                   descriptor=descriptor, schedule_config=schedule_config, steps=steps,
-                                   seed=seed, prologues=same_prologue).mean_psnr_db
-
-        s8 = quantize(pre, work / "s8.onnx", cache=cache, recipe="s8", method=method, nodes_to_exclude=base_fp32)
-        extra_fp32: list[str] = []
-        searched = None
-        if target_psnr_db is not None:
-            first = probe(s8)
-            searched = {"target_psnr_db": target_psnr_db, "before_db": round(first, 3)}
-            if first < target_psnr_db:
-                progress(f"held-out PSNR {first:.2f} dB < {target_psnr_db} dB: measuring per-layer sensitivity")
-                ranked = sensitivity(pre, cache, probe, workdir=work, mode="all_but", recipe="s8", method=method,
-                                     base_exclude=base_fp32)
-                extra_fp32, after = choose_fp32_nodes(ranked, probe, pre, cache, target_db=target_psnr_db,
-                                                      workdir=work, recipe="s8", method=method,
-                                                      base_exclude=base_fp32, max_groups=max_fp32_layers)
-                searched.update(after_db=round(after, 3),
-                                ranking=[{"layer": r.group, "psnr_db_all_but": round(r.psnr_db, 3)}
-                                         for r in ranked[:10]])
-                s8 = quantize(pre, work / "s8.onnx", cache=cache, recipe="s8", method=method,
-                              nodes_to_exclude=[*base_fp32, *extra_fp32])
-        all_fp32 = [*base_fp32, *extra_fp32]
-        graphs = {"s8": s8}
-        if cpu_variant:
-            graphs[CPU_RECIPE] = quantize(pre, work / "cpu.onnx", cache=cache, recipe=CPU_RECIPE, method=method,
-                                          nodes_to_exclude=all_fp32)
+        graphs, all_fp32, searched = _quantize_step(job, pre, cache, work, base_fp32, eval_conds,
+                                                    target_psnr_db=target_psnr_db, max_fp32_layers=max_fp32_layers,
+                                                    progress=progress)
         # 5b: the prologue (predict-and-refine), calibrated on the rainy crops the trajectories used
-        pro_graphs: dict[str, Path] = {}
-        if src_pro is not None:
-            progress("calibrating the prologue on the same rainy crops")
-            pro_pre = preprocess(src_pro, work / "pro_pre.onnx")
-            (work / "pro").mkdir()
-            crops = calibration_crops(calib, frame_sizes, seed)
-            pro_cache = calibrate(pro_pre, FeedReader([{PrologueDescriptor.RAINY: c} for c in crops]),
-                                  cache=work / "pro_ranges.json", method=method, workdir=work / "pro")
-            for name in graphs:
-                pro_graphs[name] = quantize(pro_pre, work / f"pro_{name}.onnx", cache=pro_cache, recipe=name,
-                                            method=method)
-
-        # 7: verify (the gate) and report. Each graph is judged as its target executes it: the s8
-        # graph by its exact Q/DQ semantics (onnxruntime with fusions off: what TensorRT computes),
-        # the CPU graph by onnxruntime's CPU kernels. The s8 graph on onnxruntime CPU is reported too.
-        # Verification runs at the profile's minimum size, like the FP32/FP16 verification.
-        h, w = (int(v) for v in descriptor.profile.min_size)
-        reports: dict[str, dict] = {}
-        timed = {"fp32": fp32_session}
-        for name, path in graphs.items():
-            cpu_session = make_session(path, threads=threads)
-            target = make_session(path, reference=True, threads=threads) if name == "s8" else cpu_session
-            timed[f"int8_{name}"] = cpu_session
-            what = (dest if name == "s8" else cpu_dest).name
-            pro8 = pro_cpu = None
-            if name in pro_graphs:
-                pro_cpu = prologue_fn(make_session(pro_graphs[name], threads=threads))
-                pro8 = (prologue_fn(make_session(pro_graphs[name], reference=True, threads=threads))
-                        if name == "s8" else pro_cpu)
-            progress(f"verifying {what} against {fp32_onnx.name} ({steps} steps, {h}x{w})")
-            v = compare_onnx(_step_fn(target, descriptor), _step_fn(fp32_session, descriptor), steps=steps,
-                             seed=seed, size=(h, w), schedule_config=schedule_config, reference_prologue=pro32,
-                             candidate_prologue=pro8)
-            v.update(provider="CPUExecutionProvider", onnxruntime=_ort_version(),
-                     semantics="Q/DQ reference (graph optimisations off)" if name == "s8"
-                     else "onnxruntime CPU kernels")
-            if min_psnr_db is not None:
-                v = check_report(v, min_psnr_db=min_psnr_db, max_step_abs=None, what=what)
-            both = None if pro32 is None else (pro32, pro8)
-            quality = compare_quality(fp32_session, target, eval_conds, descriptor=descriptor,
-                                      schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out,
-                                      prologues=both)
-            per_step = step_psnr(fp32_session, target, trajectories[0].samples, descriptor=descriptor)
-            reports[name] = {"verification": v, "quality": quality.to_dict(),
-                             "step_psnr_db": {str(k): round(min(val, 200.0), 3) for k, val in per_step.items()}}
-            if name == "s8":
-                on_cpu = compare_quality(fp32_session, cpu_session, eval_conds, descriptor=descriptor,
-                                         schedule_config=schedule_config, steps=steps, seed=seed, held_out=held_out,
-                                         prologues=None if pro32 is None else (pro32, pro_cpu))
-                reports[name]["quality_onnxruntime_cpu"] = dict(on_cpu.to_dict(), note=S8_ON_CPU_NOTE)
+        pro_graphs = _quantize_prologue(job, calib, graphs, work, progress) if job.src_pro is not None else {}
+        # 7: verify (the gate) and report, each graph as its target executes it
+        reports, timed = _verify_and_report(job, graphs, pro_graphs, eval_conds, trajectories, held_out=bool(held),
+                                            min_psnr_db=min_psnr_db, progress=progress)
         lat = None
         if latency:
-            size = tuple(latency_size or frame_sizes[0])
-            progress(f"timing FP32 vs INT8 on CPU at {size[0]}x{size[1]}, {steps} steps")
-            lat = compare_latency(timed, size=size, steps=steps, descriptor=descriptor,
-                                  schedule_config=schedule_config, repeats=latency_repeats, threads=threads)
+            size = tuple(latency_size or job.sizes[0])
+            progress(f"timing FP32 vs INT8 on CPU at {size[0]}x{size[1]}, {job.steps} steps")
+            lat = compare_latency(timed, size=size, steps=job.steps, descriptor=job.descriptor,
+                                  schedule_config=job.schedule_config, repeats=latency_repeats, threads=threads)
         del timed
-
         common = {
-            "method": method.value,
+            "method": job.method.value,
             "op_types": list(OP_TYPES),
             "images": [item.path.name for item in calib],
             "folder": str(Path(calib_dir)),
             "held_out_images": [item.path.name for item in held],
-            "sizes": [list(s) for s in frame_sizes],
-            "steps": steps,
-            "calibrated_step_counts": counts,
+            "sizes": [list(s) for s in job.sizes],
+            "steps": job.steps,
+            "calibrated_step_counts": job.counts,
             "seed": seed,
             "timesteps": list(coverage),
             "samples": len(reader),
@@ -356,12 +241,173 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             "latency": lat,
         }
         # 8: write, the CPU variant first so the TensorRT artifact is the last thing to appear
-        if cpu_variant:
-            _write(graphs[CPU_RECIPE], cpu_dest, manifest, fp32_onnx, recipe=CPU_RECIPE, common=common,
-                   report=reports[CPU_RECIPE], siblings={"tensorrt": dest.name}, prologue=pro_graphs.get(CPU_RECIPE))
-        _write(graphs["s8"], dest, manifest, fp32_onnx, recipe="s8", common=common, report=reports["s8"],
-               siblings={"onnxruntime_cpu": cpu_dest.name} if cpu_dest else {}, prologue=pro_graphs.get("s8"))
-    return dest
+        if job.cpu_dest is not None:
+            _write(graphs[CPU_RECIPE], job.cpu_dest, job.manifest, job.fp32_onnx, recipe=CPU_RECIPE, common=common,
+                   report=reports[CPU_RECIPE], siblings={"tensorrt": job.dest.name},
+                   prologue=pro_graphs.get(CPU_RECIPE))
+        _write(graphs["s8"], job.dest, job.manifest, job.fp32_onnx, recipe="s8", common=common, report=reports["s8"],
+               siblings={"onnxruntime_cpu": job.cpu_dest.name} if job.cpu_dest else {}, prologue=pro_graphs.get("s8"))
+    return job.dest
+
+
+@dataclass
+class _Job:
+    """What one :func:`build_int8` works from: the checked FP32 artifact and the resolved options."""
+
+    fp32_onnx: Path
+    manifest: Manifest
+    descriptor: StepDescriptor
+    schedule_config: ScheduleConfig
+    steps: int
+    counts: list[int]
+    sizes: list[tuple[int, int]]
+    seed: int
+    method: Method
+    threads: int | None
+    dest: Path
+    cpu_dest: Path | None
+    src_pro: Path | None
+    #: the FP32 step's session and (predict-and-refine) the FP32 prologue, opened once
+    fp32_session: object = None
+    pro32: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @classmethod
+    def plan(cls, fp32_onnx: Path, out, *, steps, calib_steps, sizes, seed, method, cpu_variant, threads) -> _Job:
+        """Everything checked before any image is read: the artifact, the step counts, the sizes."""
+        manifest = _load_fp32(fp32_onnx)
+        sc = manifest.schedule_config
+        T = sc.num_train_timesteps
+        steps = int(steps or manifest.verify_steps)
+        if not MIN_STEPS <= steps <= T:
+            raise UsageError(steps_error(steps, T))
+        counts = sorted({*(CALIB_STEPS if calib_steps is None else calib_steps), steps})
+        for c in counts:
+            if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not MIN_STEPS <= c <= T:
+                raise UsageError(f"calibration {steps_error(c, T)}")
+        src_pro = manifest.prologue_path(fp32_onnx)
+        method = Method(method)
+        frame_sizes = calibration_sizes(manifest.step_descriptor, sizes)
+        job = cls(fp32_onnx=fp32_onnx, manifest=manifest, descriptor=manifest.step_descriptor, schedule_config=sc,
+                  steps=steps, counts=counts, sizes=frame_sizes, seed=seed, method=method, threads=threads,
+                  dest=int8_path_for(fp32_onnx, out),
+                  cpu_dest=int8_path_for(fp32_onnx, out, suffix=CPU_SUFFIX) if cpu_variant else None,
+                  src_pro=src_pro)
+        job.fp32_session = make_session(fp32_onnx, threads=threads)
+        job.pro32 = prologue_fn(make_session(src_pro, threads=threads)) if src_pro is not None else None
+        return job
+
+    def quality(self, candidate, eval_conds, *, held_out: bool = True, prologues=None):
+        """INT8 vs FP32 end to end on the held-out frames (calibration.report.compare_quality)."""
+        return compare_quality(self.fp32_session, candidate, eval_conds, descriptor=self.descriptor,
+                               schedule_config=self.schedule_config, steps=self.steps, seed=self.seed,
+                               held_out=held_out, prologues=prologues)
+
+
+def _record(job: _Job, calib: Sequence[ImageItem], progress: Progress):
+    """3: the FP32 trajectories of every calibrated step count, and their timestep coverage."""
+    progress(f"recording FP32 trajectories of {', '.join(map(str, job.counts))} steps at "
+             f"{', '.join(f'{h}x{w}' for h, w in job.sizes)}")
+    trajectories = record_trajectories(job.fp32_onnx, calib, descriptor=job.descriptor,
+                                       schedule_config=job.schedule_config, steps=job.counts, sizes=job.sizes,
+                                       seed=job.seed, threads=job.threads, prologue=job.pro32)
+    coverage = timestep_coverage(trajectories)
+    sched = DDIMSchedule(job.schedule_config)
+    expected = sorted({int(t) for c in job.counts for t in sched.set_timesteps(c)})
+    if sorted(coverage) != expected:  # a broken recorder must not calibrate silently
+        raise VerificationError(f"calibration covers timesteps {sorted(coverage)}, expected {expected}")
+    return trajectories, coverage
+
+
+def _quantize_step(job: _Job, pre: Path, cache: Path, work: Path, base_fp32: list[str], eval_conds, *,
+                   target_psnr_db: float | None, max_fp32_layers: int, progress: Progress):
+    """5-6: the s8 graph (and the CPU one) from one range cache; with ``target_psnr_db``, the most
+    sensitive layers are kept FP32 until the held-out PSNR reaches it. (graphs, FP32 nodes, search)."""
+    known = {n for n, _ in quantizable_nodes(pre)}
+    unknown = [n for n in base_fp32 if n not in known]
+    if unknown:
+        raise UsageError(f"fp32_nodes not found among the model's Conv/MatMul/Gemm nodes: {unknown[:5]}")
+    same_prologue = None if job.pro32 is None else (job.pro32, job.pro32)
+
+    def probe(path: Path) -> float:  # the s8 graph's own Q/DQ semantics (what TensorRT executes)
+        return job.quality(make_session(path, reference=True), eval_conds, prologues=same_prologue).mean_psnr_db
+
+    quantize_s8 = partial(quantize, pre, work / "s8.onnx", cache=cache, recipe="s8", method=job.method)
+    s8 = quantize_s8(nodes_to_exclude=base_fp32)
+    extra_fp32: list[str] = []
+    searched = None
+    if target_psnr_db is not None:
+        first = probe(s8)
+        searched = {"target_psnr_db": target_psnr_db, "before_db": round(first, 3)}
+        if first < target_psnr_db:
+            progress(f"held-out PSNR {first:.2f} dB < {target_psnr_db} dB: measuring per-layer sensitivity")
+            search = {"workdir": work, "recipe": "s8", "method": job.method, "base_exclude": base_fp32}
+            ranked = sensitivity(pre, cache, probe, mode="all_but", **search)
+            extra_fp32, after = choose_fp32_nodes(ranked, probe, pre, cache, target_db=target_psnr_db,
+                                                  max_groups=max_fp32_layers, **search)
+            searched.update(after_db=round(after, 3),
+                            ranking=[{"layer": r.group, "psnr_db_all_but": round(r.psnr_db, 3)} for r in ranked[:10]])
+            s8 = quantize_s8(nodes_to_exclude=[*base_fp32, *extra_fp32])
+    all_fp32 = [*base_fp32, *extra_fp32]
+    graphs = {"s8": s8}
+    if job.cpu_dest is not None:
+        graphs[CPU_RECIPE] = quantize(pre, work / "cpu.onnx", cache=cache, recipe=CPU_RECIPE, method=job.method,
+                                      nodes_to_exclude=all_fp32)
+    return graphs, all_fp32, searched
+
+
+def _quantize_prologue(job: _Job, calib: Sequence[ImageItem], graphs: dict[str, Path], work: Path,
+                       progress: Progress) -> dict[str, Path]:
+    """5b: the prologue graph quantized like each step graph, calibrated on the rainy crops."""
+    progress("calibrating the prologue on the same rainy crops")
+    pro_pre = preprocess(job.src_pro, work / "pro_pre.onnx")
+    (work / "pro").mkdir()
+    crops = calibration_crops(calib, job.sizes, job.seed)
+    pro_cache = calibrate(pro_pre, FeedReader([{PrologueDescriptor.RAINY: c} for c in crops]),
+                          cache=work / "pro_ranges.json", method=job.method, workdir=work / "pro")
+    return {name: quantize(pro_pre, work / f"pro_{name}.onnx", cache=pro_cache, recipe=name, method=job.method)
+            for name in graphs}
+
+
+def _verify_and_report(job: _Job, graphs: dict[str, Path], pro_graphs: dict[str, Path], eval_conds,
+                       trajectories, *, held_out: bool, min_psnr_db: float | None, progress: Progress):
+    """7: each graph judged as its target executes it: the s8 graph by its exact Q/DQ semantics
+    (onnxruntime with fusions off: what TensorRT computes), the CPU graph by onnxruntime's CPU
+    kernels; the s8 graph on onnxruntime CPU is reported too. Verification (the gate) runs at the
+    profile's minimum size, like the FP32/FP16 verification; the quality report on the held-out
+    frames. Returns (reports by graph, the CPU sessions to time)."""
+    from rd_export.verify import check_report, compare_onnx
+
+    h, w = (int(v) for v in job.descriptor.profile.min_size)
+    reports: dict[str, dict] = {}
+    timed = {"fp32": job.fp32_session}
+    for name, path in graphs.items():
+        cpu_session = make_session(path, threads=job.threads)
+        target = make_session(path, reference=True, threads=job.threads) if name == "s8" else cpu_session
+        timed[f"int8_{name}"] = cpu_session
+        what = (job.dest if name == "s8" else job.cpu_dest).name
+        pro8 = pro_cpu = None
+        if name in pro_graphs:
+            pro_cpu = prologue_fn(make_session(pro_graphs[name], threads=job.threads))
+            pro8 = (prologue_fn(make_session(pro_graphs[name], reference=True, threads=job.threads))
+                    if name == "s8" else pro_cpu)
+        progress(f"verifying {what} against {job.fp32_onnx.name} ({job.steps} steps, {h}x{w})")
+        v = compare_onnx(_step_fn(target, job.descriptor), _step_fn(job.fp32_session, job.descriptor),
+                         steps=job.steps, seed=job.seed, size=(h, w), schedule_config=job.schedule_config,
+                         reference_prologue=job.pro32, candidate_prologue=pro8)
+        v.update(provider="CPUExecutionProvider", onnxruntime=_ort_version(),
+                 semantics="Q/DQ reference (graph optimisations off)" if name == "s8" else "onnxruntime CPU kernels")
+        if min_psnr_db is not None:
+            v = check_report(v, min_psnr_db=min_psnr_db, max_step_abs=None, what=what)
+        quality = job.quality(target, eval_conds, held_out=held_out,
+                              prologues=None if job.pro32 is None else (job.pro32, pro8))
+        per_step = step_psnr(job.fp32_session, target, trajectories[0].samples, descriptor=job.descriptor)
+        reports[name] = {"verification": v, "quality": quality.to_dict(),
+                         "step_psnr_db": {str(k): round(min(val, 200.0), 3) for k, val in per_step.items()}}
+        if name == "s8":
+            on_cpu = job.quality(cpu_session, eval_conds, held_out=held_out,
+                                 prologues=None if job.pro32 is None else (job.pro32, pro_cpu))
+            reports[name]["quality_onnxruntime_cpu"] = dict(on_cpu.to_dict(), note=S8_ON_CPU_NOTE)
+    return reports, timed
 
 
 def _step_fn(session, descriptor):
@@ -418,28 +464,3 @@ def _write(graph: Path, dest: Path, src_manifest: Manifest, fp32_onnx: Path, *, 
                             toolkit_version=src_manifest.toolkit_version, extra=extra)
         manifest.save(tmp_manifest)
     # exiting the inner contexts renamed the prologue and the ONNX, then the outer one the manifest
-
-
-def derive_int8(fp32_onnx: str | os.PathLike, out: str | os.PathLike | None = None, *, calib: str | os.PathLike,
-                steps: int | None = None, seed: int = 0, progress: Progress | None = None, **options) -> Path:
-    """The precision table's ``derive`` for INT8 (``rd_export.precision``): ``calib`` is the folder.
-
-    The verification threshold comes from the table's ``int8`` row when one is registered.
-    """
-    if "min_psnr_db" not in options:
-        from rd_export.precision import PRECISIONS
-
-        spec = PRECISIONS.get("int8")
-        options["min_psnr_db"] = spec.min_psnr_db if spec is not None else DEFAULT_MIN_PSNR_DB
-    return build_int8(fp32_onnx, calib, out=out, steps=steps, seed=seed, progress=progress, **options)
-
-
-def build_int8_from_checkpoint(checkpoint: str | os.PathLike, calib_dir: str | os.PathLike,
-                               out_dir: str | os.PathLike, *, name: str = "model", model: str = "derain",
-                               steps: int = 10, seed: int = 0, **options) -> Path:
-    """Export the verified FP32 ONNX from a checkpoint (needs torch), then :func:`build_int8`."""
-    from rd_export.export import export_onnx
-
-    fp32 = export_onnx(checkpoint, out_dir, model=model, name=name, steps=steps, seed=seed)
-    return build_int8(fp32, calib_dir, steps=steps, seed=seed, **options)
-

@@ -210,28 +210,17 @@ def from_model_output(x: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------------------------------- DDIM loop
 def make_session(model: str | os.PathLike | bytes, *, threads: int | None = None, reference: bool = False):
-    """A CPU onnxruntime session configured like the runtime's backend (optimisation level ALL).
+    """A CPU onnxruntime session from the runtime's one factory
+    (``runtime.backends.onnxruntime.make_session``), optimisation level ALL like the backend.
 
     ``reference=True`` turns graph optimisations off: QuantizeLinear / DequantizeLinear then run
     as written around FP32 kernels, i.e. the exact Q/DQ semantics a Q/DQ graph defines (what
-    TensorRT executes), free of any CPU kernel's integer arithmetic. Files open through the
-    runtime's one session factory (``runtime.backends.onnxruntime.make_session``).
+    TensorRT executes), free of any CPU kernel's integer arithmetic. ``model`` may be a path or
+    a serialised in-memory graph.
     """
-    optimization = "disabled" if reference else "all"
-    if not isinstance(model, bytes):
-        from runtime.backends.onnxruntime import make_session as runtime_session
+    from runtime.backends.onnxruntime import make_session as runtime_session
 
-        return runtime_session(model, threads=threads, optimization=optimization, quiet=True)
-    import onnxruntime as ort  # an in-memory graph (tests): the same options
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_DISABLE_ALL if reference
-                                        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    return runtime_session(model, threads=threads, optimization="disabled" if reference else "all", quiet=True)
 
 
 def prologue_fn(session) -> Callable[[np.ndarray], np.ndarray]:

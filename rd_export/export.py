@@ -26,9 +26,9 @@ from rd_export.simplify import SIMPLIFY_DEFAULT, simplify_model
 from rd_export.verify import check_report, compare_to_torch
 from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
-from runtime.errors import ArtifactError, UsageError
+from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, manifest_path_for, prologue_name, sha256_file
+from runtime.manifest import Manifest, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
@@ -268,18 +268,3 @@ def native_tile(ckpt: dict) -> int:
     it; the estimator does not generalise far beyond it). 128 when the checkpoint does not say."""
     crop = ((ckpt.get("config") or {}).get("train") or {}).get("crop", 128)
     return int(crop) if isinstance(crop, int) and not isinstance(crop, bool) and crop > 0 else 128
-
-
-def load_onnx_manifest(onnx_path: str | os.PathLike) -> Manifest:
-    """The manifest of an ONNX artifact, hash-checked (ArtifactError/ManifestError otherwise)."""
-    onnx_path = Path(onnx_path)
-    manifest = Manifest.for_artifact(onnx_path)
-    if manifest.format != "onnx":
-        raise ArtifactError(f"{manifest_path_for(onnx_path)}: describes a {manifest.format} artifact, not ONNX")
-    if manifest.artifact != onnx_path.name:
-        raise ArtifactError(f"{manifest_path_for(onnx_path)}: describes '{manifest.artifact}', not '{onnx_path.name}'")
-    manifest.check_artifact_hash(onnx_path)
-    return manifest
-
-
-__all__.append("load_onnx_manifest")

@@ -33,9 +33,10 @@ from onnx import TensorProto, helper
 from rd_export.graph import check_model, consumers, island_nodes, load_model, toposort
 from rd_export.precision import get_precision
 from rd_export.verify import check_report, compare_onnx
-from runtime.errors import ArtifactError, UsageError
+from runtime.backends.onnxruntime import make_session
+from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, prologue_name, sha256_file
 
 __all__ = ["ISLANDS", "DEFAULT_ISLANDS", "convert_fp16", "drop_cast_round_trips", "make_fp16", "measure_islands",
            "island_report", "tensor_errors", "time_embedding_tensors"]
@@ -178,12 +179,12 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     Verification (onnxruntime CPU, vs the FP32 ONNX): end-to-end PSNR >= 40 dB and no NaN/Inf at
     any step, or VerificationError and nothing is written.
     """
-    from rd_export.export import load_onnx_manifest, verification_size
+    from rd_export.export import verification_size
     from rd_export.graph import check_signature
 
     progress = progress or (lambda s: None)
     src = Path(onnx_fp32)
-    src_manifest = load_onnx_manifest(src)
+    src_manifest = load_manifest(src, "onnx")
     if src_manifest.precision != "fp32":
         raise UsageError(f"{src.name} is {src_manifest.precision}; FP16 is derived from the FP32 ONNX")
     descriptor = src_manifest.step_descriptor
@@ -196,7 +197,7 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     fp16, report_islands = convert_fp16(model, islands)
     check_model(fp16, min_opset=17, where=dest.name)
     check_signature(fp16, descriptor, where=dest.name)
-    schedule = _schedule_config(src_manifest)
+    schedule = src_manifest.schedule_config
     src_pro = src_manifest.prologue_path(src)
     pro_dest = dest.with_name(prologue_name(dest.name)) if src_pro is not None else None
     if src_pro is not None:  # the prologue converts the same way; only its GroupNorms stay FP32
@@ -233,17 +234,6 @@ def make_fp16(onnx_fp32: str | os.PathLike, out: str | os.PathLike | None = None
     return manifest.publish(dest)
 
 
-def _schedule_config(manifest: Manifest):
-    from runtime.schedule import ScheduleConfig
-
-    s = manifest.schedule
-    try:
-        return ScheduleConfig(num_train_timesteps=int(s["num_train_timesteps"]), beta_start=float(s["beta_start"]),
-                              beta_end=float(s["beta_end"]))
-    except (KeyError, ValueError) as e:
-        raise ArtifactError(f"manifest of {manifest.artifact}: invalid schedule ({e})") from None
-
-
 def measure_islands(onnx_fp32: str | os.PathLike, *, steps: int = 10, seed: int = 0,
                     size: tuple[int, int] = (64, 64), variants: dict[str, Sequence[str]] | None = None,
                     workdir: str | os.PathLike | None = None) -> dict[str, dict]:
@@ -257,7 +247,7 @@ def measure_islands(onnx_fp32: str | os.PathLike, *, steps: int = 10, seed: int 
     model = load_model(onnx_fp32)
     schedule = None
     try:
-        schedule = _schedule_config(Manifest.for_artifact(onnx_fp32))
+        schedule = Manifest.for_artifact(onnx_fp32).schedule_config
     except Exception:  # a bare ONNX (no manifest) uses the default schedule
         schedule = None
     if variants is None:
@@ -286,7 +276,6 @@ def tensor_errors(fp32: onnx.ModelProto, fp16: onnx.ModelProto, tensors: Sequenc
                   feeds: dict) -> dict[str, float]:
     """max |fp16 - fp32| of intermediate tensors (exposed as extra graph outputs), onnxruntime CPU."""
     import numpy as np
-    import onnxruntime as ort
 
     outs = {}
     for label, model in (("fp32", fp32), ("fp16", fp16)):
@@ -297,9 +286,7 @@ def tensor_errors(fp32: onnx.ModelProto, fp16: onnx.ModelProto, tensors: Sequenc
         actual = [t if t in produced else f"{t}_cast_to_fp16" for t in tensors]
         for name in actual:
             m.graph.output.append(helper.make_empty_tensor_value_info(name))
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        sess = make_session(m.SerializeToString(), quiet=True)
         outs[label] = dict(zip(tensors, sess.run(actual, feeds)))
     return {name: float(np.abs(outs["fp16"][name].astype(np.float64) - outs["fp32"][name]).max()) for name in tensors}
 
@@ -318,11 +305,7 @@ def normalization_sums(onnx_fp32: str | os.PathLike, feeds: dict) -> dict[str, f
     m.CopyFrom(model)
     for name in names:
         m.graph.output.append(helper.make_empty_tensor_value_info(name))
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    outs = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(names, feeds)
+    outs = make_session(m.SerializeToString(), quiet=True).run(names, feeds)
     sums = [np.abs(o.astype(np.float64).reshape(o.shape[0], o.shape[1], -1).sum(-1)).max() for o in outs]
     sq = [(o.astype(np.float64).reshape(o.shape[0], o.shape[1], -1) ** 2).sum(-1).max() for o in outs]
     count = max(int(np.prod(o.shape[2:])) for o in outs)

@@ -17,7 +17,7 @@ from rd_export.precision import get_precision, onnx_name, plan_name
 from rd_export.simplify import SIMPLIFY_DEFAULT
 from runtime.descriptor import ShapeProfile
 from runtime.errors import ArtifactError, InputError, UsageError, VerificationError
-from runtime.manifest import Manifest, manifest_path_for
+from runtime.manifest import Manifest, load_manifest, manifest_path_for
 
 __all__ = ["BuildOptions", "BuiltArtifact", "BuildResult", "sniff", "build", "inspect_artifact", "reverify",
            "parse_size", "parse_batch"]
@@ -180,9 +180,7 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
                            profile=opts.profile, seed=opts.seed, simplify=opts.simplify, progress=progress)
         result.artifacts.append(BuiltArtifact.from_path(base))
     else:
-        from rd_export.export import load_onnx_manifest
-
-        src_manifest = load_onnx_manifest(source)
+        src_manifest = load_manifest(source, "onnx")
         if opts.default_steps is not None:
             raise UsageError("--default-steps is set when exporting a checkpoint; an ONNX keeps its manifest's")
         if opts.model and opts.model != src_manifest.model:
@@ -296,8 +294,7 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
     from training.checkpoint import build_estimator, load_checkpoint, model_configs
 
     artifact = Path(artifact)
-    manifest = Manifest.for_artifact(artifact)
-    manifest.check_artifact_hash(artifact)
+    manifest = load_manifest(artifact)
     progress(f"loading checkpoint {Path(checkpoint).name}")
     ckpt = load_checkpoint(checkpoint)
     estimator = build_estimator(ckpt, model=manifest.model, ema=True)

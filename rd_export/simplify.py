@@ -1,17 +1,9 @@
 """Graph simplification (onnxslim), kept only where it measurably helps.
 
-Decision (measured with :func:`measure_simplification`, see docs/export.md): **off by default**.
-On the shipped "small" model (1.09M-param estimator, 3 scales) at 256x256, onnxruntime CPU,
-one thread, 5 runs after warm-up:
-
-    nodes           1864 -> 887   (Constant/Identity nodes folded, the 3 copies of the time MLP deduplicated)
-    latency ALL     376.5 -> 371.8 ms median (-1.2 %, within run-to-run noise)
-    latency BASIC   460.6 -> 462.7 ms median (+0.4 %)
-    outputs         bit-identical (max |diff| 0.0 at 64x64 b1 and 64x96 b2)
-    cost            35 s of CPU per export (2 shared cores)
-
-onnxruntime (and TensorRT's builder) fold the same constants at load time, so the smaller graph
-buys no speed here; ``--simplify`` stays available for tools that read the raw graph.
+**Off by default**: onnxslim halves the node count, but onnxruntime (and TensorRT's builder)
+fold the same constants at load time, so the smaller graph buys no speed and costs tens of
+seconds per export (:func:`measure_simplification` measures it; the numbers are in
+docs/export.md). ``--simplify`` stays available for tools that read the raw graph.
 """
 
 from __future__ import annotations
@@ -39,13 +31,10 @@ def simplify_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return onnxslim.slim(model)
 
 
-def _latency_ms(path: str, feeds: dict, level, repeats: int, threads: int) -> float:
-    import onnxruntime as ort
+def _latency_ms(path: str, feeds: dict, optimization: str, repeats: int, threads: int) -> float:
+    from runtime.backends.onnxruntime import make_session
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = level
-    so.intra_op_num_threads = threads
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    sess = make_session(path, optimization=optimization, threads=threads)
     sess.run(None, feeds)  # warm-up
     times = []
     for _ in range(repeats):
@@ -59,8 +48,6 @@ def measure_simplification(onnx_path: str | os.PathLike, *, size: tuple[int, int
                            repeats: int = 5, threads: int = 1, workdir: str | os.PathLike | None = None) -> dict:
     """Node counts, simplification time, onnxruntime latency (BASIC/ALL) and max |diff| before/after."""
     import tempfile
-
-    import onnxruntime as ort
 
     from rd_export.graph import load_model
     from rd_export.verify import OnnxStep
@@ -83,9 +70,8 @@ def measure_simplification(onnx_path: str | os.PathLike, *, size: tuple[int, int
         result = {"nodes_before": len(model.graph.node), "nodes_after": len(slim.graph.node),
                   "simplify_seconds": round(slim_s, 2), "max_abs_diff": float(np.abs(a - b).max()),
                   "size": list(size), "threads": threads, "latency_ms": {}}
-        for label, level in (("basic", ort.GraphOptimizationLevel.ORT_ENABLE_BASIC),
-                             ("all", ort.GraphOptimizationLevel.ORT_ENABLE_ALL)):
-            result["latency_ms"][label] = {
+        for level in ("basic", "all"):
+            result["latency_ms"][level] = {
                 "before": round(_latency_ms(str(onnx_path), feeds, level, repeats, threads), 2),
                 "after": round(_latency_ms(slim_path, feeds, level, repeats, threads), 2)}
     return result

@@ -40,6 +40,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,7 @@ from runtime.backends.trt_executor import import_tensorrt as _import_tensorrt
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import ArtifactError, DependencyError, UsageError, VerificationError
 from runtime.io import atomic_path, atomic_write_bytes
-from runtime.manifest import Manifest, prologue_name, sha256_file
+from runtime.manifest import Manifest, load_manifest, prologue_name, sha256_file
 
 __all__ = [
     "INSTALL_HINT",
@@ -162,17 +163,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
-def _host_bytes(blob) -> bytes:
-    """IHostMemory / buffer -> bytes."""
-    if isinstance(blob, (bytes, bytearray)):
-        return bytes(blob)
-    return bytes(memoryview(blob))
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-
-
 def check_tensorrt_quantization(onnx_path: str | os.PathLike, manifest: Manifest) -> None:
     """UsageError when the ONNX is a Q/DQ graph TensorRT cannot build (unsigned or non-zero zero points).
 
@@ -242,11 +232,9 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
     an ONNX TensorRT cannot build), CudaError (the GPU failed, e.g. out of memory),
     VerificationError.
     """
-    from rd_export.export import load_onnx_manifest
-
     progress = progress or (lambda s: None)
     onnx_path = Path(onnx_path)
-    src = load_onnx_manifest(onnx_path)  # hash-checked before the GPU is touched
+    src = load_manifest(onnx_path, "onnx")  # hash-checked before the GPU is touched
     check_external_data(onnx_path)  # TensorRT's parser would open external-data files as named
     check_tensorrt_quantization(onnx_path, src)
     descriptor = descriptor or src.step_descriptor
@@ -256,39 +244,30 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         raise UsageError(f"builder optimisation level {opt_level} is outside 0..5")
     if int(workspace) <= 0:
         raise UsageError(f"workspace must be a positive number of bytes, got {workspace}")
-
-    trt = import_tensorrt()
-    gpu = gpu_info()
     dest = Path(out) if out is not None else onnx_path.with_name(plan_name(onnx_path))
     if dest.suffix != ".plan":
         raise UsageError(f"{dest}: engine files are named <stem>.trt.plan")
 
+    trt = import_tensorrt()
+    gpu = gpu_info()
     progress(f"parsing {onnx_path.name} (TensorRT {trt.__version__}, {gpu['name']} sm_{gpu['compute_capability']})")
     cache_path = Path(timing_cache) if timing_cache is not None else None
-    cache_blob = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    flags = _build_flags(profile, workspace=workspace, opt_level=opt_level, version_compatible=version_compatible,
+                         cache_path=cache_path)
+    build = partial(_build_plan, trt, workspace=workspace, opt_level=opt_level, version_compatible=version_compatible,
+                    cache_path=cache_path)
     progress(f"building engine (profile batch {profile.min_batch}..{profile.max_batch}, "
              f"{profile.min_size[0]}x{profile.min_size[1]}..{profile.max_size[0]}x{profile.max_size[1]}, "
              f"opt level {opt_level}{', version-compatible' if version_compatible else ''})")
-    plan_bytes = _build_plan(trt, onnx_path, descriptor, workspace=workspace, opt_level=opt_level,
-                             version_compatible=version_compatible, cache_path=cache_path)
+    plan_bytes = build(onnx_path, descriptor)
     pro_onnx = src.prologue_path(onnx_path)  # predict-and-refine: the prologue plan, same profile
     pro_dest = dest.with_name(prologue_name(dest.name)) if pro_onnx is not None else None
     pro_bytes = None
     if pro_onnx is not None:
         check_external_data(pro_onnx)
         progress(f"building the prologue engine from {pro_onnx.name}")
-        pro_bytes = _build_plan(trt, pro_onnx, descriptor.prologue(), workspace=workspace, opt_level=opt_level,
-                                version_compatible=version_compatible, cache_path=cache_path)
+        pro_bytes = build(pro_onnx, descriptor.prologue())
 
-    build_flags = {
-        "strongly_typed": True,
-        "version_compatible": bool(version_compatible),
-        "workspace_bytes": int(workspace),
-        "builder_optimization_level": int(opt_level),
-        "timing_cache": cache_path.name if cache_path is not None else None,
-        "timing_cache_loaded": bool(cache_blob),
-        "profile": profile.to_dict(),
-    }
     with atomic_path(dest) as tmp, (atomic_path(pro_dest) if pro_dest else contextlib.nullcontext()) as pro_tmp:
         _write_raw(tmp, plan_bytes)  # raw plans, no header
         if pro_tmp is not None:
@@ -296,8 +275,7 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
         extra = {k: v for k, v in src.extra.items() if k not in ("verification", "created", "tensorrt", "source")}
         extra["source"] = dict(src.get("source", {}), onnx=onnx_path.name, onnx_sha256=src.sha256)
         extra["tensorrt"] = {"version": str(trt.__version__), "gpu_name": gpu["name"],
-                             "compute_capability": gpu["compute_capability"],
-                             "version_compatible": bool(version_compatible), "build_flags": build_flags}
+                             "compute_capability": gpu["compute_capability"], **flags}
         if verify:
             progress(f"verifying {dest.name} against {onnx_path.name} on {gpu['name']} (profile min, opt, max)")
             extra["verification"] = verify_engine(plan_bytes, onnx_path, descriptor, steps=steps or src.verify_steps,
@@ -312,6 +290,20 @@ def build_engine(onnx_path: str | os.PathLike, descriptor: StepDescriptor | None
                             sha256=sha256_file(tmp), descriptor=descriptor.to_dict(), schedule=src.schedule,
                             model_config=src.model_config, toolkit_version=src.toolkit_version, extra=extra)
     return manifest.publish(dest)
+
+
+def _build_flags(profile: ShapeProfile, *, workspace: int, opt_level: int, version_compatible: bool,
+                 cache_path: Path | None) -> dict:
+    """The manifest's ``version_compatible`` and ``build_flags`` (read before the build touches the cache)."""
+    return {"version_compatible": bool(version_compatible), "build_flags": {
+        "strongly_typed": True,
+        "version_compatible": bool(version_compatible),
+        "workspace_bytes": int(workspace),
+        "builder_optimization_level": int(opt_level),
+        "timing_cache": cache_path.name if cache_path is not None else None,
+        "timing_cache_loaded": cache_path is not None and cache_path.is_file() and cache_path.stat().st_size > 0,
+        "profile": profile.to_dict(),
+    }}
 
 
 def _write_raw(path: Path, data: bytes) -> None:
@@ -458,16 +450,11 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
     then runs on each side's own prologue (both engines against both ONNX graphs), and the
     prologue engine is compared with its ONNX at the profile's min, opt and max shapes too.
     """
-    from rd_export.verify import OnnxPrologue, OnnxStep, check_report, compare_onnx, step_points, verification_cond
+    from rd_export.verify import OnnxPrologue, OnnxStep, check_report, compare_onnx
     from runtime.schedule import DDIMSchedule, ScheduleConfig
 
-    sc = ScheduleConfig()
-    if schedule:
-        sc = ScheduleConfig(num_train_timesteps=int(schedule["num_train_timesteps"]),
-                            beta_start=float(schedule["beta_start"]), beta_end=float(schedule["beta_end"]))
-    sched = DDIMSchedule(sc)
-    timesteps = sched.set_timesteps(steps)
-    coefs = sched.coefficients()
+    sched = DDIMSchedule(ScheduleConfig.from_dict(schedule) if schedule else ScheduleConfig())
+    sched.set_timesteps(steps)
     d = descriptor
     step = EngineStep(plan, d, device=device, allow_host_code=allow_host_code)
     pro_engine = EnginePrologue(prologue[0], device=device, allow_host_code=allow_host_code) if prologue else None
@@ -476,45 +463,72 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
         pro_ref = OnnxPrologue(prologue[1]) if prologue else None
         h, w = d.profile.min_size
         report = compare_onnx(step, reference, steps=steps, seed=seed, size=(int(h), int(w)),
-                              batch=d.profile.min_batch, schedule_config=sc, reference_prologue=pro_ref,
+                              batch=d.profile.min_batch, schedule_config=sched.config, reference_prologue=pro_ref,
                               candidate_prologue=pro_engine)
-        pro_points = []
-        if pro_engine is not None:
-            for k, (label, b, ph, pw) in enumerate([("min", d.profile.min_batch, *d.profile.min_size),
-                                                     *_profile_points(d)]):
-                y = verification_cond(b, ph, pw, seed + 211 + k)
-                got, want = pro_engine(y), pro_ref(y)
-                pro_points.append({"at": label, "shape": list(y.shape), "psnr_db": _step_psnr(got, want),
-                                   "finite": bool(np.isfinite(got).all())})
-        points = []
-        for k, (label, b, ph, pw) in enumerate(_profile_points(d)):
-            rows = []
-            for i, at in sorted({i: at for at, i in reversed(step_points(steps).items())}.items()):
-                t = int(timesteps[i])
-                feeds = _step_inputs(d, b, ph, pw, t, coefs[i], float(sched.alpha_bar[t]), seed + 101 + k)
-                got = step(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
-                want = reference(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
-                rows.append({"at": at, "t": t, "psnr_db": _step_psnr(got, want), "finite": bool(np.isfinite(got).all()),
-                             "max_abs": float(np.abs(got.astype(np.float64) - want).max())
-                             if np.isfinite(got).all() else float("inf")})
-            points.append({"at": label, "shape": list(spec_shapes(d, b, ph, pw)[d.X]), "steps": rows,
-                           "psnr_db": min(r["psnr_db"] for r in rows), "finite": all(r["finite"] for r in rows)})
+        pro_points = _prologue_points(pro_engine, pro_ref, d, seed) if pro_engine is not None else []
+        points = _profile_step_points(step, reference, d, sched, seed)
     finally:
         step.close()
         if pro_engine is not None:
             pro_engine.close()
     report["reference"] = "onnx"
     report["profile_points"] = points
-    problems = []
     if pro_points:
         report["prologue_points"] = pro_points
-        for p in pro_points:
-            shape = "x".join(str(v) for v in p["shape"])
-            if not p["finite"]:
-                problems.append(f"prologue NaN/Inf at the profile's {p['at']} shape {shape}")
-            elif not p["psnr_db"] >= ENGINE_MIN_PSNR_DB:
-                problems.append(f"prologue PSNR {p['psnr_db']:.2f} dB < {ENGINE_MIN_PSNR_DB:g} dB at the profile's "
-                                f"{p['at']} shape {shape}")
+    problems = _point_problems(pro_points, points)
+    try:
+        checked = check_report(report, min_psnr_db=ENGINE_MIN_PSNR_DB, max_step_abs=None, what="TensorRT engine")
+    except VerificationError as e:
+        raise VerificationError("; ".join([str(e), *problems])) from None
+    if problems:
+        raise VerificationError("TensorRT engine failed verification: " + "; ".join(problems))
+    return checked
+
+
+def _prologue_points(engine: EnginePrologue, reference, d: StepDescriptor, seed: int) -> list[dict]:
+    """The prologue engine vs its ONNX on the verification image at the profile's min, opt and max."""
+    from rd_export.verify import verification_cond
+
+    points = []
+    for k, (label, b, ph, pw) in enumerate([("min", d.profile.min_batch, *d.profile.min_size), *_profile_points(d)]):
+        y = verification_cond(b, ph, pw, seed + 211 + k)
+        got, want = engine(y), reference(y)
+        points.append({"at": label, "shape": list(y.shape), "psnr_db": _step_psnr(got, want),
+                       "finite": bool(np.isfinite(got).all())})
+    return points
+
+
+def _profile_step_points(step: EngineStep, reference, d: StepDescriptor, sched, seed: int) -> list[dict]:
+    """Single steps at high / middle / low t, engine vs ONNX, at the profile's optimum and maximum."""
+    from rd_export.verify import step_points
+
+    timesteps, coefs = sched.timesteps, sched.coefficients()
+    points = []
+    for k, (label, b, ph, pw) in enumerate(_profile_points(d)):
+        rows = []
+        for i, at in sorted({i: at for at, i in reversed(step_points(len(timesteps)).items())}.items()):
+            t = int(timesteps[i])
+            feeds = _step_inputs(d, b, ph, pw, t, coefs[i], float(sched.alpha_bar[t]), seed + 101 + k)
+            got = step(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
+            want = reference(feeds[d.X], feeds[d.COND], feeds[d.T], feeds[d.COEF])
+            rows.append({"at": at, "t": t, "psnr_db": _step_psnr(got, want), "finite": bool(np.isfinite(got).all()),
+                         "max_abs": float(np.abs(got.astype(np.float64) - want).max())
+                         if np.isfinite(got).all() else float("inf")})
+        points.append({"at": label, "shape": list(spec_shapes(d, b, ph, pw)[d.X]), "steps": rows,
+                       "psnr_db": min(r["psnr_db"] for r in rows), "finite": all(r["finite"] for r in rows)})
+    return points
+
+
+def _point_problems(pro_points: list[dict], points: list[dict]) -> list[str]:
+    """What fails ``ENGINE_MIN_PSNR_DB`` or is not finite, naming the shape (and t)."""
+    problems = []
+    for p in pro_points:
+        shape = "x".join(str(v) for v in p["shape"])
+        if not p["finite"]:
+            problems.append(f"prologue NaN/Inf at the profile's {p['at']} shape {shape}")
+        elif not p["psnr_db"] >= ENGINE_MIN_PSNR_DB:
+            problems.append(f"prologue PSNR {p['psnr_db']:.2f} dB < {ENGINE_MIN_PSNR_DB:g} dB at the profile's "
+                            f"{p['at']} shape {shape}")
     for p in points:
         shape = "x".join(str(v) for v in p["shape"])
         for r in p["steps"]:
@@ -523,13 +537,7 @@ def verify_engine(plan: bytes, onnx_path: str | os.PathLike, descriptor: StepDes
             elif not r["psnr_db"] >= ENGINE_MIN_PSNR_DB:
                 problems.append(f"step PSNR {r['psnr_db']:.2f} dB < {ENGINE_MIN_PSNR_DB:g} dB at the profile's "
                                 f"{p['at']} shape {shape}, t={r['t']}")
-    try:
-        checked = check_report(report, min_psnr_db=ENGINE_MIN_PSNR_DB, max_step_abs=None, what="TensorRT engine")
-    except VerificationError as e:
-        raise VerificationError("; ".join([str(e), *problems])) from None
-    if problems:
-        raise VerificationError("TensorRT engine failed verification: " + "; ".join(problems))
-    return checked
+    return problems
 
 
 __all__ += ["CudaError", "resolve_profile"]

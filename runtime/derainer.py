@@ -37,7 +37,7 @@ import numpy as np
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
 from runtime.manifest import Manifest
-from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+from runtime.schedule import DDIMSchedule, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
 __all__ = ["Derainer", "default_artifact", "default_overlap", "pad_reflect", "to_float", "to_uint8"]
@@ -145,13 +145,7 @@ class Derainer:
     def _configure(self, *, steps: int | None, seed: int, tile: int | None, overlap: int | None,
                    batch: int | None) -> None:
         manifest = self._backend.manifest
-        sched = manifest.schedule
-        try:
-            config = ScheduleConfig(num_train_timesteps=int(sched["num_train_timesteps"]),
-                                    beta_start=float(sched["beta_start"]), beta_end=float(sched["beta_end"]))
-        except ValueError as e:
-            raise ArtifactError(f"{self._backend.artifact.name}: manifest schedule is invalid ({e})") from None
-        self._schedule = DDIMSchedule(config)
+        self._schedule = DDIMSchedule(manifest.schedule_config)
         steps = manifest.default_steps if steps is None else steps
         if (isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps == 0
                 and self._backend.has_prologue):

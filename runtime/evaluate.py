@@ -5,8 +5,8 @@ For every rainy/clean pair (matched by file stem) three things are scored agains
 - the derained output (the model's score),
 - the rainy input as it is (``rainy``), and
 - the rainy input after its best global brightness shift (``matched``): rain brightens images, so
-  a model that only darkens already "gains" over the raw input (22.29 -> 25.94 dB on dev/sirr,
-  see docs/ARCHITECTURE.md). Deraining is claimed only above the ``matched`` baseline, with SSIM.
+  a model that only darkens already "gains" over the raw input (docs/ARCHITECTURE.md measures
+  how much). Deraining is claimed only above the ``matched`` baseline, with SSIM.
 
 The brightness shift is :func:`runtime.metrics.brightness_matched`: one constant added to R, G and
 B so that the mean of Y equals the clean image's (the least-squares-optimal shift of Y), clipped.

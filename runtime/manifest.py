@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from runtime.descriptor import StepDescriptor
-from runtime.errors import ArtifactError, ManifestError
+from runtime.errors import ArtifactError, EngineMismatchError, ManifestError
 from runtime.io import atomic_write_bytes
-from runtime.schedule import MIN_STEPS, steps_error
+from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
-__all__ = ["SCHEMA_VERSION", "Manifest", "manifest_path_for", "prologue_name", "sha256_file"]
+__all__ = ["SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -92,6 +92,15 @@ class Manifest:
     @property
     def step_descriptor(self) -> StepDescriptor:
         return StepDescriptor.from_dict(self.descriptor)
+
+    @property
+    def schedule_config(self) -> ScheduleConfig:
+        """The forward process of the model (``schedule`` without ``default_steps``); ManifestError
+        when the section does not make one (a manifest built by hand: a loaded one was validated)."""
+        try:
+            return ScheduleConfig.from_dict(self.schedule)
+        except ValueError as e:
+            raise ManifestError(f"manifest of {self.artifact}: invalid schedule ({e})") from None
 
     @property
     def default_steps(self) -> int:
@@ -205,6 +214,33 @@ class Manifest:
                 f"{artifact}: sha256 {actual[:12]}... does not match its manifest ({self.sha256[:12]}...); "
                 f"the file was modified or belongs to another build"
             )
+
+
+def load_manifest(artifact: str | os.PathLike, fmt: str | None = None) -> Manifest:
+    """The manifest of ``artifact``, checked before anything reads the artifact: the file exists,
+    the manifest beside it is valid, describes this file (and a ``fmt`` artifact, when given) and
+    its sha256 matches. The one loader of the toolkit (runtime backends, exporter, calibration).
+
+    Raises ArtifactError (no such file), ManifestError (no or an invalid manifest, another
+    format or file, an ONNX whose hash differs) or EngineMismatchError (a plan whose hash differs:
+    it was rebuilt or altered since its manifest was written).
+    """
+    path = Path(artifact)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact not found")
+    manifest = Manifest.for_artifact(path)
+    where = manifest_path_for(path)
+    if fmt is not None and manifest.format != fmt:
+        raise ManifestError(f"{where}: describes a {manifest.format!r} artifact, but {path.name} is {fmt!r}")
+    if manifest.artifact != path.name:
+        raise ManifestError(f"{where}: describes {manifest.artifact!r}, not {path.name!r}")
+    try:
+        manifest.check_artifact_hash(path)
+    except ManifestError as e:
+        if manifest.format == "trt":
+            raise EngineMismatchError(str(e)) from None
+        raise
+    return manifest
 
 
 def validate(d: Any, *, where: str = "manifest") -> None:

@@ -11,7 +11,7 @@ Conventions (paper notation, 1-based timesteps):
 - Algorithm 2 samples along tau_i = (i - 1) * T / S + 1 (i = 1..S), from tau_S down to
   tau_1, and the step after tau_1 goes to t = 0 (alpha_bar = 1). S >= ``MIN_STEPS`` = 2: with
   S = 1 the only step is at t = 1, where the update trusts x_t as all but clean, so x_T ~ N(0, I)
-  comes back as the output (measured on the shipped model: 11.1 dB on dev/sirr, the input 22.3).
+  comes back as the output (docs/ARCHITECTURE.md, "Steps").
 
 With eta = 0 one step from t to t_next is affine in (x_t, eps_hat)::
 

@@ -90,9 +90,9 @@ def test_the_fp16_comment_quotes_the_schedules_coefficients():
 
 
 def test_the_onnxruntime_backend_quotes_the_measured_speedup():
-    import runtime.backends.onnxruntime as backend
-
-    quoted = re.search(r"measured ([\d.]+)x torch eager on the 2-core", backend.__doc__)
+    """docs/ARCHITECTURE.md (which the backend's docstring cites for its optimisation level) quotes
+    the CI CPU's measured speed-up as docs/benchmarks.md has it."""
+    quoted = re.search(r"onnxruntime FP32 \*\*([\d.]+)x\*\* torch eager", ARCH.read_text(encoding="utf-8"))
     table = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8")
     measured = re.search(r"\| onnxruntime FP32 \(Derainer, full frame\) \|[^\n]*\*\*([\d.]+)\*\* \|", table)
     assert quoted and measured and quoted[1] == measured[1], (quoted, measured)

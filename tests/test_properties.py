@@ -310,12 +310,10 @@ def valid_manifest(draw):
     beta_start = draw(st.floats(1e-6, 1e-2))
     num_train = draw(st.integers(2, 2000))
     extra = {}
-    cond_channels = draw(st.sampled_from([3, 6]))  # 6: predict-and-refine, whose manifest names its prologue
     artifact = draw(plain_name)
-    if cond_channels == 6:
-        extra["prologue"] = {"artifact": draw(plain_name.filter(lambda n: n != artifact)), "sha256": draw(hex64),
-                             **draw(st.dictionaries(st.sampled_from(["precision", "note"]), st.text(max_size=6),
-                                                    max_size=2))}
+    refines = draw(st.booleans())  # predict-and-refine: a 6-channel cond and its prologue entry go together
+    if refines:
+        extra["prologue"] = {"artifact": draw(plain_name.filter(lambda n: n != artifact)), "sha256": draw(hex64)}
     for key, types in _OPTIONAL.items():
         if key != "prologue" and draw(st.booleans()):
             kind = types[0]
@@ -327,7 +325,7 @@ def valid_manifest(draw):
     return Manifest(
         artifact=artifact, format=draw(st.sampled_from(FORMATS)), precision=draw(st.sampled_from(PRECISIONS)),
         model=draw(st.sampled_from(MODELS)), sha256=draw(hex64),
-        descriptor=StepDescriptor(size_multiple=m, profile=prof, cond_channels=cond_channels).to_dict(),
+        descriptor=StepDescriptor(size_multiple=m, profile=prof, cond_channels=6 if refines else 3).to_dict(),
         schedule={"num_train_timesteps": num_train, "beta_start": beta_start,
                   "beta_end": beta_start + draw(st.floats(0, 0.1)), "default_steps": draw(st.integers(2, num_train))},
         model_config=draw(st.dictionaries(st.text(max_size=6), finite_json, max_size=3)),

@@ -127,3 +127,87 @@ def test_training_uses_runtime_alpha_bar():
     from training.config import model_preset
 
     assert np.array_equal(RainDiffusion(model_preset("tiny")).alpha_bar.numpy(), sched.alpha_bar)
+
+
+# ------------------------------------------------------------------ one (de)serialisation of the schedule
+def test_schedule_config_to_dict_is_golden_and_from_dict_inverts_it():
+    """Checkpoints ("diffusion"), manifests ("schedule") and every reader use these two functions."""
+    cfg = ScheduleConfig(num_train_timesteps=500, beta_start=2e-4, beta_end=0.01)
+    assert cfg.to_dict() == {"num_train_timesteps": 500, "beta_start": 2e-4, "beta_end": 0.01}
+    assert ScheduleConfig.from_dict(cfg.to_dict()) == cfg
+    # a manifest's section carries default_steps too; numbers may come back from JSON as other types
+    assert ScheduleConfig.from_dict({**cfg.to_dict(), "default_steps": 10}) == cfg
+    assert ScheduleConfig.from_dict({"num_train_timesteps": 500.0, "beta_start": "2e-4", "beta_end": 0.01}) == cfg
+    assert ScheduleConfig.from_dict(ScheduleConfig().to_dict()) == ScheduleConfig()
+
+
+@pytest.mark.parametrize("d,match", [
+    ({"beta_start": 1e-4, "beta_end": 0.02}, "schedule is missing 'num_train_timesteps'"),
+    ({"num_train_timesteps": "many", "beta_start": 1e-4, "beta_end": 0.02}, "schedule is invalid"),
+    ({"num_train_timesteps": 1000, "beta_start": 0.03, "beta_end": 0.02}, "beta_start <= beta_end"),
+])
+def test_schedule_config_from_dict_names_the_problem(d, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleConfig.from_dict(d)
+
+
+def test_manifest_schedule_config_is_from_dict_and_a_bad_one_is_a_manifest_error():
+    from runtime.derainer import default_artifact
+    from runtime.errors import ManifestError
+    from runtime.manifest import Manifest
+
+    m = Manifest.for_artifact(default_artifact())
+    assert m.schedule_config == ScheduleConfig.from_dict(m.schedule) == ScheduleConfig()
+    m.schedule = {"default_steps": 3}
+    with pytest.raises(ManifestError, match=r"manifest of default\.onnx: invalid schedule \(schedule is missing"):
+        _ = m.schedule_config
+
+
+def test_model_configs_round_trip_the_shipped_checkpoints_schedule():
+    """training.config.ModelConfigs reads and writes "diffusion" through ScheduleConfig's own pair."""
+    pytest.importorskip("torch")
+    from pathlib import Path
+
+    from training.checkpoint import load_checkpoint, model_configs
+
+    ckpt = load_checkpoint(Path(__file__).resolve().parents[1] / "training" / "assets" / "default.pt")
+    cfgs = model_configs(ckpt)
+    assert cfgs.schedule == ScheduleConfig()
+    assert cfgs.to_dict()["diffusion"] == ckpt["config"]["diffusion"] == ScheduleConfig().to_dict()
+
+
+# ------------------------------------------------------------------ the one DDIM loop
+def test_sample_loop_is_the_schedule_step_loop_and_shows_each_steps_inputs():
+    """``sample_loop`` over a fused step equals DDIMSchedule.step over the same estimator (the
+    loop that training's reference, verification and calibration each wrote before), and
+    ``on_step`` sees the exact (t, coef) rows of the coefficient table."""
+    from runtime.schedule import sample_loop
+
+    rng = np.random.default_rng(3)
+    cond = rng.uniform(-1, 1, (2, 3, 4, 4)).astype(np.float32)
+    x_T = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+
+    def eps_theta(x_t, c, t):  # a dummy estimator that depends on every input
+        return (0.3 * x_t - 0.2 * c + t[:, None, None, None] / 1000.0).astype(np.float32)
+
+    def fused(x_t, c, t, coef):
+        a, b, cc, d = (coef[:, k, None, None, None] for k in range(4))
+        eps_hat = eps_theta(x_t, c, t)
+        return cc * (a * x_t - b * eps_hat) + d * eps_hat
+
+    sched = DDIMSchedule()
+    sched.set_timesteps(5)
+    seen = []
+    got = sample_loop(fused, x_T, cond, sched, on_step=lambda i, x, t, coef: seen.append((i, t.copy(), coef.copy())))
+
+    want = x_T.astype(np.float64)
+    for t in sched.timesteps:
+        want, _ = sched.step(eps_theta(want, cond, np.full(2, float(t))), int(t), want)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    table = sched.coefficients()
+    assert [i for i, _, _ in seen] == [0, 1, 2, 3, 4]
+    for i, t, coef in seen:
+        assert t.dtype == np.float32 and t.tolist() == [float(sched.timesteps[i])] * 2
+        assert coef.shape == (2, 4) and np.array_equal(coef, np.repeat(table[i][None], 2, axis=0))
+    with pytest.raises(RuntimeError, match=r"set_timesteps\(num_steps\) before sample_loop"):
+        sample_loop(fused, x_T, cond, DDIMSchedule())

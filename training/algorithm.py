@@ -112,8 +112,8 @@ class RainDiffusion(nn.Module):
         ``lambda_idt > 0`` (``--lambda-idt``, CycleGAN's identity loss, a deviation) adds
         ``lambda_idt * (|G_B(x) - x|_1 + |G_A(y) - y|_1)``: each generator leaves an image that is
         already in its target domain unchanged, which keeps colour and tone.
-        ``cond_drop`` and ``lambda_sds`` are issue 8's candidate 1 (a non-adversarial prior, a
-        deviation): the noise losses of the two *real* images (A on clean x, B on rainy y) drop their
+        ``cond_drop`` and ``lambda_sds`` are a non-adversarial prior (a deviation, docs/training.md):
+        the noise losses of the two *real* images (A on clean x, B on rainy y) drop their
         condition with probability ``cond_drop``, so eps_A(., 0, t) learns the clean photos and
         eps_B(., 0, t) the rainy ones; ``lambda_sds`` times :func:`sds_loss` then pulls G_B(y) toward
         the clean prior (and G_A(x), where it is computed, toward the rainy one).
@@ -125,7 +125,7 @@ class RainDiffusion(nn.Module):
         g_a_x = None if render else self.G_A(x)  # x' = G_A(x): clean -> rainy (needed before G_B)
         x_p = g_a_x
         if render:
-            # Deviation (--ntb render, issue 8): the rain renderer plays G_A on the clean branch,
+            # Deviation (--ntb render, docs/training.md): the rain renderer plays G_A on the clean branch,
             # so x' is a real rainy version of x and every clean-branch term learns from it.
             if x_syn is None:
                 raise ValueError("ntb='render' needs x_syn = synthrain(x)")
@@ -162,26 +162,26 @@ class RainDiffusion(nn.Module):
         # 6: cycle consistency L_cyc = |x'' - x|_1 + |y'' - y|_1.
         cyc = F.l1_loss(x_pp, x) + F.l1_loss(y_pp, y)
         loss = A_x + B_xp + B_y + A_yp + lambda_cyc * cyc
-        # Deviation (--ntb synthetic, issue 8): synthetic rain as a weak prior for G_A.
+        # Deviation (--ntb synthetic): synthetic rain as a weak prior for G_A.
         syn = torch.zeros((), device=x.device)
         if NTBMode(ntb) is NTBMode.synthetic:
             if x_syn is None:
                 raise ValueError("ntb='synthetic' needs x_syn = synthrain(x)")
             syn = F.l1_loss(x_p, x_syn)
             loss = loss + lambda_syn * syn
-        # Deviation (--lambda-adv, issue 8): CycleGAN's discriminators judge the NTB's outputs.
+        # Deviation (--lambda-adv): CycleGAN's discriminators judge the NTB's outputs.
         adv = torch.zeros((), device=x.device)
         out: dict = {}
         if disc is not None:
             adv = lsgan_generator_loss(disc.D_clean, y_p) + lsgan_generator_loss(disc.D_rainy, g_a_x)
             loss = loss + lambda_adv * adv
             out["fakes"] = (y_p.detach(), g_a_x.detach())
-        # Deviation (--lambda-idt, issue 8): CycleGAN's identity loss.
+        # Deviation (--lambda-idt): CycleGAN's identity loss.
         idt = torch.zeros((), device=x.device)
         if lambda_idt > 0:
             idt = F.l1_loss(self.G_B(x), x) + F.l1_loss(self.G_A(y), y)
             loss = loss + lambda_idt * idt
-        # Deviation (--lambda-sds, issue 8 candidate 1): score distillation under the unconditional priors.
+        # Deviation (--lambda-sds): score distillation under the unconditional priors.
         sds = torch.zeros((), device=x.device)
         if lambda_sds > 0:
             surrogate, sds = sds_loss(self.eps_A, y_p, self.alpha_bar)  # G_B(y) toward clean photos

@@ -1,6 +1,7 @@
 """``rd-train``: train RainDiffusion and run the reference sampler.
 
-    rd-train fit --clean DIR --rainy DIR --out RUN_DIR [--config small] [--steps N] ...
+    rd-train fit --clean DIR --rainy DIR --out RUN_DIR [--recipe NAME] [--config small] [--steps N] ...
+    rd-train recipes                                             (the named recipes and their options)
     rd-train sample RUN_DIR/model.pt rainy.png ... -o OUT_DIR [--steps 10]
     torchrun --nproc_per_node=2 -m training.cli fit ...        (DDP)
 
@@ -26,6 +27,7 @@ from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, check_steps, error_exi
 from runtime.errors import UsageError
 from training.config import NTBMode, Preset
 from training.multiscale import PREDICTIONS
+from training.recipes import RECIPES, recipe_flags
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings=HELP_OPTIONS, cls=one_line_group(""),
@@ -33,10 +35,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 #: What a training run directory holds (training.train.fit): a folder with any of these is a run.
 RUN_FILES = ("last.pt", "model.pt", "metrics.jsonl", "config.json")
-#: Defaults --config tiny applies when --crop / --batch / --val-size are not given. Its U-Net has
-#: two levels, so self-attention works at half the crop: over 4,096 tokens at crop 128 (~45-100 s
-#: and ~9 GB a step on a CPU), over 256 at crop 32 (docs/field_tests.md has the measurements).
-TINY_DEFAULTS = {"crop": 32, "batch": 4, "val_size": 32}
 _state = {"debug": False}
 
 
@@ -63,6 +61,11 @@ class Condition(str, Enum):
 
 #: --prediction's choices: what the estimators may predict (training.multiscale.PREDICTIONS).
 Prediction = Enum("Prediction", {p: p for p in PREDICTIONS}, type=str)
+#: --recipe's choices: the named recipes of training.recipes.
+RecipeName = Enum("RecipeName", {r: r for r in RECIPES}, type=str)
+RECIPE_HELP = ("Start from a named recipe's settings (docs/training.md; `rd-train recipes` lists each one's "
+               "options); options given explicitly override it, and the run's config records it. "
+               + " ".join(f"{r.name} = {recipe_flags(r)}: {r.summary}." for r in RECIPES.values()))
 
 
 def _console() -> Console:
@@ -168,6 +171,7 @@ def fit(
         help="Folder of rainy images (unpaired); repeat the option for several folders.", exists=True,
         file_okay=False)],
     out: Annotated[Path, typer.Option(help="Run directory (metrics.jsonl, last.pt, model.pt, config.json).")],
+    recipe: Annotated[RecipeName | None, typer.Option(help=RECIPE_HELP)] = None,
     config: Annotated[Preset | None, typer.Option(
         help="Model: tiny (tests and smoke runs: crop 32, batch 4 and val-size 32 unless given; seconds a "
              "step on a CPU), small (default; the paper's y-only condition), edge (predict-and-refine: P = "
@@ -188,7 +192,8 @@ def fit(
     val_clean: Annotated[Path | None, typer.Option(help="Paired validation: clean folder (same file names).",
                                                    exists=True, file_okay=False)] = None,
     ntb: Annotated[NTBMode | None, typer.Option(
-        help="faithful = exactly Algorithm 1 (cycle L1 only; collapses to identity generators in our runs). "
+        help="faithful = exactly Algorithm 1 (cycle L1 only; collapses to identity generators on unpaired "
+             "data: docs/quality.md). "
              "synthetic (default) = documented deviation adding lambda_syn * |G_A(x) - synthrain(x)|_1, "
              "synthetic rain as a weak prior for G_A. render = documented deviation: the rain renderer "
              "replaces G_A on the clean branch (x' = synthrain(x)).")] = None,
@@ -199,20 +204,20 @@ def fit(
     lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
     lambda_adv: Annotated[float | None, typer.Option(
         help="Weight of CycleGAN's LSGAN term: PatchGAN discriminators judge G_B(y) against clean photos "
-             "and G_A(x) against rainy ones (documented deviation, issue 8; 0 = off, the paper). CycleGAN's "
+             "and G_A(x) against rainy ones (documented deviation, docs/training.md; 0 = off, the paper). CycleGAN's "
              "ratio to the cycle L1 is 1:10, i.e. 0.1 here. [0]")] = None,
     lambda_idt: Annotated[float | None, typer.Option(
         help="Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1, which keeps the "
-             "generators from changing colour and tone (documented deviation, issue 8; 0 = off). CycleGAN "
+             "generators from changing colour and tone (documented deviation, docs/training.md; 0 = off). CycleGAN "
              "uses half the cycle weight, i.e. 0.5 here. [0]")] = None,
     cond_drop: Annotated[float | None, typer.Option(
         help="Probability that the noise losses of the real images drop their condition, so the "
              "estimators also learn unconditional priors of clean and rainy photos (classifier-free "
-             "guidance style; issue 8 candidate 1, a documented deviation). [0]")] = None,
+             "guidance style; a documented deviation, docs/training.md). [0]")] = None,
     lambda_sds: Annotated[float | None, typer.Option(
         help="Weight of the score-distillation prior: the unconditional derain estimator pulls G_B(y) "
              "toward clean photos (and the rain estimator G_A(x) toward rainy ones). Needs --cond-drop "
-             "(issue 8 candidate 1, a documented deviation; 0 = off). [0]")] = None,
+             "(a documented deviation, docs/training.md; 0 = off). [0]")] = None,
     detach_cond: Annotated[bool | None, typer.Option(
         "--detach-cond/--no-detach-cond",
         help="Detach generator outputs used as diffusion conditions (the paper does not). [no]")] = None,
@@ -263,9 +268,7 @@ def fit(
 
     def go():
         _set_threads(threads)
-        from training.config import model_preset
         from training.train import fit as fit_run
-        from training.train import resolve_train_config
 
         overrides = {k: v for k, v in {
             "steps": steps, "batch": batch, "crop": crop, "lr": lr, "gen_lr": gen_lr, "freeze_ntb": freeze_ntb,
@@ -277,37 +280,10 @@ def fit(
             "snapshot_every": snapshot_every, "val_every": val_every, "val_steps": val_steps, "val_size": val_size,
             "log_every": log_every,
         }.items() if v is not None}
-        preset = config.value if config else None
         _check_run_dir(out, resume, overwrite)
-        init_ckpt = None
-        if init is not None:
-            if scales is not None or config is not None:
-                raise UsageError("--init takes the model's shape from the checkpoint: drop --scales/--config")
-            from training.checkpoint import load_checkpoint
-
-            init_ckpt = load_checkpoint(init)
-            preset = (init_ckpt.get("config", {}).get("train") or {}).get("preset") if resume is None else None
-        if preset == "tiny" and resume is None:  # a resumed run keeps its own crop and batch
-            overrides = {**TINY_DEFAULTS, **overrides}
-        train = resolve_train_config(resume, overrides, preset)
-        models = None
-        pred = prediction.value if prediction else None
-        if init_ckpt is not None:
-            from training.checkpoint import model_configs
-
-            models = model_configs(init_ckpt)
-            if prediction is not None:
-                models.estimator.prediction = pred
-        elif resume is None:
-            try:
-                sc = tuple(float(s) for s in scales.split(",")) if scales else None
-            except ValueError:
-                raise UsageError(f"--scales must be comma-separated numbers like 1,0.5,0.25, got {scales!r}") from None
-            models = model_preset(train.preset, scales=sc, prediction=pred,
-                                  cond_channels=None if condition is None else Condition(condition).channels)
-        elif scales is not None or prediction is not None or condition is not None:
-            raise UsageError("--scales/--prediction/--condition cannot change when resuming (the checkpoint fixes "
-                             "the model)")
+        train, models, init_ckpt = _resolve_run(overrides, resume=resume, init=init, preset=config,
+                                                recipe=recipe, scales=scales, prediction=prediction,
+                                                condition=condition)
         import os
 
         rank = int(os.environ.get("RANK", "0"))
@@ -321,6 +297,54 @@ def fit(
                              highlight=False)
 
     _run(go)
+
+
+def _resolve_run(overrides: dict, *, resume: Path | None, init: Path | None, preset: Preset | None,
+                 recipe: Enum | None, scales: str | None, prediction: Enum | None,
+                 condition: Condition | None = None):
+    """(TrainConfig, ModelConfigs or None, the --init checkpoint or None) of ``rd-train fit``.
+
+    The model's shape comes from --resume's or --init's checkpoint when given, else from
+    --config (or the recipe's preset) with --scales, --prediction and --condition (or the recipe's).
+    """
+    from training.checkpoint import load_checkpoint, model_configs
+    from training.config import model_preset
+    from training.recipes import get_recipe
+    from training.train import resolve_train_config
+
+    r = get_recipe(recipe.value) if recipe is not None else None
+    preset_name = preset.value if preset is not None else None
+    pred = prediction.value if prediction is not None else None
+    init_ckpt = None
+    if init is not None:
+        if scales is not None or preset is not None:
+            raise UsageError("--init takes the model's shape from the checkpoint: drop --scales/--config")
+        init_ckpt = load_checkpoint(init)
+        preset_name = (init_ckpt.get("config", {}).get("train") or {}).get("preset") if resume is None else None
+        if r is not None and r.preset and preset_name and r.preset != preset_name:
+            raise UsageError(f"--recipe {r.name} trains the {r.preset} model, but --init {init} holds a "
+                             f"{preset_name} model")
+    train = resolve_train_config(resume, overrides, preset_name, recipe=r.name if r is not None else None)
+    if resume is None and pred is None and r is not None:
+        pred = r.prediction
+    if init_ckpt is not None:
+        if condition is not None:
+            raise UsageError("--init takes the model's condition from the checkpoint: drop --condition")
+        models = model_configs(init_ckpt)
+        if pred is not None:
+            models.estimator.prediction = pred
+        return train, models, init_ckpt
+    if resume is not None:
+        if scales is not None or prediction is not None or condition is not None:
+            raise UsageError("--scales/--prediction/--condition cannot change when resuming (the checkpoint fixes "
+                             "the model)")
+        return train, None, None
+    try:
+        sc = tuple(float(s) for s in scales.split(",")) if scales else None
+    except ValueError:
+        raise UsageError(f"--scales must be comma-separated numbers like 1,0.5,0.25, got {scales!r}") from None
+    return train, model_preset(train.preset, scales=sc, prediction=pred,
+                               cond_channels=None if condition is None else Condition(condition).channels), None
 
 
 def _run_files(out: Path) -> list[str]:
@@ -355,6 +379,22 @@ def _check_run_dir(out: Path, resume: Path | None, overwrite: bool) -> None:
 def _clear_run_dir(out: Path) -> None:
     for name in _run_files(out):
         (out / name).unlink()
+
+
+@app.command()
+def recipes(json_out: Annotated[bool, typer.Option("--json", help="Print them as JSON on stdout.")] = False) -> None:
+    """List the named recipes of `rd-train fit --recipe` and the options each one stands for."""
+
+    def go():
+        if json_out:
+            sys.stdout.write(json.dumps({r.name: {"summary": r.summary, "preset": r.preset, "prediction": r.prediction,
+                                                   "train": dict(r.train), "options": recipe_flags(r)}
+                                         for r in RECIPES.values()}) + "\n")
+            return
+        for r in RECIPES.values():
+            sys.stdout.write(f"{r.name}: {r.summary}\n    {recipe_flags(r)}\n")
+
+    _run(go)
 
 
 @app.command()

@@ -20,15 +20,14 @@ from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 from training.multiscale import EstimatorConfig
 from training.unet import UNetConfig
 
-__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset", "schedule_to_dict",
-           "schedule_from_dict"]
+__all__ = ["NTBMode", "Preset", "TrainConfig", "ModelConfigs", "model_preset", "PRESET_TRAIN_DEFAULTS"]
 
 
 class NTBMode(str, Enum):
-    """How the NTB generators are trained (issue 8).
+    """How the NTB generators are trained (docs/training.md has each mode's origin and results).
 
-    - ``faithful``: exactly Algorithm 1 (cycle L1 only). Measured here to collapse to identity
-      generators on unpaired CPU-scale runs (docs/ARCHITECTURE.md), so it is kept for ablations.
+    - ``faithful``: exactly Algorithm 1 (cycle L1 only), which identity generators satisfy: on
+      unpaired data it collapses to them (docs/ARCHITECTURE.md), so it serves ablations.
     - ``synthetic``: documented deviation. Adds ``lambda_syn * |G_A(x) - synthrain(x)|_1``: the
       synthetic rain renderer is a weak prior for G_A (the Syn2Real line), so x' = G_A(x) looks
       rainy, the clean-side cycle |G_B(G_A(x)) - x| teaches G_B to derain, and the DTB's A-loss
@@ -63,7 +62,7 @@ class TrainConfig:
     crop: int = 128
     lr: float = 2e-5
     #: Learning rate of the NTB generators (G_A, G_B); None = ``lr``. A lower one slows the
-    #: generators' tone drift under the score-distillation prior (issue 8).
+    #: generators' tone drift under the score-distillation prior.
     gen_lr: float | None = None
     #: Keep the NTB generators G_A, G_B fixed (train the estimators only): refining on a predictor
     #: trained before (predict-and-refine's last stage).
@@ -82,7 +81,7 @@ class TrainConfig:
     #: Weight of CycleGAN's identity loss |G_B(x) - x|_1 + |G_A(y) - y|_1 (0 = off, the paper).
     lambda_idt: float = 0.0
     #: Probability that the noise losses of the real images (A on clean x, B on rainy y) drop their
-    #: condition (issue 8 candidate 1: the estimators also learn unconditional priors).
+    #: condition, so the estimators also learn unconditional priors (what ``lambda_sds`` distils).
     cond_drop: float = 0.0
     #: Weight of the score-distillation prior on the generators (needs cond_drop > 0; 0 = off).
     lambda_sds: float = 0.0
@@ -102,6 +101,8 @@ class TrainConfig:
     val_size: int = 128
     val_max_images: int = 8
     preset: str = Preset.small.value
+    #: The named recipe (training.recipes) whose defaults this run started from; None: none.
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch", "crop", "disc_channels", "ckpt_every", "val_every", "log_every",
@@ -126,6 +127,8 @@ class TrainConfig:
         if self.lambda_sds > 0 and self.cond_drop == 0:
             raise UsageError("lambda_sds needs cond_drop > 0: the prior is the estimators' unconditional "
                              "model, which only condition dropout trains")
+        if self.recipe is not None and not isinstance(self.recipe, str):
+            raise UsageError(f"recipe must be a recipe's name, got {self.recipe!r}")
         if not 0 <= self.ema_decay < 1:
             raise UsageError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         from training.synthrain import RAIN_STYLES
@@ -157,24 +160,19 @@ class ModelConfigs:
     def to_dict(self) -> dict:
         est = self.estimator.to_dict()
         return {"unet": est["unet"], "estimator": est, "ntb_unet": self.ntb_unet.to_dict(),
-                "diffusion": schedule_to_dict(self.schedule)}
+                "diffusion": self.schedule.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfigs:
         return cls(estimator=EstimatorConfig.from_dict(d["estimator"]),
                    ntb_unet=UNetConfig.from_dict(d["ntb_unet"]),
-                   schedule=schedule_from_dict(d["diffusion"]))
+                   schedule=ScheduleConfig.from_dict(d["diffusion"]))
 
 
-def schedule_to_dict(cfg: ScheduleConfig) -> dict:
-    return {"num_train_timesteps": int(cfg.num_train_timesteps), "beta_start": float(cfg.beta_start),
-            "beta_end": float(cfg.beta_end)}
-
-
-def schedule_from_dict(d: dict) -> ScheduleConfig:
-    return ScheduleConfig(num_train_timesteps=int(d["num_train_timesteps"]), beta_start=float(d["beta_start"]),
-                          beta_end=float(d["beta_end"]))
-
+#: TrainConfig defaults a preset brings to a new run, under a recipe's and the explicit options.
+#: tiny's U-Net has two levels, so self-attention works at half the crop: over 4,096 tokens at
+#: crop 128, over 256 at crop 32 (docs/field_tests.md measures the difference).
+PRESET_TRAIN_DEFAULTS: dict[str, dict] = {Preset.tiny.value: {"crop": 32, "batch": 4, "val_size": 32}}
 
 #: (prediction, cond_channels) of each preset when not given.
 PRESET_DEFAULTS = {Preset.edge: ("x0_residual", 6)}

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "setup", "cleanup", "gather_objects", "unwrap", "barrier"]
+__all__ = ["DistInfo", "setup", "cleanup", "gather_objects", "unwrap", "wrap", "barrier"]
 
 
 @dataclass
@@ -75,3 +75,12 @@ def gather_objects(obj, info: DistInfo) -> list:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap(module: nn.Module | None, info: DistInfo) -> nn.Module | None:
+    """``module`` in DistributedDataParallel on this rank's device when distributed, else itself
+    (None stays None: the optional discriminators)."""
+    if module is None or not info.distributed:
+        return module
+    dev = info.device
+    return nn.parallel.DistributedDataParallel(module, device_ids=[dev.index] if dev.type == "cuda" else None)

@@ -1,8 +1,8 @@
-"""CycleGAN's discriminators for the NTB (issue 8, candidate 2): a documented deviation.
+"""CycleGAN's discriminators for the NTB: a documented deviation (docs/training.md).
 
-The paper trains G_A / G_B with the cycle L1 alone, which is satisfied exactly by identity
-generators (measured: they collapse to it). ``--lambda-adv > 0`` adds CycleGAN's remedy to the
-NTB only; the DTB stays non-adversarial:
+The paper trains G_A / G_B with the cycle L1 alone, which identity generators satisfy exactly
+(and unpaired training collapses to them: docs/quality.md). ``--lambda-adv > 0`` adds CycleGAN's
+remedy to the NTB only; the DTB stays non-adversarial:
 
 - two PatchGAN discriminators (Isola et al., pix2pix; Zhu et al., CycleGAN): ``D_clean`` scores
   patches of clean-domain images (real clean photos x vs G_B(y)), ``D_rainy`` rainy-domain ones

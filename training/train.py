@@ -36,11 +36,12 @@ from runtime.metrics import brightness_matched, psnr_y, ssim_y
 from training import ddp
 from training.algorithm import RainDiffusion, algorithm1_step
 from training.checkpoint import check_state_dict, load_checkpoint, model_configs, save_checkpoint, strip_checkpoint
-from training.config import ModelConfigs, NTBMode, TrainConfig, model_preset
+from training.config import PRESET_TRAIN_DEFAULTS, ModelConfigs, NTBMode, TrainConfig, model_preset
 from training.data import UnpairedSampler, load_folders
 from training.diffusion import ddim_sample, to_tensor, to_uint8
 from training.gan import Discriminators
 from training.multiscale import Prologue
+from training.recipes import get_recipe
 from training.synthrain import rain_batch
 
 __all__ = ["EMA", "Reporter", "FitResult", "fit", "resolve_train_config", "validate", "load_val_pairs"]
@@ -132,13 +133,24 @@ class FitResult:
     records: list[dict] = field(default_factory=list)
 
 
-def resolve_train_config(resume: Path | None, overrides: dict, preset: str | None = None) -> TrainConfig:
-    """A fresh run: TrainConfig(**overrides). A resumed run: the checkpoint's TrainConfig with the
-    given overrides on top (so resuming continues the same run unless told otherwise)."""
+def resolve_train_config(resume: Path | None, overrides: dict, preset: str | None = None,
+                         recipe: str | None = None) -> TrainConfig:
+    """The TrainConfig of a run.
+
+    A fresh run layers, each over the one before: TrainConfig's defaults, the preset's
+    (``PRESET_TRAIN_DEFAULTS``: tiny's small crops), the recipe's (training.recipes), then
+    ``overrides`` (the options given). ``preset`` None takes the recipe's, else ``small``. A
+    resumed run: the checkpoint's TrainConfig with ``overrides`` on top (so resuming continues
+    the same run unless told otherwise); ``preset`` and ``recipe`` must then be the checkpoint's.
+    """
     if resume is None:
-        if preset is not None:
-            overrides = {**overrides, "preset": preset}
-        return TrainConfig(**overrides)
+        r = get_recipe(recipe) if recipe is not None else None
+        preset = preset or (r.preset if r is not None else None) or TrainConfig.preset
+        layered = {**PRESET_TRAIN_DEFAULTS.get(preset, {}), **(dict(r.train) if r is not None else {}),
+                   **overrides, "preset": preset}
+        if r is not None:
+            layered["recipe"] = r.name
+        return TrainConfig(**layered)
     ckpt = load_checkpoint(resume)
     base = ckpt["config"].get("train")
     if base is None or "optimizer" not in ckpt or "rng" not in ckpt:
@@ -147,6 +159,9 @@ def resolve_train_config(resume: Path | None, overrides: dict, preset: str | Non
     if preset is not None and preset != base.get("preset"):
         raise UsageError(f"--config {preset} differs from the checkpoint's preset {base.get('preset')!r}; "
                          f"drop --config when resuming")
+    if recipe is not None and recipe != base.get("recipe"):
+        raise UsageError(f"--recipe {recipe} differs from the checkpoint's recipe {base.get('recipe')!r}; "
+                         f"drop --recipe when resuming (the run keeps its own settings)")
     return TrainConfig.from_dict({**base, **overrides})
 
 
@@ -293,6 +308,155 @@ def split_param_groups(state: dict, sizes: list[int]) -> dict:
     return {**state, "param_groups": groups}
 
 
+@dataclass
+class _Networks:
+    """What one step of training updates: Algorithm 1's four networks, the EMA of the two
+    estimators, their optimiser, and CycleGAN's discriminators with their own (``lambda_adv``)."""
+
+    model: RainDiffusion
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    disc: Discriminators | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+
+    @classmethod
+    def build(cls, models: ModelConfigs, train: TrainConfig, dev: torch.device) -> _Networks:
+        model = RainDiffusion(models).to(dev)
+        ema = EMA(model, train.ema_decay, train.ema_warmup)
+        if train.freeze_ntb:  # no gradient reaches G_A / G_B: Adam skips them (they stay in the groups' order)
+            model.G_A.requires_grad_(False)
+            model.G_B.requires_grad_(False)
+        optimizer = torch.optim.Adam(param_groups(model, train), betas=(train.beta1, train.beta2))
+        nets = cls(model, ema, optimizer)
+        if train.lambda_adv > 0:  # deviation: CycleGAN's discriminators for the NTB (docs/training.md)
+            nets.disc = Discriminators(channels=train.disc_channels).to(dev)
+            nets.disc_optimizer = torch.optim.Adam(nets.disc.parameters(), lr=train.lr,
+                                                   betas=(train.beta1, train.beta2))
+        return nets
+
+    def restore(self, ckpt: dict, train: TrainConfig, where: str) -> int:
+        """Load a last.pt (weights, EMA, optimisers) and apply this run's learning rates; the step."""
+        st = ckpt["state"]
+        for name in ("G_A", "G_B", "eps_A", "eps_B"):
+            getattr(self.model, name).load_state_dict(st[name])
+        self.ema.ema_A.load_state_dict(st["ema_A"])
+        self.ema.ema_B.load_state_dict(st["ema_B"])
+        self.ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
+        sizes = [len(g["params"]) for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(split_param_groups(ckpt["optimizer"], sizes))
+        if self.disc is not None and "disc" in st:  # else: discriminators added on resume start fresh
+            check_state_dict(self.disc, st["disc"], "disc", where)
+            self.disc.load_state_dict(st["disc"])
+            self.disc_optimizer.load_state_dict(ckpt["optimizer_disc"])
+        for g, g_lr in zip(self.optimizer.param_groups, _group_lrs(train)):
+            g["lr"] = g_lr  # a resumed run may change the learning rates
+        for g in self.disc_optimizer.param_groups if self.disc_optimizer else []:
+            g["lr"] = train.lr
+        return int(ckpt["step"])
+
+    def checkpoint(self, config: dict, step: int, rngs: list) -> dict:
+        """The full training checkpoint (last.pt): everything :meth:`restore` reads back."""
+        m, e = self.model, self.ema
+        full = {"config": config, "step": step, "ema_updates": e.updates,
+                "state": {"G_A": m.G_A.state_dict(), "G_B": m.G_B.state_dict(), "eps_A": m.eps_A.state_dict(),
+                          "eps_B": m.eps_B.state_dict(), "ema_A": e.ema_A.state_dict(),
+                          "ema_B": e.ema_B.state_dict()},
+                "optimizer": self.optimizer.state_dict(), "rng": rngs}
+        if self.disc is not None:
+            full["state"]["disc"] = self.disc.state_dict()
+            full["optimizer_disc"] = self.disc_optimizer.state_dict()
+        return full
+
+    def parameter_counts(self) -> dict[str, int]:
+        return {k: sum(p.numel() for p in getattr(self.model, k).parameters())
+                for k in ("G_A", "G_B", "eps_A", "eps_B")}
+
+
+def _start_from(resume: Path | None, init: Path | dict | None) -> tuple[dict | None, dict | None]:
+    """(the last.pt to resume, the checkpoint to warm-start from); at most one of them."""
+    ckpt = load_checkpoint(resume) if resume is not None else None
+    if ckpt is not None and ("optimizer" not in ckpt or "rng" not in ckpt):
+        raise CheckpointError(f"{resume}: missing key optimizer/rng (a stripped model.pt cannot be resumed; "
+                              f"use last.pt)")
+    if init is None:
+        return ckpt, None
+    if ckpt is not None:
+        raise UsageError("--init starts a new run; it cannot be combined with --resume")
+    return None, init if isinstance(init, dict) else load_checkpoint(init)
+
+
+def _seed(train: TrainConfig, rank: int) -> torch.Generator:
+    """Seed torch, numpy and random; each rank its own noise and synthetic-rain stream. Returns
+    the generator of the rendered rain."""
+    seed = train.seed + 1000003 * rank
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+    return torch.Generator().manual_seed(seed + 1)
+
+
+def _prepare_run_dir(run_dir: Path, config: dict, *, resumed_at: int | None, is_main: bool) -> Path:
+    """Create the run folder, drop the log past a resumed step, write config.json; the log's path."""
+    log_path = run_dir / "metrics.jsonl"
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None:
+            _truncate_log(log_path, resumed_at)
+        with atomic_path(run_dir / "config.json") as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return log_path
+
+
+@dataclass
+class _Checkpointer:
+    """Saves last.pt, model.pt (stripped) and the snapshots; every rank calls it at the same step."""
+
+    run_dir: Path
+    config: dict
+    nets: _Networks
+    sampler: UnpairedSampler
+    syn_gen: torch.Generator
+    dev: torch.device
+    dist_info: ddp.DistInfo
+    reporter: Reporter
+    snapshot_every: int
+
+    def snapshot_due(self, step: int) -> bool:
+        return self.snapshot_every > 0 and step % self.snapshot_every == 0
+
+    def save(self, step: int) -> tuple[Path, Path]:
+        rngs = ddp.gather_objects(_rng_state(self.sampler, self.syn_gen, self.dev), self.dist_info)
+        last, shipped = self.run_dir / "last.pt", self.run_dir / "model.pt"
+        if self.dist_info.is_main:
+            full = self.nets.checkpoint(self.config, step, rngs)
+            save_checkpoint(last, full)
+            stripped = strip_checkpoint(full)
+            save_checkpoint(shipped, stripped)
+            if self.snapshot_due(step):
+                save_checkpoint(self.run_dir / f"snap_{step:06d}.pt", stripped)
+            self.reporter.checkpoint(last, step)
+        ddp.barrier(self.dist_info)
+        return last, shipped
+
+
+class _Rate:
+    """it/s between logged steps, with validation and checkpoint time left out."""
+
+    def __init__(self, step: int) -> None:
+        self.t, self.step = time.perf_counter(), step
+
+    def record(self, step: int, total: int, terms: dict) -> dict:
+        now = time.perf_counter()
+        it_s = (step - self.step) / max(now - self.t, 1e-9)
+        self.t, self.step = now, step
+        return {"kind": "train", "step": step, **{k: round(v, 6) for k, v in terms.items()},
+                "it_s": round(it_s, 4), "eta_s": round((total - step) / max(it_s, 1e-9), 1),
+                "time": round(time.time(), 3)}
+
+    def pause_ended(self) -> None:
+        self.t = time.perf_counter()
+
+
 def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Path, *, train: TrainConfig,
         models: ModelConfigs | None = None,
         resume: Path | None = None, device: str = "cpu", val_rainy: Path | None = None,
@@ -312,27 +476,12 @@ def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Pat
     if (val_rainy is None) != (val_clean is None):
         raise UsageError("--val-rainy and --val-clean go together")
 
-    # --- setup: process group, seeds, data, model, optimiser
+    # --- setup: process group, seeds, data, networks, optimisers, the run folder
     dist_info = ddp.setup(device)
     dev = dist_info.device
-    ckpt = load_checkpoint(resume) if resume is not None else None
-    if ckpt is not None:
-        if "optimizer" not in ckpt or "rng" not in ckpt:
-            raise CheckpointError(f"{resume}: missing key optimizer/rng (a stripped model.pt cannot be resumed; "
-                                  f"use last.pt)")
-        models = model_configs(ckpt)
-    init_ckpt = None
-    if init is not None:
-        if ckpt is not None:
-            raise UsageError("--init starts a new run; it cannot be combined with --resume")
-        init_ckpt = init if isinstance(init, dict) else load_checkpoint(init)
-    models = models or model_preset(train.preset)
-    seed = train.seed + 1000003 * dist_info.rank  # each rank its own noise / synthetic rain stream
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-    syn_gen = torch.Generator().manual_seed(seed + 1)
-
+    ckpt, init_ckpt = _start_from(resume, init)
+    models = model_configs(ckpt) if ckpt is not None else (models or model_preset(train.preset))
+    syn_gen = _seed(train, dist_info.rank)
     clean, _ = load_folders(clean_dir, min_side=train.crop)
     rainy, _ = load_folders(rainy_dir, min_side=train.crop)
     sampler = UnpairedSampler(clean, rainy, batch=train.batch, crop=train.crop, seed=train.seed,
@@ -340,107 +489,46 @@ def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Pat
     val_pairs = (load_val_pairs(val_rainy, val_clean, size=train.val_size, max_images=train.val_max_images)
                  if val_rainy is not None and dist_info.is_main else None)
 
-    model = RainDiffusion(models).to(dev)
-    ema = EMA(model, train.ema_decay, train.ema_warmup)
-    if train.freeze_ntb:  # no gradient reaches G_A / G_B: Adam skips them (they stay in the groups' order)
-        model.G_A.requires_grad_(False)
-        model.G_B.requires_grad_(False)
-    optimizer = torch.optim.Adam(param_groups(model, train), betas=(train.beta1, train.beta2))
-    disc = disc_optimizer = None
-    if train.lambda_adv > 0:  # deviation (issue 8): CycleGAN's discriminators for the NTB, own optimiser
-        disc = Discriminators(channels=train.disc_channels).to(dev)
-        disc_optimizer = torch.optim.Adam(disc.parameters(), lr=train.lr, betas=(train.beta1, train.beta2))
+    nets = _Networks.build(models, train, dev)
+    model, ema = nets.model, nets.ema
     step = 0
     if init_ckpt is not None:
         _warm_start(model, ema, init_ckpt)
     if ckpt is not None:
-        st = ckpt["state"]
-        for name in ("G_A", "G_B", "eps_A", "eps_B"):
-            getattr(model, name).load_state_dict(st[name])
-        ema.ema_A.load_state_dict(st["ema_A"])
-        ema.ema_B.load_state_dict(st["ema_B"])
-        ema.updates = int(ckpt.get("ema_updates", ckpt["step"]))
-        sizes = [len(g["params"]) for g in optimizer.param_groups]
-        optimizer.load_state_dict(split_param_groups(ckpt["optimizer"], sizes))
-        if disc is not None and "disc" in st:  # else: discriminators added on resume start fresh
-            check_state_dict(disc, st["disc"], "disc", str(resume))
-            disc.load_state_dict(st["disc"])
-            disc_optimizer.load_state_dict(ckpt["optimizer_disc"])
-        for g, g_lr in zip(optimizer.param_groups, _group_lrs(train)):
-            g["lr"] = g_lr  # a resumed run may change the learning rates
-        for g in disc_optimizer.param_groups if disc_optimizer else []:
-            g["lr"] = train.lr
-        step = int(ckpt["step"])
-        rngs = ckpt["rng"]
-        if dist_info.rank < len(rngs):
-            _set_rng_state(rngs[dist_info.rank], sampler, syn_gen, dev)
+        step = nets.restore(ckpt, train, str(resume))
+        if dist_info.rank < len(ckpt["rng"]):
+            _set_rng_state(ckpt["rng"][dist_info.rank], sampler, syn_gen, dev)
     ema.ema_A.to(dev)
     ema.ema_B.to(dev)
-    net: nn.Module = model
-    disc_net: nn.Module | None = disc
-    if dist_info.distributed:
-        ids = [dev.index] if dev.type == "cuda" else None
-        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        if disc is not None:
-            disc_net = nn.parallel.DistributedDataParallel(disc, device_ids=ids)
+    net, disc_net = ddp.wrap(model, dist_info), ddp.wrap(nets.disc, dist_info)
     autocast_dtype = torch.bfloat16 if dev.type == "cuda" else None  # bf16 on GPU only
+    objective = {k: getattr(train, k) for k in ("lambda_cyc", "ntb", "lambda_syn", "detach_cond", "grad_clip",
+                                                 "lambda_adv", "lambda_idt", "cond_drop", "lambda_sds")}
 
-    log_path = run_dir / "metrics.jsonl"
-    config_dict = {**models.to_dict(), "train": train.to_dict()}
+    config = {**models.to_dict(), "train": train.to_dict()}
     if init_ckpt is not None:
-        config_dict["init"] = init_ckpt.get("_path", "(a checkpoint dict)")
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if ckpt is not None:
-            _truncate_log(log_path, step)
-        with atomic_path(run_dir / "config.json") as tmp:
-            tmp.write_text(json.dumps(config_dict, indent=2) + "\n", encoding="utf-8")
-    n_params = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("G_A", "G_B", "eps_A", "eps_B")}
-    reporter.start(step, train.steps, {"params": n_params, "device": str(dev), "world_size": dist_info.world_size,
-                                       "clean": len(clean), "rainy": len(rainy), "ntb": train.ntb})
-
-    def snapshot_due(step: int) -> bool:
-        return train.snapshot_every > 0 and step % train.snapshot_every == 0
-
-    def save(step: int) -> tuple[Path, Path]:
-        rngs = ddp.gather_objects(_rng_state(sampler, syn_gen, dev), dist_info)
-        last, shipped = run_dir / "last.pt", run_dir / "model.pt"
-        if dist_info.is_main:
-            full = {"config": config_dict, "step": step, "ema_updates": ema.updates,
-                    "state": {"G_A": model.G_A.state_dict(), "G_B": model.G_B.state_dict(),
-                              "eps_A": model.eps_A.state_dict(), "eps_B": model.eps_B.state_dict(),
-                              "ema_A": ema.ema_A.state_dict(), "ema_B": ema.ema_B.state_dict()},
-                    "optimizer": optimizer.state_dict(), "rng": rngs}
-            if disc is not None:
-                full["state"]["disc"] = disc.state_dict()
-                full["optimizer_disc"] = disc_optimizer.state_dict()
-            save_checkpoint(last, full)
-            stripped = strip_checkpoint(full)
-            save_checkpoint(shipped, stripped)
-            if snapshot_due(step):
-                save_checkpoint(run_dir / f"snap_{step:06d}.pt", stripped)
-            reporter.checkpoint(last, step)
-        ddp.barrier(dist_info)
-        return last, shipped
+        config["init"] = init_ckpt.get("_path", "(a checkpoint dict)")
+    log_path = _prepare_run_dir(run_dir, config, resumed_at=step if ckpt is not None else None,
+                                is_main=dist_info.is_main)
+    reporter.start(step, train.steps, {"params": nets.parameter_counts(), "device": str(dev),
+                                       "world_size": dist_info.world_size, "clean": len(clean), "rainy": len(rainy),
+                                       "ntb": train.ntb})
+    checkpointer = _Checkpointer(run_dir, config, nets, sampler, syn_gen, dev, dist_info, reporter,
+                                 train.snapshot_every)
 
     # --- the loop
     records: list[dict] = []
     synthetic = NTBMode(train.ntb) in (NTBMode.synthetic, NTBMode.render)
-    t_last, step_last = time.perf_counter(), step
-    last = shipped = None
-    saved_step = None
+    rate = _Rate(step)
+    last = shipped = saved_step = None
     stop = _DeferredStop(enabled=not dist_info.distributed)
     try:
         while step < train.steps:
             x, y = sampler.next_batch()  # 2: x ~ clean, y ~ rainy (unpaired)
             x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
             x_syn = rain_batch(x, syn_gen, train.rain_style) if synthetic else None  # rendered on dev
-            terms = algorithm1_step(net, optimizer, x, y, lambda_cyc=train.lambda_cyc, ntb=train.ntb,
-                                    lambda_syn=train.lambda_syn, x_syn=x_syn, detach_cond=train.detach_cond,
-                                    grad_clip=train.grad_clip, autocast_dtype=autocast_dtype,
-                                    disc=disc_net, disc_optimizer=disc_optimizer, lambda_adv=train.lambda_adv,
-                                    lambda_idt=train.lambda_idt, cond_drop=train.cond_drop,
-                                    lambda_sds=train.lambda_sds)
+            terms = algorithm1_step(net, nets.optimizer, x, y, x_syn=x_syn, disc=disc_net,  # 3-7
+                                    disc_optimizer=nets.disc_optimizer, autocast_dtype=autocast_dtype, **objective)
             if not math.isfinite(terms["loss"]):
                 raise RDError(f"loss is {terms['loss']} at step {step + 1}; lower --lr or resume from the last "
                               f"checkpoint ({run_dir / 'last.pt'})")
@@ -449,42 +537,38 @@ def fit(clean_dir: Path | list[Path], rainy_dir: Path | list[Path], run_dir: Pat
             reporter.advance(step)
 
             if step % train.log_every == 0 or step == train.steps:
-                now = time.perf_counter()
-                it_s = (step - step_last) / max(now - t_last, 1e-9)
-                t_last, step_last = now, step
-                record = {"kind": "train", "step": step, **{k: round(v, 6) for k, v in terms.items()},
-                          "it_s": round(it_s, 4), "eta_s": round((train.steps - step) / max(it_s, 1e-9), 1),
-                          "time": round(time.time(), 3)}
-                records.append(record)
+                records.append(rate.record(step, train.steps, terms))
                 if dist_info.is_main:
-                    _append_jsonl(log_path, record)
-                    reporter.log(record)
-
+                    _append_jsonl(log_path, records[-1])
+                    reporter.log(records[-1])
             if val_pairs is not None and (step % train.val_every == 0 or step == train.steps):
-                prologue = Prologue(model.G_B).eval() if models.estimator.refines else None
-                v = validate(ema.ema_A, val_pairs, steps=train.val_steps, seed=train.seed, schedule=models.schedule,
-                             prologue=prologue)
-                model.train()
-                vrec = {"kind": "val", "step": step, **{k: round(val, 4) for k, val in v.items()},
-                        "images": len(val_pairs), "ddim_steps": train.val_steps, "size": train.val_size}
-                records.append(vrec)
-                _append_jsonl(log_path, vrec)
-                reporter.validation(vrec)
-                t_last = time.perf_counter()  # keep validation time out of it/s
-
-            if step % train.ckpt_every == 0 or step == train.steps or snapshot_due(step):
-                last, shipped = save(step)
-                saved_step = step
-                t_last = time.perf_counter()
+                records.append(_validation_record(nets, models, val_pairs, train, step))
+                _append_jsonl(log_path, records[-1])
+                reporter.validation(records[-1])
+                rate.pause_ended()
+            if step % train.ckpt_every == 0 or step == train.steps or checkpointer.snapshot_due(step):
+                (last, shipped), saved_step = checkpointer.save(step), step
+                rate.pause_ended()
             if stop.signum is not None:  # interrupted: keep this step's work, then stop
                 stop.restore()
                 if saved_step != step:
-                    save(step)
+                    checkpointer.save(step)
                 stop.stop(stop.signum)
         if last is None:  # nothing to train (resumed at or past the target): still write the files
-            last, shipped = save(step)
+            last, shipped = checkpointer.save(step)
     finally:
         stop.restore()
         reporter.close()
         ddp.cleanup()
     return FitResult(run_dir=run_dir, step=step, last=last, model=shipped, records=records)
+
+
+def _validation_record(nets: _Networks, models: ModelConfigs, val_pairs: list[tuple], train: TrainConfig,
+                       step: int) -> dict:
+    """Validate the EMA derain estimator (through the live G_B's prologue for predict-and-refine)."""
+    prologue = Prologue(nets.model.G_B).eval() if models.estimator.refines else None
+    v = validate(nets.ema.ema_A, val_pairs, steps=train.val_steps, seed=train.seed, schedule=models.schedule,
+                 prologue=prologue)
+    nets.model.train()
+    return {"kind": "val", "step": step, **{k: round(val, 4) for k, val in v.items()},
+            "images": len(val_pairs), "ddim_steps": train.val_steps, "size": train.val_size}

@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runtime.backends.base import Backend, load_manifest, parse_device
+from runtime.backends.base import Backend, parse_device
 from runtime.errors import UsageError
+from runtime.manifest import load_manifest
 
 __all__ = ["Backend", "BACKEND_SUFFIXES", "open_backend", "load_manifest", "parse_device"]
 

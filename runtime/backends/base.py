@@ -30,10 +30,10 @@ from typing import ClassVar
 import numpy as np
 
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
-from runtime.errors import ArtifactError, EngineMismatchError, ManifestError, UsageError
-from runtime.manifest import Manifest, manifest_path_for
+from runtime.errors import ArtifactError, UsageError
+from runtime.manifest import Manifest
 
-__all__ = ["Backend", "load_manifest", "parse_device"]
+__all__ = ["Backend", "parse_device"]
 
 
 def parse_device(device: str | None) -> tuple[str, int]:
@@ -47,30 +47,6 @@ def parse_device(device: str | None) -> tuple[str, int]:
     if not index.isdigit():
         raise UsageError(f"device {device!r}: the CUDA device index must be a non-negative integer")
     return kind, int(index)
-
-
-def load_manifest(artifact: str | os.PathLike, fmt: str) -> Manifest:
-    """Validate an artifact before any engine touches it: file, manifest schema, format, sha256.
-
-    A plan whose hash does not match raises :class:`EngineMismatchError` (it was rebuilt or
-    altered since its manifest was written); an ONNX file raises :class:`ManifestError`.
-    """
-    path = Path(artifact)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found")
-    manifest = Manifest.for_artifact(path)
-    where = manifest_path_for(path)
-    if manifest.format != fmt:
-        raise ManifestError(f"{where}: describes a {manifest.format!r} artifact, but {path.name} is {fmt!r}")
-    if manifest.artifact != path.name:
-        raise ManifestError(f"{where}: describes {manifest.artifact!r}, not {path.name!r}")
-    try:
-        manifest.check_artifact_hash(path)
-    except ManifestError as e:
-        if fmt == "trt":
-            raise EngineMismatchError(str(e)) from None
-        raise
-    return manifest
 
 
 class Backend(abc.ABC):

@@ -10,7 +10,7 @@ opens it after the manifest and version checks) or a CUDA stand-in where TensorR
   from here), and the engine's input shapes are set once; ``cond`` is bound once;
 - per (steps, batch) the t and coef tables of all S steps are uploaded once, one 256-byte
   aligned row per step, into buffers named after those tensors, with ``cudaMemcpyAsync`` on the
-  executor's own stream (so no step can run before its table landed, issue 18 point 1);
+  executor's own stream (so no step can run before its table landed);
 - a step re-points ``x_t`` / ``x_next`` (swap) and ``t`` / ``coef`` (the row of step i) and
   enqueues once; every enqueue's result is checked;
 - a predict-and-refine artifact has a second engine, the prologue: its ``rainy`` input gets its

@@ -5,14 +5,12 @@ each in an OrtValue (on CPU ``OrtValue.ortvalue_from_numpy`` wraps the numpy mem
 copy, so writing the numpy array updates the bound input; on CUDA the OrtValues live on the
 device, ``ortvalue_from_shape_and_type``, and are filled with ``update_inplace``). The per-step
 t and coef inputs are S small OrtValues made once per (steps, batch). A step rebinds
-x_t / x_next / t / coef to those preallocated OrtValues and calls ``run_with_iobinding``:
-measured on the 2-core CI CPU, the four rebinds cost ~3 us and allocate nothing
-(tracemalloc flat and RSS unchanged over 200 steps); the output is written straight into the
-preallocated x buffer (its data pointer is checked in the tests).
+x_t / x_next / t / coef to those preallocated OrtValues and calls ``run_with_iobinding``: the
+rebinds allocate nothing (the tests hold tracemalloc to it), and the output is written straight
+into the preallocated x buffer (its data pointer is checked in the tests).
 
-Session options: graph optimisation level ORT_ENABLE_ALL (measured 1.28x torch eager on the 2-core
-AVX2 CI CPU, docs/benchmarks.md; ~1.45x on an AVX-512 CPU, where BASIC gave ~1.15x:
-docs/ARCHITECTURE.md), intra-op threads settable.
+Session options (:func:`make_session`): graph optimisation level ORT_ENABLE_ALL, the fastest level
+measured (docs/ARCHITECTURE.md "Speed", docs/benchmarks.md), intra-op threads settable.
 """
 
 from __future__ import annotations
@@ -24,10 +22,10 @@ from typing import Any
 import numpy as np
 
 from runtime.artifacts import check_external_data
-from runtime.backends.base import Backend, load_manifest, parse_device
+from runtime.backends.base import Backend, parse_device
 from runtime.errors import ArtifactError, UsageError
 from runtime.extras import cuda_provider_error, missing
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, load_manifest
 
 __all__ = ["OnnxRuntimeBackend", "make_session", "providers_for"]
 
@@ -52,21 +50,26 @@ def providers_for(device: str = "cpu") -> list:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int | None = None,
+def make_session(path: str | os.PathLike | bytes, *, device: str = "cpu", threads: int | None = None,
                  optimization: str = "all", quiet: bool = False) -> Any:
-    """The one way the toolkit opens an onnxruntime session (runtime, verification, calibration).
+    """The one way the toolkit opens an onnxruntime session (runtime, verification, calibration,
+    the exporter's measurements and the tests).
 
-    ``optimization``: "all" (ORT_ENABLE_ALL, the runtime's) or "basic" / "disabled" (what
-    quantisation tools want to see: the graph as written). ``threads``: intra-op threads (and
-    one inter-op thread), None = onnxruntime's default. External-data paths are checked before
-    onnxruntime opens the file; a file onnxruntime cannot load is an ArtifactError.
+    ``path``: an ONNX file, or a serialised model (``ModelProto.SerializeToString()``) for graphs
+    built in memory. ``optimization``: "all" (ORT_ENABLE_ALL, the runtime's) or "basic" /
+    "disabled" (what quantisation tools want to see: the graph as written). ``threads``: intra-op
+    threads (and one inter-op thread), None = onnxruntime's default. ``quiet`` logs errors only.
+    External-data paths of a file are checked before onnxruntime opens it; a model onnxruntime
+    cannot load is an ArtifactError.
     """
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     levels = {"all": "ORT_ENABLE_ALL", "basic": "ORT_ENABLE_BASIC", "disabled": "ORT_DISABLE_ALL"}
     if optimization not in levels:
         raise UsageError(f"optimization must be one of {', '.join(levels)}, got {optimization!r}")
-    check_external_data(path)  # before onnxruntime is even imported, let alone opens an external-data file
+    in_memory = isinstance(path, (bytes, bytearray))
+    if not in_memory:
+        check_external_data(path)  # before onnxruntime is even imported
     ort = _import_onnxruntime()
     options = ort.SessionOptions()
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, levels[optimization])
@@ -77,10 +80,11 @@ def make_session(path: str | os.PathLike, *, device: str = "cpu", threads: int |
         options.log_severity_level = 3
     providers = providers_for(device)
     try:
-        return ort.InferenceSession(str(path), options, providers=providers)
+        return ort.InferenceSession(bytes(path) if in_memory else str(path), options, providers=providers)
     except Exception as e:  # onnxruntime raises its own pybind exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ArtifactError(f"{path}: onnxruntime cannot load it ({type(e).__name__}: {first})") from None
+        what = "an in-memory model" if in_memory else str(path)
+        raise ArtifactError(f"{what}: onnxruntime cannot load it ({type(e).__name__}: {first})") from None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -251,7 +255,7 @@ class OnnxRuntimeBackend(Backend):
 
     def _step(self, i: int) -> None:
         d, io = self.descriptor, self._io
-        # Ping-pong: rebind to preallocated OrtValues (no allocation, ~3 us for the four binds).
+        # Ping-pong: rebind to preallocated OrtValues (no allocation).
         io.bind_ortvalue_input(d.X, self._x_ov[self._cur])
         io.bind_ortvalue_output(d.OUT, self._x_ov[self._cur ^ 1])
         io.bind_ortvalue_input(d.T, self._t_ov[i])

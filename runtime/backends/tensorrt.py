@@ -34,12 +34,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from runtime.backends.base import load_manifest, parse_device
+from runtime.backends.base import parse_device
 from runtime.backends.cuda_backend import CudaStepBackend
 from runtime.backends.cuda_device import CudaDevice, CudaError
 from runtime.backends.trt_executor import TRT_INSTALL_HINT, TensorRTEngine, import_tensorrt
 from runtime.errors import ArtifactError, EngineMismatchError, ManifestError, UsageError
-from runtime.manifest import Manifest, manifest_path_for
+from runtime.manifest import Manifest, load_manifest, manifest_path_for
 
 __all__ = ["CudaError", "TensorRTBackend", "check_engine_compat", "rebuild_command", "version_compatible",
            "version_compatible_runs", "TRT_INSTALL_HINT", "VC_CROSS_MAJOR"]

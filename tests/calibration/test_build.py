@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from calibration.api import build_int8, derive_int8, int8_path_for
+from calibration.api import build_int8, int8_path_for
 from runtime.derainer import Derainer
 from runtime.errors import InputError, ManifestError, UsageError, VerificationError
 from runtime.manifest import Manifest, manifest_path_for, sha256_file
 from runtime.metrics import psnr_y
-from runtime.schedule import DDIMSchedule, ScheduleConfig
+from runtime.schedule import DDIMSchedule
 
 #: INT8 vs FP32, end to end, on the tiny model (conftest; gentle schedule, 4 steps). Measured: s8
 #: graph (exact Q/DQ) and u8r CPU graph ~57-59 dB held out; the s8 graph through onnxruntime's
@@ -41,8 +41,7 @@ def test_artifacts_and_manifest(tiny_int8, tiny_fp32, steps):
     assert m.descriptor == fp32.descriptor and m.schedule == fp32.schedule
     assert m.get("source")["onnx_sha256"] == sha256_file(tiny_fp32.onnx)
     c = m.get("calibration")
-    sched = DDIMSchedule(ScheduleConfig(**{k: fp32.schedule[k] for k in ("num_train_timesteps", "beta_start",
-                                                                         "beta_end")}))
+    sched = DDIMSchedule(fp32.schedule_config)
     # every step of every calibrated step count: 2, 3, 5, 10 and the build's own
     counts = sorted({2, 3, 5, 10, steps})
     assert c["calibrated_step_counts"] == counts
@@ -111,9 +110,11 @@ def test_registry_derive_forwards_to_build_int8(monkeypatch, tmp_path):
         seen.update(fp32_onnx=fp32_onnx, calib_dir=calib_dir, **kw)
         return tmp_path / "x.int8.onnx"
 
+    from rd_export.precision import PRECISIONS
+
     monkeypatch.setattr("calibration.api.build_int8", fake)
-    out = derive_int8(tmp_path / "m.onnx", out=tmp_path / "m.int8.onnx", calib=tmp_path / "c", steps=None, seed=3,
-                      progress=None, calib_images=5)
+    out = PRECISIONS["int8"].derive(tmp_path / "m.onnx", out=tmp_path / "m.int8.onnx", calib=tmp_path / "c",
+                                    steps=None, seed=3, progress=None, calib_images=5)
     assert out == tmp_path / "x.int8.onnx"
     assert seen["calib_dir"] == tmp_path / "c" and seen["calib_images"] == 5 and seen["seed"] == 3
     assert seen["min_psnr_db"] == 35.0  # the precision table's row, or DEFAULT_MIN_PSNR_DB
@@ -170,10 +171,11 @@ def test_manifest_is_json_with_finite_numbers(tiny_int8):
 def test_from_checkpoint_through_the_real_exporter(tiny_checkpoint, rainy_dir, tmp_path):
     """Checkpoint -> rd_export.export_onnx (verified FP32) -> build_int8: node names of the real export
     are found (the attention head), and the artifact carries the checkpoint provenance."""
-    from calibration import build_int8_from_checkpoint
+    from rd_export.export import export_onnx
 
-    int8 = build_int8_from_checkpoint(tiny_checkpoint, rainy_dir, tmp_path, steps=2, calib_images=2, eval_images=1,
-                                      sizes=[32], cpu_variant=False, latency=False, min_psnr_db=None)
+    fp32 = export_onnx(tiny_checkpoint, tmp_path, steps=2, seed=0)
+    int8 = build_int8(fp32, rainy_dir, steps=2, seed=0, calib_images=2, eval_images=1, sizes=[32],
+                      cpu_variant=False, latency=False, min_psnr_db=None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.int8.json", "model.int8.onnx", "model.json",
                                                           "model.onnx"]
     m = Manifest.for_artifact(int8)
@@ -183,3 +185,19 @@ def test_from_checkpoint_through_the_real_exporter(tiny_checkpoint, rainy_dir, t
     union = sorted({int(t) for n in (2, 3, 5, 10) for t in sched.set_timesteps(n)}, reverse=True)
     c = m.get("calibration")
     assert c["timesteps"] == union and c["calibrated_step_counts"] == [2, 3, 5, 10]
+
+
+@pytest.mark.slow  # ~50 s: every layer group is quantized and probed once
+def test_fp32_search_keeps_the_most_sensitive_layer(tiny_fp32, rainy_dir, tmp_path):
+    """target_psnr_db out of reach: the all-but-one ranking is measured, the most sensitive layer
+    group (one, max_fp32_layers=1) is kept FP32 on top of the default ones, and the manifest says so."""
+    int8 = build_int8(tiny_fp32.onnx, rainy_dir, out=tmp_path, calib_images=2, eval_images=1, sizes=[16],
+                      cpu_variant=False, latency=False, min_psnr_db=None, target_psnr_db=300.0, max_fp32_layers=1)
+    c = Manifest.for_artifact(int8).get("calibration")
+    search = c["fp32_search"]
+    assert search["target_psnr_db"] == 300.0 and search["before_db"] < 300.0 and "after_db" in search
+    ranking = search["ranking"]
+    psnrs = [r["psnr_db_all_but"] for r in ranking]  # all but this group quantized: most sensitive first
+    assert psnrs and psnrs == sorted(psnrs, reverse=True)
+    default = build_int8.__globals__["default_fp32_nodes"](str(tiny_fp32.onnx))
+    assert len(c["fp32_nodes"]) > len(default)

@@ -17,7 +17,7 @@ from calibration.collect import (
 from runtime.descriptor import ShapeProfile, StepDescriptor
 from runtime.errors import InputError, UsageError
 from runtime.manifest import Manifest
-from runtime.schedule import DDIMSchedule, ScheduleConfig, initial_noise
+from runtime.schedule import DDIMSchedule, initial_noise
 
 
 def _unreadable(folder, names=("broken.png", "empty.jpg", "text.webp")):
@@ -106,7 +106,7 @@ def trajectories(tiny_fp32, rainy_dir, steps):
     assert steps == STEPS
     m = Manifest.for_artifact(tiny_fp32.onnx)
     calib, _ = select_images(rainy_dir, calib_images=3, seed=0)
-    cfg = ScheduleConfig(**{k: m.schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end")})
+    cfg = m.schedule_config
     trajs = record_trajectories(tiny_fp32.onnx, calib, descriptor=m.step_descriptor, schedule_config=cfg,
                                 steps=STEPS, sizes=[(32, 32), (16, 16)], seed=5)
     return m, cfg, trajs, tiny_fp32.onnx

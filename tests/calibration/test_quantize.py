@@ -23,7 +23,6 @@ from calibration.quantize import (
 from calibration.report import compare_quality, step_psnr
 from calibration.sensitivity import choose_fp32_nodes, format_table, group_nodes, sensitivity
 from runtime.manifest import Manifest
-from runtime.schedule import ScheduleConfig
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def calibrated(tiny_fp32, rainy_dir, steps, tmp_path_factory):
     """Pre-processed tiny model, its recorded trajectories and one MinMax range cache."""
     work = tmp_path_factory.mktemp("quant")
     m = Manifest.for_artifact(tiny_fp32.onnx)
-    cfg = ScheduleConfig(**{k: m.schedule[k] for k in ("num_train_timesteps", "beta_start", "beta_end")})
+    cfg = m.schedule_config
     calib, held = select_images(rainy_dir, calib_images=3, eval_images=1, seed=0)
     trajs = record_trajectories(tiny_fp32.onnx, calib, descriptor=m.step_descriptor, schedule_config=cfg,
                                 steps=steps, sizes=[(32, 32), (16, 16)], seed=0)

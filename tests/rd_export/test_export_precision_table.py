@@ -24,7 +24,7 @@ def test_names():
 
 def test_registered_precision_is_used_by_the_pipeline(exported, tmp_path, monkeypatch):
     monkeypatch.setitem(PRECISIONS, "int8test", PrecisionSpec(
-        name="int8test", suffix=".int8test", derive="rdx_helpers:fake_int8_derive", reference="fp32",
+        name="int8test", suffix=".int8test", derive=rdx_helpers.fake_int8_derive, reference="fp32",
         min_psnr_db=30.0, max_step_abs=None, requires=("calib",)))
     src = tmp_path / "src"
     src.mkdir()

@@ -245,3 +245,54 @@ def test_cuda_execution_provider_matches_cpu(tiny_model, schedule, rng):
             be.run()
             outs.append(be.get_x())
     np.testing.assert_allclose(outs[1], outs[0], rtol=1e-3, atol=1e-3 * float(np.abs(outs[0]).max()))
+
+
+# ------------------------------------------------------------------ the one session factory
+def _add_one_graph() -> bytes:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])
+    graph = helper.make_graph([helper.make_node("Add", ["x", "one"], ["y"])], "add_one", [x], [y], [one])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@pytest.mark.parametrize("optimization,level", [("all", "ORT_ENABLE_ALL"), ("basic", "ORT_ENABLE_BASIC"),
+                                                ("disabled", "ORT_DISABLE_ALL")])
+def test_make_session_options_for_files_and_in_memory_graphs(tiny_model, optimization, level):
+    """Every session of the toolkit (backend, verification, calibration, FP16 probes, the
+    simplification timing) comes from make_session: one set of options for a file or a graph
+    built in memory (what calibration.collect and rd_export.fp16 had their own copies for)."""
+    import onnxruntime as ort
+
+    from calibration.collect import make_session as calibration_session
+    from runtime.backends.onnxruntime import make_session
+
+    for model in (_add_one_graph(), tiny_model.onnx):
+        s = make_session(model, threads=1, optimization=optimization, quiet=True)
+        opts = s.get_session_options()
+        assert opts.graph_optimization_level == getattr(ort.GraphOptimizationLevel, level)
+        assert (opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level) == (1, 1, 3)
+        assert s.get_providers() == ["CPUExecutionProvider"]
+    out = make_session(_add_one_graph()).run(None, {"x": np.zeros((1, 2), np.float32)})[0]
+    assert out.tolist() == [[1.0, 1.0]]
+    # calibration's sessions: ALL, or the exact Q/DQ semantics (optimisations off) with reference=True
+    ref = calibration_session(_add_one_graph(), threads=1, reference=True).get_session_options()
+    assert ref.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    assert calibration_session(tiny_model.onnx).get_session_options().graph_optimization_level == \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_make_session_refuses_bad_models_and_options():
+    from runtime.backends.onnxruntime import make_session
+
+    with pytest.raises(ArtifactError, match=r"^an in-memory model: onnxruntime cannot load it"):
+        make_session(b"not a model")
+    with pytest.raises(UsageError, match="optimization must be one of all, basic, disabled, got 'fast'"):
+        make_session(_add_one_graph(), optimization="fast")
+    with pytest.raises(UsageError, match="threads must be a positive integer, got 0"):
+        make_session(_add_one_graph(), threads=0)

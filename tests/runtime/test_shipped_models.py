@@ -63,18 +63,13 @@ def _measure_fp32(onnx_path: str, checkpoint: str, steps: int, seed: int) -> tup
 
 def _measure_derived(onnx_path: str, ref_path: str, steps: int, seed: int,
                      size: tuple[int, int], qdq_semantics: bool, schedule: tuple) -> dict:
-    import onnxruntime as ort
-
     from rd_export.verify import compare_onnx
+    from runtime.backends.onnxruntime import make_session
     from runtime.descriptor import StepDescriptor as D
     from runtime.schedule import ScheduleConfig
 
     def step_fn(path: str, optimise: bool):
-        so = ort.SessionOptions()
-        so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimise
-                                       else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-        so.log_severity_level = 3
-        session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        session = make_session(path, optimization="all" if optimise else "disabled", quiet=True)
 
         def step(x_t, cond, t, coef):
             feeds = {D.X: x_t, D.COND: cond, D.T: t, D.COEF: coef}
@@ -82,9 +77,8 @@ def _measure_derived(onnx_path: str, ref_path: str, steps: int, seed: int,
 
         return step
 
-    T, b0, b1 = schedule
     return compare_onnx(step_fn(onnx_path, not qdq_semantics), step_fn(ref_path, True), steps=steps, seed=seed,
-                        size=size, schedule_config=ScheduleConfig(num_train_timesteps=T, beta_start=b0, beta_end=b1))
+                        size=size, schedule_config=ScheduleConfig.from_dict(dict(schedule)))
 
 
 def reverify(path: Path) -> list[str]:
@@ -125,9 +119,8 @@ def reverify(path: Path) -> list[str]:
         ref = path.parent / source.get("onnx", "")
         if not ref.is_file() or sha256_file(ref) != source.get("onnx_sha256"):
             return [*problems, f"its FP32 source {ref.name!r} is missing or not the one it was derived from"]
-        sched = m.schedule
         args = (steps, seed, tuple(stored["shape"][2:]), stored.get("semantics") == QDQ_SEMANTICS,
-                (sched["num_train_timesteps"], sched["beta_start"], sched["beta_end"]))
+                tuple(m.schedule_config.to_dict().items()))
         measured = _cached((m.sha256, source["onnx_sha256"], *args),
                            lambda: _measure_derived(str(path), str(ref), *args))
         try:
