@@ -8,6 +8,7 @@ individual options stay for experiments; a recipe names the combinations that me
 
 - ``paper``: Algorithm 1 as the paper writes it, nothing added.
 - ``edge``: the predict-and-refine model (the ``edge`` preset) with the rendered-rain NTB.
+- ``edge-refine``: its refiner alone on a fixed predictor (the shipped model's last stage).
 - ``sds``: the y-only v-prediction model with the score-distillation prior (the model shipped
   before ``edge``).
 """
@@ -74,6 +75,15 @@ _register(Recipe(
     summary="the predict-and-refine model (a predictor P = G_B and a refiner of P(y)) with the rendered-rain "
             "NTB; give it several --clean folders",
     train={"ntb": "render", "detach_cond": True, "crop": 64, "batch": 8, "lr": 1e-4, "gen_lr": 5e-5}))
+
+# The shipped model's last stage: the refiner trained on a fixed predictor (both generators frozen),
+# warm-started with --init from an edge checkpoint whose G_B is the predictor to keep
+# (benchmarks/predictor_probe.py --into trains P on the rendered pairs alone and writes one).
+_register(Recipe(
+    name="edge-refine", preset="edge",
+    summary="the edge model's refiner alone on a fixed predictor (--freeze-ntb); --init it from an edge "
+            "checkpoint holding that predictor",
+    train={"ntb": "render", "detach_cond": True, "freeze_ntb": True, "crop": 64, "batch": 8, "lr": 1e-4}))
 
 # The y-only model shipped before edge: v-prediction of the residual x_0 - y, the rain renderer,
 # condition dropout and score distillation under the unconditional priors (lr 1e-4, 64-px crops,

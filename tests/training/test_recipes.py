@@ -53,7 +53,9 @@ def test_the_recipes_are_the_documented_settings():
                                "batch": 4}
     for r in RECIPES.values():
         TrainConfig(**r.train)  # each is a valid configuration on its own
-    with pytest.raises(UsageError, match="recipe 'nope' is not one of paper, edge, sds"):
+    refine = get_recipe("edge-refine")  # the shipped model's last stage: the refiner on a fixed predictor
+    assert refine.preset == "edge" and refine.train["freeze_ntb"] is True and refine.train["ntb"] == "render"
+    with pytest.raises(UsageError, match="recipe 'nope' is not one of paper, edge, edge-refine, sds"):
         get_recipe("nope")
 
 
@@ -135,4 +137,4 @@ def test_rd_train_recipes_lists_them():
                                         "--gen-lr 5e-05"
     text = runner.invoke(app, ["recipes"]).stdout
     assert "paper: Algorithm 1 exactly" in text
-    assert "--recipe <paper|edge|sds>" in runner.invoke(app, ["fit", "--help"]).output
+    assert "--recipe <paper|edge|edge-refine|sds>" in runner.invoke(app, ["fit", "--help"]).output
