@@ -291,10 +291,11 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
     from rd_export.export import extra_shapes, verification_size
     from rd_export.verify import check_report, compare_to_torch
     from runtime.manifest import sha256_file
-    from training.checkpoint import build_estimator, load_checkpoint, model_configs
+    from training.checkpoint import build_estimator, build_prologue, load_checkpoint, model_configs
 
     artifact = Path(artifact)
     manifest = load_manifest(artifact)
+    pro_path = manifest.prologue_path(artifact)  # a predict-and-refine artifact: hash-checked too
     progress(f"loading checkpoint {Path(checkpoint).name}")
     ckpt = load_checkpoint(checkpoint)
     estimator = build_estimator(ckpt, model=manifest.model, ema=True)
@@ -305,7 +306,11 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
                          f"{descriptor.size_multiple}: not the model this artifact was exported from")
     steps = steps or manifest.verify_steps
     spec = get_precision(manifest.precision)
-    candidate = None
+    prologue = build_prologue(ckpt) if pro_path is not None else None
+    if (prologue is None) != (pro_path is None):
+        raise UsageError(f"{Path(checkpoint).name} and {artifact.name} disagree on the model's condition (one of "
+                         f"them has a prologue): not the model this artifact was exported from")
+    candidate = candidate_pro = None
     min_psnr, max_abs = spec.min_psnr_db, spec.max_step_abs if spec.reference == "torch" else None
     shapes = extra_shapes(descriptor)
     if manifest.format == "trt":
@@ -313,14 +318,24 @@ def reverify(artifact: str | os.PathLike, checkpoint: str | os.PathLike, *, step
         from runtime.backends.tensorrt import version_compatible
 
         candidate = EngineStep(artifact.read_bytes(), descriptor, allow_host_code=version_compatible(manifest))
+        if pro_path is not None:
+            from rd_export.tensorrt import EnginePrologue
+
+            candidate_pro = EnginePrologue(pro_path.read_bytes(), allow_host_code=version_compatible(manifest))
         min_psnr, max_abs, shapes = ENGINE_MIN_PSNR_DB, None, []
+    elif pro_path is not None:
+        from rd_export.verify import OnnxPrologue
+
+        candidate_pro = OnnxPrologue(pro_path)
     progress(f"verifying {artifact.name} against torch ({steps} steps)")
     try:
         report = compare_to_torch(artifact, estimator, steps=steps, seed=seed, size=verification_size(descriptor),
-                                  schedule_config=schedule, extra_shapes=shapes, candidate=candidate)
+                                  schedule_config=schedule, extra_shapes=shapes, candidate=candidate,
+                                  prologue=prologue, prologue_candidate=candidate_pro)
     finally:
-        if candidate is not None:
-            candidate.close()
+        for c in (candidate, candidate_pro):
+            if c is not None and hasattr(c, "close"):
+                c.close()
     src = manifest.get("source") or {}
     report["checkpoint_matches_manifest"] = src.get("checkpoint_sha256") == sha256_file(checkpoint)
     try:

@@ -63,10 +63,10 @@ app = typer.Typer(
 def _shipped_tile() -> str:
     """The shipped model's native tile size, as its manifest records it (for --tile's help)."""
     try:
-        profile = json.loads((ASSETS / "default.json").read_text())["descriptor"]["profile"]
-        h, w = profile["max_size"]
-        return f"{int(h)}x{int(w)}"
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((ASSETS / "default.json").read_text())
+        native = manifest.get("native_tile") or manifest["descriptor"]["profile"]["max_size"][0]
+        return f"{int(native)}x{int(native)}"
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
         return "64x64"
 
 
@@ -106,7 +106,8 @@ TileOpt = Annotated[int | None, typer.Option(
          "the crop it was trained on).")]
 OverlapOpt = Annotated[int | None, typer.Option(
     "--overlap", min=0, metavar="O",
-    help="Overlap between neighbouring tiles, in pixels. Default: a quarter of the tile, at most 32.")]
+    help="Overlap between neighbouring tiles, in pixels. Default: an eighth of the tile, at most 32 (8 for the "
+         "shipped model's 64-px tiles).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "

@@ -94,8 +94,13 @@ def pad_reflect(x: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def default_overlap(tile: int) -> int:
-    """Overlap used when none is given: a quarter of the tile, at most 32 px (16 px for 64-px tiles)."""
-    return min(32, tile // 4)
+    """Overlap used when none is given: an eighth of the tile, at most 32 px (8 px for 64-px tiles).
+
+    Measured on the shipped model (docs/benchmarks.md, "Tile overlap"): at 2 steps on both dev sets
+    overlap 8 scores within 0.03 dB and 0.001 SSIM of 16 and 32, and 0 loses 0.06 dB / 0.004 SSIM
+    on jorder_h; a 720p frame in 64-px tiles is 1.30x its pixels at overlap 8, 1.76x at 16.
+    """
+    return min(32, tile // 8)
 
 
 def _check_frame(frame: object, what: str = "frame") -> np.ndarray:

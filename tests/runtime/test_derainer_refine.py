@@ -79,7 +79,7 @@ def test_batch_equals_single_frames(refine):
 
 
 def _tiled_reference(est, pro, frame: np.ndarray, steps: int, *, whole: bool) -> np.ndarray:
-    """Derainer's tiled loop in torch: 32-px tiles (overlap 8) blended after every step; the
+    """Derainer's tiled loop in torch: 32-px tiles (overlap 4) blended after every step; the
     condition from the prologue on the whole frame (``whole``) or on each tile's crop."""
     import torch
 
@@ -90,7 +90,7 @@ def _tiled_reference(est, pro, frame: np.ndarray, steps: int, *, whole: bool) ->
 
     h, w = frame.shape[:2]
     y = to_float(frame[None])[0]
-    blender = TileBlender(plan_tiles(h, w, 32, 8, multiple=8))
+    blender = TileBlender(plan_tiles(h, w, 32, 4, multiple=8))
     k = len(blender.plan)
 
     def cut(canvas: np.ndarray) -> torch.Tensor:
@@ -119,7 +119,7 @@ def test_frames_beyond_the_native_tile_get_the_prologue_whole_and_tiled_steps(re
     onnx, est, pro = refine
     frame = np.random.default_rng(3).integers(0, 256, (48, 64, 3), dtype=np.uint8)
     with Derainer(onnx, steps=steps, threads=1) as d:
-        assert d.native_tile == 32 and d.overlap == 8
+        assert d.native_tile == 32 and d.overlap == 4
         got = d.sample(to_float(frame[None]))[0]
     want = _tiled_reference(est, pro, frame, steps, whole=True)
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)

@@ -77,8 +77,20 @@ def _measure_derived(onnx_path: str, ref_path: str, steps: int, seed: int,
 
         return step
 
+    def prologue_fn(path: str, optimise: bool):
+        from runtime.descriptor import PrologueDescriptor as P
+        from runtime.manifest import Manifest
+
+        pro = Manifest.for_artifact(path).prologue_path(path)
+        if pro is None:
+            return None
+        session = make_session(pro, optimization="all" if optimise else "disabled", quiet=True)
+        return lambda y: session.run([P.OUT], {P.RAINY: np.ascontiguousarray(y, dtype=np.float32)})[0]
+
     return compare_onnx(step_fn(onnx_path, not qdq_semantics), step_fn(ref_path, True), steps=steps, seed=seed,
-                        size=size, schedule_config=ScheduleConfig.from_dict(dict(schedule)))
+                        size=size, schedule_config=ScheduleConfig.from_dict(dict(schedule)),
+                        reference_prologue=prologue_fn(ref_path, True),
+                        candidate_prologue=prologue_fn(onnx_path, not qdq_semantics))
 
 
 def reverify(path: Path) -> list[str]:
@@ -155,14 +167,17 @@ def test_shipped_int8_verifies_again_and_stays_close_through_the_derainer(path):
 
 # ---------------------------------------------------------------- hand-edited manifests fail
 def _copy_shipped(tmp_path: Path, name: str = "default.onnx") -> Path:
-    src = ASSETS / name
-    for p in (src, manifest_path_for(src)):
-        shutil.copy(p, tmp_path / p.name)
-    m = Manifest.for_artifact(src)
-    if m.get("source", {}).get("onnx"):  # a derived artifact: its FP32 source too
-        fp32 = ASSETS / m.get("source")["onnx"]
-        for p in (fp32, manifest_path_for(fp32)):
+    """An artifact's files (its prologue too) and, for a derived one, its FP32 source's, copied."""
+    def copy(src: Path) -> Manifest:
+        m = Manifest.for_artifact(src)
+        files = [src, manifest_path_for(src)] + ([src.with_name(m.prologue["artifact"])] if m.prologue else [])
+        for p in files:
             shutil.copy(p, tmp_path / p.name)
+        return m
+
+    m = copy(ASSETS / name)
+    if m.get("source", {}).get("onnx"):  # a derived artifact: its FP32 source too
+        copy(ASSETS / m.get("source")["onnx"])
     return tmp_path / name
 
 
