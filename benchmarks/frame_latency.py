@@ -84,17 +84,18 @@ class PhaseTimer:
             setattr(obj, name, original)
 
 
-def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: int) -> float:
+def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: int, overlap: int | None) -> float:
     """Max RSS (MiB) of a fresh process that derains one frame of ``size`` at ``steps``."""
     code = (
         "import sys, resource; sys.path.insert(0, sys.argv[1]);"
         "from _common import real_frame; from runtime.derainer import Derainer;"
-        "d = Derainer(sys.argv[2], steps=int(sys.argv[5]), threads=int(sys.argv[6]));"
+        "o = None if sys.argv[7] == 'None' else int(sys.argv[7]);"
+        "d = Derainer(sys.argv[2], steps=int(sys.argv[5]), threads=int(sys.argv[6]), overlap=o);"
         "d.derain(real_frame(int(sys.argv[3]), int(sys.argv[4])));"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(artifact),
-                          str(size[0]), str(size[1]), str(steps), str(threads)],
+                          str(size[0]), str(size[1]), str(steps), str(threads), str(overlap)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", default="0,2,3", help="comma-separated step counts")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager anchor")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--json", action="store_true")
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         frame = real_frame(*size)
         for s in step_counts:
-            d = Derainer(a.onnx, steps=s, threads=a.threads)
+            d = Derainer(a.onnx, steps=s, threads=a.threads, overlap=a.overlap)
             d.derain(frame)  # warm-up: binds buffers, allocates
             times = []
             for _ in range(a.runs):
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     # Block 2: peak memory, one child process per (size, S)
     if not a.no_memory:
         for r in rows:
-            r["peak_rss_mib"] = round(peak_rss_child(a.onnx, tuple(r["size"]), r["steps"], a.threads), 1)
+            r["peak_rss_mib"] = round(peak_rss_child(a.onnx, tuple(r["size"]), r["steps"], a.threads, a.overlap), 1)
     # Block 3: the torch eager anchor (same work)
     if not a.no_torch and a.checkpoint.is_file():
         for r in rows:

@@ -89,6 +89,12 @@ def _fake_plan(tmp_path: Path) -> Path:
     d["descriptor"]["profile"]["min_batch"] = 1
     d.update(artifact=plan.name, format="trt", sha256=sha256_file(plan),
              tensorrt={"version": "10.0.0", "gpu_name": "none (test)", "compute_capability": "9.0"})
+    if m.prologue is not None:  # the shipped model's prologue ONNX, as the plan's (a stand-in runs it)
+        from runtime.manifest import prologue_name
+
+        pro = tmp_path / prologue_name(plan.name)
+        shutil.copyfile(m.prologue_path(onnx), pro)
+        d["prologue"] = dict(m.prologue, artifact=pro.name, sha256=sha256_file(pro))
     Manifest.from_dict(d).save(tmp_path / "model.trt.json")
     return plan
 
@@ -101,7 +107,7 @@ def test_exported_gpu_repository_bls_loop_equals_derainer(serve_available, refer
 
     plan = _fake_plan(tmp_path)
     repo = export_triton(plan, tmp_path / "repo", TritonOptions(steps=STEPS, seed=SEED, max_batch=8))
-    assert sorted(p.name for p in repo.iterdir()) == ["derain", "derain_step"]
+    assert sorted(p.name for p in repo.iterdir()) == ["derain", "derain_prologue", "derain_step"]  # two plans
     assert (repo / "derain_step" / "1" / "model.plan").read_bytes() == plan.read_bytes()
     assert 'platform: "tensorrt_plan"' in (repo / "derain_step" / "config.pbtxt").read_text()
 
@@ -117,7 +123,18 @@ def test_exported_gpu_repository_bls_loop_equals_derainer(serve_available, refer
                                                     max_batch=0, backend="python"))
 
     settings = json.loads((repo / "derain" / "1" / "derain.json").read_text())
-    assert settings["step"]["cond"] == desc.COND and settings["prologue"] is None
+    assert settings["step"]["cond"] == desc.COND
+    if settings["prologue"] is not None:  # the shipped model's prologue plan: the same swap
+        pd = desc.prologue()
+        pro = repo / settings["prologue"]["model"]
+        assert (pro / "1" / "model.plan").is_file()
+        shutil.rmtree(pro)
+        (pro / "1").mkdir(parents=True)
+        shutil.copyfile(Manifest.for_artifact(plan).prologue_path(plan), pro / "1" / "step.onnx")
+        names = {"inputs": pd.input_names, "outputs": pd.output_names}
+        (pro / "1" / "model.py").write_text(ONNX_STEP_MODEL.format(names=names))
+        (pro / "config.pbtxt").write_text(config_pbtxt(pro.name, inputs=pd.inputs, outputs=pd.outputs,
+                                                       max_batch=0, backend="python"))
     with _serve(repo) as server, DerainClient(server.urls["http"]) as client:
         for f in frames(9, (40, 48), (64, 64), (17, 23)):
             np.testing.assert_array_equal(client.derain(f), reference.derain(f))

@@ -138,9 +138,16 @@ def _fake_plan(tmp_path: Path) -> Path:
 
     plan = tmp_path / "model.trt.plan"
     shutil.copyfile(default_artifact(), plan)
-    d = Manifest.for_artifact(default_artifact()).to_dict()
+    m = Manifest.for_artifact(default_artifact())
+    d = m.to_dict()
     d.update(artifact=plan.name, format="trt", sha256=sha256_file(plan),
              tensorrt={"version": "10.0.0", "gpu_name": "none (test)", "compute_capability": "9.0"})
+    if m.prologue is not None:  # the shipped model's prologue, as the plan's
+        from runtime.manifest import prologue_name
+
+        pro = tmp_path / prologue_name(plan.name)
+        shutil.copyfile(m.prologue_path(default_artifact()), pro)
+        d["prologue"] = dict(m.prologue, artifact=pro.name, sha256=sha256_file(pro))
     Manifest.from_dict(d).save(tmp_path / "model.trt.json")
     return plan
 
@@ -189,8 +196,9 @@ def test_cpu_repository_layout(tmp_path):
 
     repo = export_triton(default_artifact(), tmp_path / "repo", TritonOptions(steps=STEPS, seed=SEED))
     files = sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file())
-    assert files == ["derain/1/default.json", "derain/1/default.onnx", "derain/1/derain.json", "derain/1/model.py",
-                     "derain/config.pbtxt"]
+    # the shipped model is two graphs
+    assert files == ["derain/1/default.json", "derain/1/default.onnx", "derain/1/default.prologue.onnx",
+                     "derain/1/derain.json", "derain/1/model.py", "derain/config.pbtxt"]
     top = _parse(repo / "derain" / "config.pbtxt")
     assert top.backend == "python" and top.instance_group[0].kind == top.instance_group[0].KIND_CPU
     assert (repo / "derain" / "1" / "default.onnx").read_bytes() == default_artifact().read_bytes()
