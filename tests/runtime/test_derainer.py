@@ -265,3 +265,18 @@ def test_onnxruntime_tiles_frames_beyond_the_manifest_profile(tiny_model, rng):
         out = d.derain(frame)
         assert out.shape == frame.shape
         assert d.backend.shape[1] == 128  # tiles of the profile height (the width 72 fits)
+
+
+def test_a_batch_is_sampled_like_the_torch_reference_batch(tiny_model, tiny_derainer, rng, psnr):
+    """Derainer and ddim_sample draw x_T the same way for a batch (one draw per frame, the same for
+    every frame of a padded size: runtime.schedule.frame_noise), so a batch agrees number for number."""
+    frames = np.stack([to_float(_frame(rng, 24, 40)) for _ in range(3)])
+    got = tiny_derainer.sample(frames)
+    want = tiny_model.reference(frames, steps=3, seed=0)
+    assert psnr(got, want) > 60
+    import torch
+
+    from training.diffusion import ddim_sample
+
+    _, traj = ddim_sample(tiny_model.estimator, torch.from_numpy(frames), steps=3, seed=0, return_trajectory=True)
+    assert np.array_equal(traj[0]["x_t"][0], traj[0]["x_t"][2])  # the same x_T for every frame
