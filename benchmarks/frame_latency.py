@@ -10,8 +10,8 @@ warm-up) and splits one frame's time into its phases by timing the calls Deraine
 - ``tiles``: cutting tiles out of the canvas, blending them back, host <-> engine copies;
 - ``other``: the rest (Python, locks, noise).
 
-Peak memory (max RSS) of each (size, S) is measured in a fresh child process that derains one
-frame. The anchor, measured in the same run: torch eager doing the same work (the prologue on the
+Peak memory (the high-water RSS, VmHWM) of each (size, S) is measured in a fresh child process that
+derains one frame. The anchor, measured in the same run: torch eager doing the same work (the prologue on the
 whole frame, then S fused steps over the same tiles, batched the same way) - the ratio says what
 the deploy path buys over the training framework.
 
@@ -92,7 +92,9 @@ def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: i
         "o = None if sys.argv[7] == 'None' else int(sys.argv[7]);"
         "d = Derainer(sys.argv[2], steps=int(sys.argv[5]), threads=int(sys.argv[6]), overlap=o);"
         "d.derain(real_frame(int(sys.argv[3]), int(sys.argv[4])));"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+        # VmHWM: this process's own high-water mark; ru_maxrss would keep the parent's across fork + exec
+        "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')];"
+        "print(int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(artifact),
                           str(size[0]), str(size[1]), str(steps), str(threads), str(overlap)],
