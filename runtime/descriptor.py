@@ -96,8 +96,31 @@ class ShapeProfile:
                    max_size=tuple(int(v) for v in d["max_size"]))
 
 
+class _GraphIO:
+    """What every graph's contract derives from its ``inputs`` / ``outputs`` TensorSpecs."""
+
+    @property
+    def input_names(self) -> list[str]:
+        return [s.name for s in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [s.name for s in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's ``dynamic_axes`` argument."""
+        axes: dict[str, dict[int, str]] = {}
+        for spec in self.inputs + self.outputs:
+            axes[spec.name] = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
+        return axes
+
+    def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """min/opt/max shape of every input (what an engine's optimisation profile is given)."""
+        return self.profile.shapes(self.inputs)
+
+
 @dataclass(frozen=True)
-class StepDescriptor:
+class StepDescriptor(_GraphIO):
     """The fused DDIM step's I/O contract."""
 
     size_multiple: int
@@ -127,21 +150,6 @@ class StepDescriptor:
     def outputs(self) -> tuple[TensorSpec, ...]:
         return (TensorSpec(self.OUT, "float32", ("batch", self.channels, "height", "width")),)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """torch.onnx.export's ``dynamic_axes`` argument."""
-        axes: dict[str, dict[int, str]] = {}
-        for spec in self.inputs + self.outputs:
-            axes[spec.name] = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
-        return axes
-
     def check_frame_size(self, height: int, width: int) -> None:
         """Raise ValueError naming the sizes and the multiple when H or W does not fit."""
         m = self.size_multiple
@@ -150,10 +158,6 @@ class StepDescriptor:
                 f"input size {height}x{width} is not a multiple of the model's size multiple {m}; "
                 f"pad to {-(-height // m) * m}x{-(-width // m) * m}"
             )
-
-    def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """min/opt/max shape of every input (what an engine's optimisation profile is given)."""
-        return self.profile.shapes(self.inputs)
 
     def to_dict(self) -> dict:
         return {
@@ -181,7 +185,7 @@ class StepDescriptor:
 
 
 @dataclass(frozen=True)
-class PrologueDescriptor:
+class PrologueDescriptor(_GraphIO):
     """The prologue graph's I/O contract: rainy y -> cond = [y, P(y)] (see the module docstring).
 
     Same size multiple and shape profile as its step; its output is the step's ``cond`` input,
@@ -206,23 +210,6 @@ class PrologueDescriptor:
         return (TensorSpec(self.OUT, "float32", ("batch", self.cond_channels, "height", "width")),)
 
     @property
-    def input_names(self) -> list[str]:
-        return [s.name for s in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [s.name for s in self.outputs]
-
-    @property
     def estimate_channels(self) -> slice:
         """Where P(y) sits in ``cond`` (the output at zero DDIM steps): its last three channels."""
         return slice(self.cond_channels - 3, self.cond_channels)
-
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        axes: dict[str, dict[int, str]] = {}
-        for spec in self.inputs + self.outputs:
-            axes[spec.name] = {i: d for i, d in enumerate(spec.shape) if isinstance(d, str)}
-        return axes
-
-    def input_shapes(self) -> dict[str, tuple[tuple[int, ...], ...]]:
-        return self.profile.shapes(self.inputs)
