@@ -158,7 +158,8 @@ def test_refuses_what_is_not_a_verified_fp32_onnx(tiny_int8, tiny_fp32, rainy_di
         build_int8(tampered, rainy_dir, out=tmp_path)
     with pytest.raises(UsageError, match="not a multiple of the model's size multiple 8"):
         build_int8(tiny_fp32.onnx, rainy_dir, out=tmp_path, sizes=[20])
-    with pytest.raises(UsageError, match="fp32_nodes not found"):
+    with pytest.raises(UsageError, match="fp32_nodes not found"), \
+            pytest.warns(RuntimeWarning, match="no held-out image"):
         build_int8(tiny_fp32.onnx, rainy_dir, out=tmp_path / "o", calib_images=1, eval_images=0, sizes=[16],
                    fp32_nodes=["nope"], latency=False)
 
