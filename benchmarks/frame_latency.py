@@ -13,7 +13,8 @@ warm-up) and splits one frame's time into its phases by timing the calls Deraine
 Peak memory (the high-water RSS, VmHWM) of each (size, S) is measured in a fresh child process that
 derains one frame. The anchor, measured in the same run: torch eager doing the same work (the prologue on the
 whole frame, then S fused steps over the same tiles, batched the same way) - the ratio says what
-the deploy path buys over the training framework.
+the deploy path buys over the training framework; ``--bf16`` adds torch under bf16 autocast (the
+fastest torch path on CPUs with BF16).
 
     python benchmarks/frame_latency.py --sizes 720x1280,1080x1920 --steps 0,2,3 --runs 3
 
@@ -103,15 +104,17 @@ def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: i
 
 
 def torch_anchor(checkpoint: Path, size: tuple[int, int], steps: int, tile: int, overlap: int, batch: int,
-                 threads: int) -> float:
-    """Seconds of torch eager doing one frame's work the way the runtime does it (see the docstring)."""
+                 threads: int, *, bf16: bool = False) -> float:
+    """Seconds of torch eager doing one frame's work the way the runtime does it (see the docstring);
+    ``bf16``: under ``torch.autocast("cpu", torch.bfloat16)`` (oneDNN's bf16 kernels, AMX where the CPU
+    has it). The second of two runs: the first builds oneDNN's kernels."""
+    import contextlib
+
     import torch
 
     from runtime.derainer import pad_reflect, to_float
-    from runtime.schedule import DDIMSchedule, initial_noise, step_inputs
     from runtime.tiling import TileBlender, plan_tiles
     from training.checkpoint import build_estimator, build_prologue, load_checkpoint
-    from training.multiscale import fused_step
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(checkpoint)
@@ -121,10 +124,21 @@ def torch_anchor(checkpoint: Path, size: tuple[int, int], steps: int, tile: int,
     hp, wp = -(-h // m) * m, -(-w // m) * m
     y = pad_reflect(to_float(real_frame(h, w)[None]), hp, wp)
     blender = TileBlender(plan_tiles(hp, wp, tile, overlap, multiple=m))
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+    for _ in range(2):
+        seconds = _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast)
+    return seconds
+
+
+def _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast) -> float:
+    from runtime.schedule import DDIMSchedule, initial_noise, step_inputs
+    from training.multiscale import fused_step
+
+    hp, wp = y.shape[-2:]
     k = len(blender.plan)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast():
         t0 = time.perf_counter()
-        cond = pro(torch.from_numpy(y))[0].numpy() if pro is not None else y[0]
+        cond = pro(torch.from_numpy(y))[0].float().numpy() if pro is not None else y[0]
         if steps:
             s = DDIMSchedule()
             s.set_timesteps(steps)
@@ -138,7 +152,7 @@ def torch_anchor(checkpoint: Path, size: tuple[int, int], steps: int, tile: int,
                     n = min(batch, k - j)
                     t, coef = step_inputs(s.coefficients(), s.timesteps, i, n)
                     out = fused_step(est, xs[j:j + n], conds[j:j + n], torch.from_numpy(t), torch.from_numpy(coef))
-                    blender.accumulate(out.numpy(), range(j, j + n), acc)
+                    blender.accumulate(out.float().numpy(), range(j, j + n), acc)
                 canvas = acc
         return time.perf_counter() - t0
 
@@ -153,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager anchor")
+    ap.add_argument("--bf16", action="store_true",
+                    help="also time torch eager under bf16 autocast (for CPUs with BF16: avx512_bf16 / amx_bf16)")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
@@ -203,9 +219,16 @@ def main(argv: list[str] | None = None) -> int:
                              a.threads)
             r["torch_eager_s"] = round(t, 3)
             r["speedup_vs_torch"] = round(t / r["median_s"], 2)
+            if a.bf16:
+                t = torch_anchor(a.checkpoint, tuple(r["size"]), r["steps"], r["tile"] or 64, r["overlap"],
+                                 r["batch"], a.threads, bf16=True)
+                r["torch_bf16_s"] = round(t, 3)
+                r["speedup_vs_torch_bf16"] = round(t / r["median_s"], 2)
     cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    isa = ("AVX-512 VNNI" if "avx512_vnni" in cpu else "AVX-512" if "avx512f" in cpu
-           else "AVX2" if "avx2" in cpu else "?")
+    flags = set(cpu.split())
+    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
+           else "AVX2" if "avx2" in flags else "?")
+    isa += "".join(f" +{f}" for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
     report = {"artifact": str(a.onnx), "threads": a.threads, "cpu_isa": isa, "runs": a.runs, "rows": rows,
               "self_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if a.json:
@@ -218,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
                 extra += f", peak RSS {r['peak_rss_mib']:.0f} MiB"
             if "torch_eager_s" in r:
                 extra += f", torch eager {r['torch_eager_s']:.3f} s ({r['speedup_vs_torch']:.2f}x)"
+            if "torch_bf16_s" in r:
+                extra += f", torch bf16 autocast {r['torch_bf16_s']:.3f} s ({r['speedup_vs_torch_bf16']:.2f}x)"
             print(f"{r['size'][0]}x{r['size'][1]} S={r['steps']}: {r['median_s']:.3f} s{extra}")
     return 0
 

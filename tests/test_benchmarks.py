@@ -196,3 +196,21 @@ def test_quality_band_split_and_seed_mean_are_exact(tmp_path, monkeypatch):
     assert hi > lo + 10
     a, b = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 3, np.uint8)
     assert (mod.seed_mean([a, b]) == 2).all() and mod.seed_mean([b]).dtype == np.uint8  # 1.5 rounds to 2
+
+
+def test_frame_latency_phases_and_torch_anchors(tmp_path, monkeypatch, capsys):
+    """The shipped model at a small size: each (size, S) row has its phases, the torch eager anchor and,
+    with --bf16, the bf16-autocast one, each ratio being that anchor's time over the runtime's median."""
+    fl = _load("frame_latency", monkeypatch, tmp_path / "no-data")
+    assert fl.main(["--sizes", "64x96", "--steps", "0,2", "--runs", "1", "--threads", "1", "--no-memory",
+                    "--bf16", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = {r["steps"]: r for r in report["rows"]}
+    assert set(rows) == {0, 2} and all(r["size"] == [64, 96] for r in rows.values())
+    assert rows[0]["per_step_s"] is None and rows[2]["per_step_s"] > 0
+    assert rows[0]["phases_s"]["steps"] == 0 and rows[2]["phases_s"]["steps"] > 0
+    assert rows[0]["phases_s"]["prologue"] > 0
+    for r in rows.values():
+        for key, ratio in (("torch_eager_s", "speedup_vs_torch"), ("torch_bf16_s", "speedup_vs_torch_bf16")):
+            assert r[key] > 0
+            assert r[ratio] == pytest.approx(r[key] / r["median_s"], rel=0.05, abs=0.01)
