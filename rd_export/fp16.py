@@ -5,7 +5,8 @@ op_block_list=..., node_block_list=...)`` (``onnxconverter_common`` crashed on t
 The islands that stay FP32 (``ISLANDS``; measured, see :func:`measure_islands` and
 docs/export.md):
 
-- ``normalization``: InstanceNormalization (what GroupNorm exports to). Its mean/variance are
+- ``normalization``: InstanceNormalization (what GroupNorm exports to), and the statistics of a
+  GroupNorm exported as reductions (the prologue: rd_export.groupnorm). Its mean/variance are
   reductions over C/G*H*W elements per group: in FP16 a sum of squares passes 65504 at ~256x256
   even for unit activations (TensorRT#2691).
 - ``softmax``: the per-pixel scale weights and the attention softmax (exp overflows in FP16).
@@ -44,7 +45,7 @@ __all__ = ["ISLANDS", "DEFAULT_ISLANDS", "convert_fp16", "drop_cast_round_trips"
 #: name -> how it is selected and why it stays FP32. "ops" islands block op types; "structural"
 #: islands block the nodes rd_export.graph.island_nodes finds.
 ISLANDS: dict[str, dict] = {
-    "normalization": {"ops": ["InstanceNormalization"],
+    "normalization": {"ops": ["InstanceNormalization"], "structural": "groupnorm_stats",
                       "reason": "GroupNorm statistics: FP16 sums of squares overflow over large groups"},
     "softmax": {"ops": ["Softmax"], "reason": "exp() overflows in FP16; scale-fusion and attention weights"},
     "time_embedding": {"structural": "time_embedding",
@@ -158,12 +159,15 @@ def island_report(model: onnx.ModelProto, islands: Sequence[str]) -> dict:
     rows = []
     for name in islands:
         spec = ISLANDS[name]
+        row = {"name": name}
+        count = 0
         if "ops" in spec:
-            count = sum(1 for n in model.graph.node if n.op_type in spec["ops"])
-            rows.append({"name": name, "ops": spec["ops"], "nodes": count, "reason": spec["reason"]})
-        else:
-            count = len(island_nodes(model, spec["structural"]))
-            rows.append({"name": name, "select": spec["structural"], "nodes": count, "reason": spec["reason"]})
+            count += sum(1 for n in model.graph.node if n.op_type in spec["ops"])
+            row["ops"] = spec["ops"]
+        if "structural" in spec:
+            count += len(island_nodes(model, spec["structural"]))
+            row["select"] = spec["structural"]
+        rows.append({**row, "nodes": count, "reason": spec["reason"]})
     return {"islands": rows}
 
 

@@ -7,6 +7,7 @@ never needs PyTorch.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -98,6 +99,30 @@ def check_signature(model: onnx.ModelProto, descriptor: StepDescriptor, *, where
                 )
 
 
+def inline_identity_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove ``Identity`` nodes that copy an initializer (the TorchScript exporter emits them for
+    equal constants), pointing their readers at the initializer itself; in place, returns ``model``.
+
+    onnxruntime 1.32's basic graph optimisations reject such a graph when several folded constants
+    share one initializer ("Node input ... is not a graph input, initializer, or output of a previous
+    node"); seen with GroupNorms of equal parameters traced as reductions.
+    """
+    inits = {i.name for i in model.graph.initializer}
+    outputs = {o.name for o in model.graph.output}
+    alias = {n.output[0]: n.input[0] for n in model.graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in outputs}
+    if not alias:
+        return model
+    keep = [n for n in model.graph.node if not (n.op_type == "Identity" and n.output and n.output[0] in alias)]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            if name in alias:
+                n.input[k] = alias[name]
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
 def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
     return dict(Counter(n.op_type for n in model.graph.node).most_common())
 
@@ -165,10 +190,13 @@ def descendants(model: onnx.ModelProto, node_names: list[str]) -> list[str]:
 
 #: Node-name scope of the v -> eps conversion in exported graphs (TorchScript exporter scopes).
 TO_EPS_SCOPE = "/estimator/to_eps/"
+#: Node-name scope segment of GroupNorm statistics traced as reductions (rd_export.groupnorm.STATS_SCOPE;
+#: the exporter numbers a repeated scope name: ``groupnorm_stats_1``)
+GROUPNORM_STATS_SCOPE = re.compile(r"/groupnorm_stats(_\d+)?/")
 
 
 def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
-    """Node names of a structural FP32 island of the fused step graph.
+    """Node names of a structural FP32 island of an exported graph.
 
     - ``time_embedding``: every node computed from ``t`` alone.
     - ``ddim_update``: the slicing of ``coef`` and everything downstream of the nodes that read
@@ -176,8 +204,13 @@ def island_nodes(model: onnx.ModelProto, island: str) -> list[str]:
       for v-prediction estimators, the v -> eps conversion (nodes scoped ``/estimator/to_eps/``,
       see training.multiscale.ToEps): with the update it computes x0 = a * x_t - b * eps_hat,
       a cancellation that FP16 rounding of eps_hat would wreck at high t.
+    - ``groupnorm_stats``: the GroupNorm statistics of graphs exported with
+      :func:`rd_export.groupnorm.reduced_groupnorm` (nodes scoped ``.../groupnorm_stats/...``): a
+      mean of squares minus a squared mean, which FP16 would lose to cancellation.
     """
-    if island == "time_embedding":
+    if island == "groupnorm_stats":
+        nodes = [n.name for n in model.graph.node if GROUPNORM_STATS_SCOPE.search(n.name)]
+    elif island == "time_embedding":
         nodes = input_cone(model, StepDescriptor.T)
     elif island == "ddim_update":
         coef_cone = input_cone(model, StepDescriptor.COEF)
