@@ -9,6 +9,10 @@ from two ReduceMean reductions (mean and mean of squares per group) and one per-
 measurements; on the 64-px tiles of the step graph the two forms cost the same, so only the
 prologue is exported this way).
 
+x is read once, by the Reshape to its groups (and by a Shape for the way back): everything else
+reads that grouped view. In an INT8 graph every reader of a dequantized tensor gets its own
+DequantizeLinear from onnxruntime, so each extra reader of x would cost a full-frame pass there.
+
 The statistics are computed in a child module named :data:`STATS_SCOPE`, so every node of them is
 named ``.../groupnorm_stats/...`` in the ONNX graph: ``rd_export.graph.island_nodes`` selects them
 by that name and the FP16 derivation keeps them FP32 (a mean of squares rounded to FP16 would lose
@@ -29,14 +33,13 @@ STATS_SCOPE = "groupnorm_stats"
 
 
 class GroupNormStats(nn.Module):
-    """Per-(sample, group) mean and 1 / sqrt(var + eps) of x [N, C, H, W], each [N, G, 1]."""
+    """Per-(sample, group) mean and 1 / sqrt(var + eps) of x grouped as [N, G, C/G*H*W], each [N, G, 1]."""
 
     def __init__(self, groups: int, eps: float) -> None:
         super().__init__()
         self.groups, self.eps = int(groups), float(eps)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xg = x.reshape(x.shape[0], self.groups, -1)
+    def forward(self, xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mean = xg.mean(-1, keepdim=True)
         var = ((xg * xg).mean(-1, keepdim=True) - mean * mean).clamp(min=0.0)
         return mean, torch.rsqrt(var + self.eps)
@@ -54,11 +57,12 @@ class ReducedGroupNorm(nn.Module):
         setattr(self, STATS_SCOPE, GroupNormStats(norm.num_groups, norm.eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        mean, rstd = getattr(self, STATS_SCOPE)(x)
+        xg = x.reshape(x.shape[0], self.groups, -1)  # x's one reader (and its shape): the module docstring
+        mean, rstd = getattr(self, STATS_SCOPE)(xg)
         a = self.weight.reshape(1, self.groups, -1) * rstd  # [N, G, C/G]
         b = self.bias.reshape(1, self.groups, -1) - mean * a
-        return x * a.reshape(n, self.channels, 1, 1) + b.reshape(n, self.channels, 1, 1)
+        xc = xg.reshape(xg.shape[0], self.groups, self.channels // self.groups, -1)  # [N, G, C/G, H*W]
+        return (xc * a.unsqueeze(-1) + b.unsqueeze(-1)).reshape(x.shape)
 
 
 def reduced_groupnorm(module: nn.Module) -> nn.Module:
