@@ -85,20 +85,21 @@ class PhaseTimer:
             setattr(obj, name, original)
 
 
-def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: int, overlap: int | None) -> float:
+def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: int, overlap: int | None,
+                   device: str | None = None) -> float:
     """Max RSS (MiB) of a fresh process that derains one frame of ``size`` at ``steps``."""
     code = (
         "import sys, resource; sys.path.insert(0, sys.argv[1]);"
         "from _common import real_frame; from runtime.derainer import Derainer;"
-        "o = None if sys.argv[7] == 'None' else int(sys.argv[7]);"
-        "d = Derainer(sys.argv[2], steps=int(sys.argv[5]), threads=int(sys.argv[6]), overlap=o);"
+        "o = None if sys.argv[7] == 'None' else int(sys.argv[7]); dev = None if sys.argv[8] == 'None' else sys.argv[8];"
+        "d = Derainer(sys.argv[2], steps=int(sys.argv[5]), threads=int(sys.argv[6]), overlap=o, device=dev);"
         "d.derain(real_frame(int(sys.argv[3]), int(sys.argv[4])));"
         # VmHWM: this process's own high-water mark; ru_maxrss would keep the parent's across fork + exec
         "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM')];"
         "print(int(hwm[0].split()[1]) / 1024 if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     out = subprocess.run([sys.executable, "-c", code, str(Path(__file__).resolve().parent), str(artifact),
-                          str(size[0]), str(size[1]), str(steps), str(threads), str(overlap)],
+                          str(size[0]), str(size[1]), str(steps), str(threads), str(overlap), str(device)],
                          capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
@@ -166,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
+    ap.add_argument("--device", default=None,
+                    help="the runtime's device: cpu (onnxruntime, default) or openvino (BF16 on CPUs that have it)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager anchor")
     ap.add_argument("--bf16", action="store_true",
                     help="also time torch eager under bf16 autocast (for CPUs with BF16: avx512_bf16 / amx_bf16)")
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         frame = real_frame(*size)
         for s in step_counts:
-            d = Derainer(a.onnx, steps=s, threads=a.threads, overlap=a.overlap)
+            d = Derainer(a.onnx, steps=s, threads=a.threads, overlap=a.overlap, device=a.device)
             d.derain(frame)  # warm-up: binds buffers, allocates
             times = []
             for _ in range(a.runs):
@@ -202,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"size": list(size), "steps": s, "median_s": round(med, 3), "min_s": round(min(times), 3),
                          "fps": round(1.0 / med, 3), "per_step_s": round(phases["steps"] / s, 3) if s else None,
                          "phases_s": {k: round(v, 3) for k, v in phases.items()},
-                         "tile": d.native_tile, "overlap": d.overlap, "batch": d.batch})
+                         "tile": d.native_tile, "overlap": d.overlap, "batch": d.batch, "backend": d.backend.name,
+                         "inference_precision": getattr(d.backend, "inference_precision", "f32")})
             d.close()
             if not a.json:
                 r = rows[-1]
@@ -211,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     # Block 2: peak memory, one child process per (size, S)
     if not a.no_memory:
         for r in rows:
-            r["peak_rss_mib"] = round(peak_rss_child(a.onnx, tuple(r["size"]), r["steps"], a.threads, a.overlap), 1)
+            r["peak_rss_mib"] = round(peak_rss_child(a.onnx, tuple(r["size"]), r["steps"], a.threads, a.overlap,
+                                                     a.device), 1)
     # Block 3: the torch eager anchor (same work)
     if not a.no_torch and a.checkpoint.is_file():
         for r in rows:
@@ -229,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
            else "AVX2" if "avx2" in flags else "?")
     isa += "".join(f" +{f}" for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
-    report = {"artifact": str(a.onnx), "threads": a.threads, "cpu_isa": isa, "runs": a.runs, "rows": rows,
+    report = {"artifact": str(a.onnx), "threads": a.threads, "device": a.device or "cpu", "cpu_isa": isa,
+              "runs": a.runs, "rows": rows,
               "self_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if a.json:
         print(json.dumps(report, indent=2))

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default=",".join(DEV_SETS))
     ap.add_argument("--limit", type=int, default=0, help="first N pairs of each set (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default=None,
+                    help="the runtime's device: cpu (onnxruntime, default) or openvino (BF16 on CPUs that have it)")
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--panels", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
@@ -67,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     for art in a.artifacts:
         for s in step_counts:
             try:
-                d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap)
+                d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap, device=a.device)
             except RDError as e:
                 print(f"quality_table: {art.name} at {s} steps: {e}", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
-            row = {"artifact": art.name, "steps": s, "overlap": d.overlap}
+            row = {"artifact": art.name + (f" ({a.device})" if a.device else ""), "steps": s, "overlap": d.overlap}
             for name, pairs in sets.items():
                 row[name] = _mean([score(d.derain(r), r, c) for _, r, c in pairs])
             row["seconds"] = round(time.perf_counter() - t0, 1)

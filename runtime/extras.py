@@ -51,6 +51,7 @@ OPTIONAL: dict[str, Dependency] = {o.module: o for o in (
     Dependency("skimage", "scikit-image", "eval", "scikit-image"),
     Dependency("av", "PyAV", "video", "av"),
     Dependency("cv2", "OpenCV", "stream", "opencv-python-headless"),
+    Dependency("openvino", "OpenVINO", "openvino", "openvino"),
     Dependency("tensorrt", "TensorRT", "trt", "tensorrt-cu12"),
     Dependency("cuda", "cuda-python", "trt", "cuda-python"),
     Dependency("pytriton", "PyTriton", "serve", "nvidia-pytriton"),

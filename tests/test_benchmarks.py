@@ -213,4 +213,17 @@ def test_frame_latency_phases_and_torch_anchors(tmp_path, monkeypatch, capsys):
     for r in rows.values():
         for key, ratio in (("torch_eager_s", "speedup_vs_torch"), ("torch_bf16_s", "speedup_vs_torch_bf16")):
             assert r[key] > 0
-            assert r[ratio] == pytest.approx(r[key] / r["median_s"], rel=0.05, abs=0.01)
+            # the report rounds seconds to 3 decimals and ratios to 2: at this size that is a few percent
+            assert r[ratio] == pytest.approx(r[key] / r["median_s"], rel=0.15, abs=0.02)
+        assert r["backend"] == "onnxruntime"
+
+
+def test_frame_latency_on_openvino(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("openvino")
+    fl = _load("frame_latency", monkeypatch, tmp_path / "no-data")
+    assert fl.main(["--sizes", "64x96", "--steps", "2", "--runs", "1", "--threads", "1", "--no-torch",
+                    "--device", "openvino", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    (row,) = report["rows"]
+    assert report["device"] == "openvino" and row["backend"] == "openvino"
+    assert row["inference_precision"] in ("bf16", "f32") and row["peak_rss_mib"] > 0

@@ -1,7 +1,9 @@
 """Inference backends for the fused DDIM step, by artifact suffix (docs/ARCHITECTURE.md, code convention 7).
 
 ``.onnx`` -> :class:`~runtime.backends.onnxruntime.OnnxRuntimeBackend` (CPU, or CUDA with
-onnxruntime-gpu); ``.plan`` -> :class:`~runtime.backends.tensorrt.TensorRTBackend` (CUDA GPU).
+onnxruntime-gpu), or with ``device="openvino"`` :class:`~runtime.backends.openvino.OpenVINOBackend`
+(x86 CPU, BF16 where the CPU has it); ``.plan`` -> :class:`~runtime.backends.tensorrt.TensorRTBackend`
+(CUDA GPU).
 Engine libraries are imported only when a backend is opened, so importing this package needs
 numpy alone.
 """
@@ -15,22 +17,30 @@ from runtime.backends.base import Backend, parse_device
 from runtime.errors import UsageError
 from runtime.manifest import load_manifest
 
-__all__ = ["Backend", "BACKEND_SUFFIXES", "open_backend", "load_manifest", "parse_device"]
+__all__ = ["Backend", "BACKEND_SUFFIXES", "OPENVINO", "open_backend", "load_manifest", "parse_device"]
 
 #: artifact suffix -> backend name
 BACKEND_SUFFIXES = {".onnx": "onnxruntime", ".plan": "tensorrt"}
+#: the device name that picks the OpenVINO backend for an .onnx artifact
+OPENVINO = "openvino"
 
 
 def open_backend(artifact: str | os.PathLike, *, device: str | None = None, threads: int | None = None,
                  cuda_graph: bool = True) -> Backend:
     """Open ``artifact`` with the backend its suffix names; its manifest is validated first.
 
-    ``device``: "cpu" (default for .onnx), "cuda" / "cuda:N" (default for .plan). ``threads``:
-    onnxruntime intra-op threads on CPU (None: onnxruntime's default). ``cuda_graph``: TensorRT
-    replays the S-step loop as one CUDA graph once a shape has run.
+    ``device``: "cpu" (default for .onnx), "cuda" / "cuda:N" (default for .plan), or "openvino"
+    (an .onnx on the CPU through OpenVINO). ``threads``: CPU inference threads (None: the engine's
+    default). ``cuda_graph``: TensorRT replays the S-step loop as one CUDA graph once a shape has run.
     """
     path = Path(artifact)
     suffix = path.suffix.lower()
+    if device is not None and str(device).strip().lower() == OPENVINO:
+        if suffix != ".onnx":
+            raise UsageError(f"{path.name}: device 'openvino' runs .onnx artifacts; a TensorRT plan runs on 'cuda'")
+        from runtime.backends.openvino import OpenVINOBackend
+
+        return OpenVINOBackend(path, threads=threads)
     if suffix == ".onnx":
         from runtime.backends.onnxruntime import OnnxRuntimeBackend
 

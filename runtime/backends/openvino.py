@@ -1,0 +1,194 @@
+"""OpenVINO backend: the same ONNX artifact on x86 CPUs, in BF16 where the CPU computes BF16 natively.
+
+``--device openvino`` (``Derainer(..., device="openvino")``) compiles the artifact's graphs with
+OpenVINO's CPU plugin. On a CPU with native BF16 (AMX-BF16 or AVX512_BF16, as OpenVINO reports in
+``OPTIMIZATION_CAPABILITIES``) it asks for BF16 inference precision, which on such a CPU runs the
+predictor on a whole 720p frame ~2x faster than onnxruntime's FP32 (docs/benchmarks.md); elsewhere
+it runs FP32 (``precision="f32"`` forces that anywhere). BF16 keeps 8 bits of mantissa: its cost
+on both dev sets is measured in docs/quality.md and is under the 0.2 dB INT8 gate.
+
+Buffers follow the backend protocol (runtime/backends/base.py): x[0], x[1] and cond are numpy
+arrays allocated once per shape and wrapped as ``openvino.Tensor(..., shared_memory=True)``, so
+OpenVINO reads and writes them in place; a step sets x_t / x_next / t / coef to those tensors
+(no allocation) and infers. The prologue's request writes the step's cond buffer itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
+
+import numpy as np
+
+from runtime.artifacts import check_external_data
+from runtime.backends.base import Backend
+from runtime.errors import ArtifactError, UsageError
+from runtime.extras import missing
+from runtime.manifest import Manifest, load_manifest
+
+__all__ = ["OpenVINOBackend", "native_bf16", "PRECISIONS"]
+
+#: ``precision`` values: "auto" = BF16 where the CPU has it natively, else FP32
+PRECISIONS = ("auto", "bf16", "f32")
+
+
+def _import_openvino() -> Any:
+    try:
+        return importlib.import_module("openvino")
+    except ImportError:
+        raise missing("openvino") from None
+
+
+def native_bf16(core: Any) -> bool:
+    """Whether OpenVINO's CPU plugin reports native BF16 on this CPU."""
+    return "BF16" in list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+class OpenVINOBackend(Backend):
+    """The fused step (and prologue) compiled by OpenVINO for the CPU, on shared numpy buffers."""
+
+    name = "openvino"
+
+    def __init__(self, artifact: str | os.PathLike, *, threads: int | None = None, precision: str = "auto",
+                 manifest: Manifest | None = None) -> None:
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be a positive integer, got {threads!r}")
+        if precision not in PRECISIONS:
+            raise UsageError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        manifest = manifest if manifest is not None else load_manifest(artifact, "onnx")
+        super().__init__(artifact, manifest)
+        prologue_path = manifest.prologue_path(self.artifact)  # hash-checked, before OpenVINO reads anything
+        check_external_data(self.artifact)
+        if prologue_path is not None:
+            check_external_data(prologue_path)
+        ov = self._ov = _import_openvino()
+        core = ov.Core()
+        bf16 = native_bf16(core)
+        if precision == "bf16" and not bf16:
+            raise UsageError("this CPU has no native BF16 (AMX-BF16 / AVX512_BF16): use precision 'f32' or 'auto'")
+        self.device = "openvino"
+        self.inference_precision = "bf16" if (precision == "bf16" or (precision == "auto" and bf16)) else "f32"
+        config = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": "LATENCY"}
+        if threads is not None:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._step_model = self._compile(core, self.artifact, config, self.descriptor, "fused step")
+        self._request = self._step_model.create_infer_request()
+        self._pro_model = self._pro_request = None
+        if prologue_path is not None:
+            self._pro_model = self._compile(core, prologue_path, config, self.prologue_descriptor, "prologue")
+            self._pro_request = self._pro_model.create_infer_request()
+        self._x: list[np.ndarray] = []
+        self._x_t: list[Any] = []
+        self._cond = self._cond_t = None
+        self._rainy = self._rainy_t = None
+        self._t_t: list[Any] = []
+        self._coef_t: list[Any] = []
+        self._tables: tuple[np.ndarray, np.ndarray] | None = None
+        self._frame: tuple | None = None  # frame_prologue's (shape, in, out, request)
+
+    def _compile(self, core: Any, path: os.PathLike, config: dict, descriptor: Any, what: str) -> Any:
+        try:
+            compiled = core.compile_model(str(path), "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses of its own
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ArtifactError(f"{path}: OpenVINO cannot compile it ({type(e).__name__}: {first})") from None
+        got_in = sorted(n for port in compiled.inputs for n in port.get_names())
+        got_out = [n for port in compiled.outputs for n in sorted(port.get_names())]
+        if not set(descriptor.input_names) <= set(got_in) or descriptor.output_names[0] not in got_out:
+            raise ArtifactError(f"{path}: graph inputs {got_in} / outputs {got_out} do not match the {what}'s "
+                                f"{descriptor.input_names} / {descriptor.output_names}")
+        return compiled
+
+    def _tensor(self, arr: np.ndarray) -> Any:
+        return self._ov.Tensor(arr, shared_memory=True)
+
+    # ------------------------------------------------------------------ buffers
+    def _allocate(self, batch: int, height: int, width: int) -> None:
+        shape = (batch, self.descriptor.channels, height, width)
+        self._x = [np.zeros(shape, np.float32) for _ in range(2)]
+        self._x_t = [self._tensor(a) for a in self._x]
+        self._cond = np.zeros((batch, self.descriptor.cond_channels, height, width), np.float32)
+        self._cond_t = self._tensor(self._cond)
+        self._request.set_tensor(self.descriptor.COND, self._cond_t)  # bound once per shape
+        if self._pro_request is not None:  # the prologue writes the step's cond buffer itself
+            pd = self.prologue_descriptor
+            self._rainy = np.zeros(shape, np.float32)
+            self._rainy_t = self._tensor(self._rainy)
+            self._pro_request.set_tensor(pd.RAINY, self._rainy_t)
+            self._pro_request.set_tensor(pd.OUT, self._cond_t)
+
+    def _release_buffers(self) -> None:
+        self._x, self._x_t = [], []
+        self._cond = self._cond_t = None
+        self._rainy = self._rainy_t = None
+        self._t_t, self._coef_t = [], []
+        self._tables = None
+
+    def _upload_tables(self, t_table: np.ndarray, coef_table: np.ndarray) -> None:
+        self._tables = (t_table, coef_table)  # row views of C-contiguous tables: each tensor shares its row
+        self._t_t = [self._tensor(t_table[i]) for i in range(t_table.shape[0])]
+        self._coef_t = [self._tensor(coef_table[i]) for i in range(coef_table.shape[0])]
+
+    # ------------------------------------------------------------------ data movement
+    def _write_cond(self, cond: np.ndarray) -> None:
+        np.copyto(self._cond, cond)
+
+    def _write_rainy(self, rainy: np.ndarray) -> None:
+        np.copyto(self._rainy, rainy)
+
+    def _prologue(self) -> None:
+        self._pro_request.infer()
+
+    def _read_cond(self, out: np.ndarray) -> None:
+        np.copyto(out, self._cond)
+
+    def frame_prologue(self, rainy: np.ndarray) -> np.ndarray:
+        """The prologue on whole frames (see Backend.frame_prologue): its own request and buffers,
+        allocated once per frame shape and reused while that shape repeats."""
+        self._require_prologue_model()
+        pd = self.prologue_descriptor
+        if not isinstance(rainy, np.ndarray) or rainy.dtype != np.float32 or rainy.ndim != 4 or rainy.shape[1] != 3:
+            got = f"{rainy.dtype} {rainy.shape}" if isinstance(rainy, np.ndarray) else type(rainy).__name__
+            raise UsageError(f"rainy must be a float32 array [N, 3, H, W], got {got}")
+        n, _, h, w = rainy.shape
+        if self._frame is None or self._frame[0] != rainy.shape:
+            inp = np.zeros(rainy.shape, np.float32)
+            out = np.zeros((n, pd.cond_channels, h, w), np.float32)
+            request = self._pro_model.create_infer_request()
+            request.set_tensor(pd.RAINY, self._tensor(inp))
+            request.set_tensor(pd.OUT, self._tensor(out))
+            self._frame = (rainy.shape, inp, out, request)
+        _, inp, out, request = self._frame
+        np.copyto(inp, rainy)
+        request.infer()
+        return out.copy()
+
+    def _write_x(self, x: np.ndarray) -> None:
+        np.copyto(self._x[self._cur], x)
+
+    def _read_x(self, out: np.ndarray) -> None:
+        np.copyto(out, self._x[self._cur])
+
+    def _step(self, i: int) -> None:
+        d, r = self.descriptor, self._request
+        r.set_tensor(d.X, self._x_t[self._cur])
+        r.set_tensor(d.OUT, self._x_t[self._cur ^ 1])
+        r.set_tensor(d.T, self._t_t[i])
+        r.set_tensor(d.COEF, self._coef_t[i])
+        r.infer()
+
+    # ------------------------------------------------------------------ introspection for tests
+    def buffer_pointers(self) -> tuple[int, int, int]:
+        """Data pointers of (x[0], x[1], cond): constant while the shape stays bound."""
+        self._check_bound()
+        return (self._x[0].ctypes.data, self._x[1].ctypes.data, self._cond.ctypes.data)
+
+    def output_pointer(self) -> int:
+        """Data pointer of the tensor OpenVINO last wrote x_next into."""
+        return int(self._request.get_tensor(self.descriptor.OUT).data.ctypes.data)
+
+    def _release_engine(self) -> None:
+        self._frame = None
+        self._request = self._pro_request = None
+        self._step_model = self._pro_model = None

@@ -1,0 +1,166 @@
+"""The OpenVINO backend (``device="openvino"``): the same artifact and protocol as onnxruntime.
+
+At FP32 inference precision it must compute what onnxruntime computes (steps, the prologue into
+the bound cond buffer, whole-frame prologue); its buffers are allocated once per shape and
+reused; BF16 is chosen only where the CPU has it natively and stays close to FP32 on the shipped
+model.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'raindiffusion-edge[openvino]')")
+pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rd_export"))
+
+from rdx_helpers import one_torch_thread, write_random_checkpoint
+
+import runtime.backends.openvino as ovb
+from runtime.backends import open_backend
+from runtime.backends.onnxruntime import OnnxRuntimeBackend
+from runtime.backends.openvino import OpenVINOBackend
+from runtime.derainer import Derainer
+from runtime.errors import DependencyError, UsageError
+from runtime.schedule import DDIMSchedule
+
+ASSETS = Path(__file__).resolve().parents[2] / "runtime" / "assets"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    from rd_export.export import export_onnx
+
+    d = tmp_path_factory.mktemp("ov")
+    with one_torch_thread():
+        y_only = export_onnx(write_random_checkpoint(d / "y.pt", crop=32), d / "y", steps=2)
+        refine = export_onnx(write_random_checkpoint(d / "r.pt", cond_channels=6, prediction="x0_residual",
+                                                     crop=32), d / "r", steps=2)
+    return {"y": y_only, "refine": refine}
+
+
+def _loop(backend, cond_or_rainy: np.ndarray, x_T: np.ndarray, steps: int = 2) -> np.ndarray:
+    n, _, h, w = x_T.shape
+    backend.bind(n, h, w)
+    s = DDIMSchedule(backend.manifest.schedule_config)
+    s.set_timesteps(steps)
+    backend.set_schedule(s.timesteps, s.coefficients())
+    if backend.has_prologue:
+        backend.set_rainy(cond_or_rainy)
+        backend.run_prologue()
+    else:
+        backend.set_cond(cond_or_rainy)
+    backend.set_x(x_T)
+    backend.run()
+    return backend.get_x()
+
+
+@pytest.mark.parametrize("kind", ["y", "refine"])
+def test_f32_equals_onnxruntime(artifacts, kind):
+    rng = np.random.default_rng(0)
+    y = rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    x_T = rng.standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with OnnxRuntimeBackend(artifacts[kind], threads=1) as ort, \
+            OpenVINOBackend(artifacts[kind], threads=1, precision="f32") as ov:
+        assert ov.inference_precision == "f32" and ov.name == "openvino"
+        ref, got = _loop(ort, y, x_T), _loop(ov, y, x_T)
+        scale = float(np.abs(ref).max()) or 1.0
+        assert np.abs(got - ref).max() <= 1e-4 * scale
+        if kind == "refine":
+            np.testing.assert_allclose(ov.get_cond(), ort.get_cond(), atol=1e-5)
+            frame = rng.uniform(-1, 1, (1, 3, 48, 64)).astype(np.float32)  # a whole frame, outside the bound shape
+            np.testing.assert_allclose(ov.frame_prologue(frame), ort.frame_prologue(frame), atol=1e-5)
+
+
+def test_buffers_are_allocated_once_and_ping_pong(artifacts):
+    rng = np.random.default_rng(1)
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov:
+        _loop(ov, rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32),
+              rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+        pointers = ov.buffer_pointers()
+        assert ov.output_pointer() in pointers[:2]  # x_next was written into an x buffer, not a new one
+        _loop(ov, rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32),
+              rng.standard_normal((1, 3, 32, 32)).astype(np.float32))
+        assert ov.buffer_pointers() == pointers  # the same shape: the same buffers
+        ov.set_x(np.zeros((1, 3, 32, 32), np.float32))
+        ov.run_step(0)
+        assert ov.output_pointer() == pointers[1]  # step 0 reads x[0] and writes x[1]
+        ov.run_step(1)
+        assert ov.output_pointer() == pointers[0]
+        ov.bind(2, 32, 32)
+        assert ov.buffer_pointers() != pointers  # a new shape: new buffers
+
+
+def test_derainer_on_openvino_is_close_to_onnxruntime_on_the_shipped_model():
+    """Whatever precision the CPU picks (BF16 where native): the shipped model's output stays
+    within a few uint8 levels of onnxruntime FP32 (docs/quality.md measures the dev-set cost)."""
+    frame = np.random.default_rng(2).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    with Derainer(ASSETS / "default.onnx", threads=1) as ref, Derainer(ASSETS / "default.onnx", device="openvino",
+                                                                     threads=1) as ov:
+        assert ov.backend.name == "openvino" and ov.backend.device == "openvino"
+        a, b = ref.derain(frame).astype(int), ov.derain(frame).astype(int)
+        assert ov.steps == ref.steps == 2
+    diff = np.abs(a - b)
+    assert diff.mean() < 1.0 and diff.max() <= 16
+    if ov.backend.inference_precision == "f32":
+        assert diff.max() <= 1
+
+
+def test_precision_follows_the_cpu(artifacts, monkeypatch):
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
+    with OpenVINOBackend(artifacts["y"], threads=1) as ov:
+        assert ov.inference_precision == "f32"  # auto without native BF16
+    with pytest.raises(UsageError, match="no native BF16"):
+        OpenVINOBackend(artifacts["y"], precision="bf16")
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    with OpenVINOBackend(artifacts["y"], threads=1) as ov:
+        assert ov.inference_precision == "bf16"
+    with pytest.raises(UsageError, match="precision must be one of"):
+        OpenVINOBackend(artifacts["y"], precision="fp16")
+    with pytest.raises(UsageError, match="threads"):
+        OpenVINOBackend(artifacts["y"], threads=0)
+
+
+def test_open_backend_routes_the_device(artifacts, tmp_path, monkeypatch):
+    with open_backend(artifacts["y"], device="OpenVINO", threads=1) as b:
+        assert isinstance(b, OpenVINOBackend)
+    with open_backend(artifacts["y"], device="cpu", threads=1) as b:
+        assert isinstance(b, OnnxRuntimeBackend)
+    plan = tmp_path / "m.trt.plan"
+    plan.write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"runs \.onnx artifacts"):
+        open_backend(plan, device="openvino")
+    real_import = ovb.importlib.import_module
+
+    def no_openvino(name, *a, **k):
+        if name == "openvino":
+            raise ImportError("No module named 'openvino'")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(ovb.importlib, "import_module", no_openvino)
+    with pytest.raises(DependencyError, match=r"raindiffusion-edge\[openvino\]"):
+        OpenVINOBackend(artifacts["y"])
+
+
+def test_rd_run_derain_on_openvino(artifacts, tmp_path):
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import runtime.cli as cli
+
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(src / "a.png")
+    r = CliRunner().invoke(cli.app, ["derain", str(src), "-o", str(tmp_path / "out"), "--engine",
+                                     str(artifacts["refine"]), "--device", "openvino", "--threads", "1", "--json"])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    rep = json.loads(r.stdout)
+    assert [f["status"] for f in rep["files"]] == ["ok"]
+    assert rep["engine"]["backend"] == "openvino" and rep["engine"]["device"] == "openvino"
+    assert (tmp_path / "out" / "a.png").is_file()
