@@ -651,8 +651,9 @@ def collect_info() -> dict[str, Any]:
     from runtime import __version__, extras
 
     versions: dict[str, str | None] = {"raindiffusion-edge": __version__, "python": platform.python_version()}
-    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "tensorrt", "tensorrt-cu12", "tensorrt-cu13",
-                 "cuda-python", "av", "opencv-python-headless", "opencv-python", "scikit-image", "typer", "rich"):
+    for dist in ("numpy", "pillow", "onnxruntime", "onnxruntime-gpu", "openvino", "tensorrt", "tensorrt-cu12",
+                 "tensorrt-cu13", "cuda-python", "av", "opencv-python-headless", "opencv-python", "scikit-image",
+                 "typer", "rich"):
         versions[dist] = _version(dist)
     backends: dict[str, Any] = {}
     if importlib.util.find_spec("onnxruntime") is not None:
@@ -664,6 +665,17 @@ def collect_info() -> dict[str, Any]:
             backends["onnxruntime"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
     else:
         backends["onnxruntime"] = {"available": False, "install": extras.install_command("cpu")}
+    if importlib.util.find_spec("openvino") is not None:
+        try:
+            import openvino as ov
+
+            from runtime.backends.openvino import native_bf16
+
+            backends["openvino"] = {"available": True, "native_bf16": native_bf16(ov.Core())}
+        except Exception as e:
+            backends["openvino"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
+    else:
+        backends["openvino"] = {"available": False, "install": extras.install_command("openvino")}
     backends["tensorrt"] = {"available": importlib.util.find_spec("tensorrt") is not None,
                             "install": "pip install 'raindiffusion-edge[trt]'"}
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
@@ -701,6 +713,8 @@ def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         lines.append("backends:")
         for name, b in data["backends"].items():
             extra = f" providers: {', '.join(b['providers'])}" if b.get("providers") else ""
+            if "native_bf16" in b:
+                extra += f" (native BF16: {'yes' if b['native_bf16'] else 'no'})"
             lines.append(f"  {name}: {'yes' if b['available'] else 'no'}{extra}")
         lines.append("optional: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in data["optional"].items()))
         lines.append("default models:")

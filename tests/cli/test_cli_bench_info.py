@@ -41,6 +41,11 @@ def test_info(rd_run):
     j = r.json
     assert j["versions"]["raindiffusion-edge"] and j["versions"]["numpy"]
     assert "onnxruntime" in j["backends"] and "fp32" in j["default_models"]
+    ov = j["backends"]["openvino"]
+    import importlib.util
+
+    assert ov["available"] == (importlib.util.find_spec("openvino") is not None)
+    assert isinstance(ov["native_bf16"], bool) if ov["available"] else "[openvino]" in ov["install"]
     assert j["exit_codes"]["7"].startswith("partial failure")
     r = rd_run("info")
     assert r.code == 0 and "default models:" in r.stdout and "backends:" in r.stdout
