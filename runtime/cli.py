@@ -74,6 +74,7 @@ class Device(str, Enum):
     cpu = "cpu"
     cuda = "cuda"
     openvino = "openvino"
+    auto = "auto"
 
 
 class Precision(str, Enum):
@@ -118,9 +119,10 @@ ThreadsOpt = Annotated[int | None, typer.Option(
     "--threads", "-t", min=1, metavar="T", help="CPU threads for the inference engine. Default: the engine's choice.")]
 DeviceOpt = Annotated[Device | None, typer.Option(
     "--device", case_sensitive=False,
-    help="Where to run: cpu (onnxruntime), cuda (onnxruntime-gpu, or a TensorRT plan), or openvino "
+    help="Where to run: cpu (onnxruntime), cuda (onnxruntime-gpu, or a TensorRT plan), openvino "
          "(the CPU through OpenVINO, BF16 on CPUs with AMX / AVX512_BF16; pip install "
-         "'raindiffusion-edge[openvino]'). Default: cpu for .onnx, cuda for .plan.")]
+         "'raindiffusion-edge[openvino]'), or auto (openvino where it is installed and the CPU has native "
+         "BF16, else cpu). Default: cpu for .onnx, cuda for .plan.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, show the full traceback instead of one line.")]
 MaxPixelsOpt = Annotated[int, typer.Option(

@@ -126,7 +126,7 @@ class Derainer:
     pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
     profile), ``overlap`` (pixels shared by neighbouring tiles; None = a quarter of the tile, at
     most 32), ``device`` ("cpu", "cuda",
-    "cuda:N", "openvino"; None = cpu for .onnx, cuda for .plan), ``threads`` (CPU inference threads),
+    "cuda:N", "openvino", "auto"; None = cpu for .onnx, cuda for .plan), ``threads`` (CPU inference threads),
     ``batch`` (frames or tiles per engine call; None = the profile's max batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph).
     """

@@ -17,24 +17,47 @@ from runtime.backends.base import Backend, parse_device
 from runtime.errors import UsageError
 from runtime.manifest import load_manifest
 
-__all__ = ["Backend", "BACKEND_SUFFIXES", "OPENVINO", "open_backend", "load_manifest", "parse_device"]
+__all__ = ["Backend", "BACKEND_SUFFIXES", "AUTO", "OPENVINO", "open_backend", "load_manifest", "parse_device"]
 
 #: artifact suffix -> backend name
 BACKEND_SUFFIXES = {".onnx": "onnxruntime", ".plan": "tensorrt"}
 #: the device name that picks the OpenVINO backend for an .onnx artifact
 OPENVINO = "openvino"
+#: the device name that picks the fastest CPU engine measured for this CPU (see open_backend)
+AUTO = "auto"
+
+
+def _openvino_bf16() -> bool:
+    """Whether OpenVINO is installed and reports native BF16 on this CPU (where it is the fastest
+    CPU engine measured: docs/benchmarks.md)."""
+    import importlib.util
+
+    if importlib.util.find_spec("openvino") is None:
+        return False
+    from runtime.backends.openvino import native_bf16
+
+    try:
+        import openvino
+
+        return native_bf16(openvino.Core())
+    except Exception:  # a broken OpenVINO install: onnxruntime, as without it
+        return False
 
 
 def open_backend(artifact: str | os.PathLike, *, device: str | None = None, threads: int | None = None,
                  cuda_graph: bool = True) -> Backend:
     """Open ``artifact`` with the backend its suffix names; its manifest is validated first.
 
-    ``device``: "cpu" (default for .onnx), "cuda" / "cuda:N" (default for .plan), or "openvino"
-    (an .onnx on the CPU through OpenVINO). ``threads``: CPU inference threads (None: the engine's
-    default). ``cuda_graph``: TensorRT replays the S-step loop as one CUDA graph once a shape has run.
+    ``device``: "cpu" (default for .onnx), "cuda" / "cuda:N" (default for .plan), "openvino" (an
+    .onnx on the CPU through OpenVINO), or "auto" (an .onnx on OpenVINO where it is installed and
+    the CPU has native BF16, else on onnxruntime's CPU; a .plan on CUDA). ``threads``: CPU inference
+    threads (None: the engine's default). ``cuda_graph``: TensorRT replays the S-step loop as one CUDA
+    graph once a shape has run.
     """
     path = Path(artifact)
     suffix = path.suffix.lower()
+    if device is not None and str(device).strip().lower() == AUTO:
+        device = None if suffix != ".onnx" else (OPENVINO if _openvino_bf16() else "cpu")
     if device is not None and str(device).strip().lower() == OPENVINO:
         if suffix != ".onnx":
             raise UsageError(f"{path.name}: device 'openvino' runs .onnx artifacts; a TensorRT plan runs on 'cuda'")

@@ -146,6 +146,26 @@ def test_open_backend_routes_the_device(artifacts, tmp_path, monkeypatch):
         OpenVINOBackend(artifacts["y"])
 
 
+def test_auto_picks_openvino_only_with_native_bf16(artifacts, monkeypatch):
+    import importlib.util
+
+    import runtime.backends as backends
+
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    with open_backend(artifacts["y"], device="auto", threads=1) as b:
+        assert isinstance(b, OpenVINOBackend) and b.inference_precision == "bf16"
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
+    with open_backend(artifacts["y"], device="auto", threads=1) as b:
+        assert isinstance(b, OnnxRuntimeBackend)
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino"
+                        else real_find_spec(name, *a))
+    assert backends._openvino_bf16() is False  # not installed: onnxruntime, no error
+    with open_backend(artifacts["y"], device="auto", threads=1) as b:
+        assert isinstance(b, OnnxRuntimeBackend)
+
+
 def test_rd_run_derain_on_openvino(artifacts, tmp_path):
     import json
 
