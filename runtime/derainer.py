@@ -127,7 +127,8 @@ class Derainer:
     profile), ``overlap`` (pixels shared by neighbouring tiles; None = a quarter of the tile, at
     most 32), ``device`` ("cpu", "cuda",
     "cuda:N", "openvino", "auto"; None = cpu for .onnx, cuda for .plan), ``threads`` (CPU inference threads),
-    ``batch`` (frames or tiles per engine call; None = the profile's max batch), ``cuda_graph``
+    ``batch`` (frames or tiles per engine call; None = the backend's choice, else the profile's max
+    batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph).
     """
 
@@ -192,7 +193,7 @@ class Derainer:
         self._overlap = default_overlap(auto_tile) if overlap is None else int(overlap)
         profile = lim if lim is not None else self._backend.descriptor.profile
         if batch is None:
-            batch = profile.max_batch
+            batch = self._backend.default_batch or profile.max_batch
         if isinstance(batch, bool) or not isinstance(batch, (int, np.integer)) or batch < 1:
             raise UsageError(f"batch must be a positive integer, got {batch!r}")
         if lim is not None and not lim.min_batch <= batch <= lim.max_batch:

@@ -52,8 +52,10 @@ def parse_device(device: str | None) -> tuple[str, int]:
 class Backend(abc.ABC):
     """Runs the fused DDIM step of one artifact on one device. See the module docstring."""
 
-    #: short engine name: "onnxruntime" or "tensorrt"
+    #: short engine name: "onnxruntime", "openvino" or "tensorrt"
     name: ClassVar[str] = "backend"
+    #: frames or tiles per engine call when the caller does not say (None: the profile's max batch)
+    default_batch: ClassVar[int | None] = None
 
     def __init__(self, artifact: str | os.PathLike, manifest: Manifest) -> None:
         self.artifact = Path(artifact)

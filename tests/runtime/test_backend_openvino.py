@@ -110,6 +110,16 @@ def test_derainer_on_openvino_is_close_to_onnxruntime_on_the_shipped_model():
         assert diff.max() <= 1
 
 
+def test_tiles_are_batched_by_the_backend_and_the_batch_does_not_change_the_output():
+    frame = np.random.default_rng(4).integers(0, 256, (150, 170, 3), dtype=np.uint8)  # 12 native tiles
+    with Derainer(ASSETS / "default.onnx", device="openvino", threads=1) as big, \
+            Derainer(ASSETS / "default.onnx", device="openvino", threads=1, batch=5) as small, \
+            Derainer(ASSETS / "default.onnx", threads=1) as ort:
+        assert big.batch == OpenVINOBackend.default_batch == 32 and small.batch == 5
+        assert ort.batch == ort.backend.descriptor.profile.max_batch  # onnxruntime: the profile's
+        np.testing.assert_array_equal(big.derain(frame), small.derain(frame))
+
+
 def test_precision_follows_the_cpu(artifacts, monkeypatch):
     monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
     with OpenVINOBackend(artifacts["y"], threads=1) as ov:
