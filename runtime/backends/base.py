@@ -265,6 +265,13 @@ class Backend(abc.ABC):
             raise UsageError(f"{name} must be a writable C-contiguous array")
         return arr
 
+    @staticmethod
+    def _check_frame(rainy: np.ndarray) -> None:
+        """frame_prologue's input: float32 [N, 3, H, W] of any size."""
+        if not isinstance(rainy, np.ndarray) or rainy.dtype != np.float32 or rainy.ndim != 4 or rainy.shape[1] != 3:
+            got = f"{rainy.dtype} {rainy.shape}" if isinstance(rainy, np.ndarray) else type(rainy).__name__
+            raise UsageError(f"rainy must be a float32 array [N, 3, H, W], got {got}")
+
     def _check_open(self) -> None:
         if self._closed:
             raise UsageError(f"{type(self).__name__} for {self.artifact.name} is closed")

@@ -151,9 +151,7 @@ class OpenVINOBackend(Backend):
         allocated once per frame shape and reused while that shape repeats."""
         self._require_prologue_model()
         pd = self.prologue_descriptor
-        if not isinstance(rainy, np.ndarray) or rainy.dtype != np.float32 or rainy.ndim != 4 or rainy.shape[1] != 3:
-            got = f"{rainy.dtype} {rainy.shape}" if isinstance(rainy, np.ndarray) else type(rainy).__name__
-            raise UsageError(f"rainy must be a float32 array [N, 3, H, W], got {got}")
+        self._check_frame(rainy)
         n, _, h, w = rainy.shape
         if self._frame is None or self._frame[0] != rainy.shape:
             inp = np.zeros(rainy.shape, np.float32)
