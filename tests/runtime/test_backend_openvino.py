@@ -95,6 +95,21 @@ def test_buffers_are_allocated_once_and_ping_pong(artifacts):
         assert ov.buffer_pointers() != pointers  # a new shape: new buffers
 
 
+def test_the_step_is_compiled_per_bound_shape_and_kept(artifacts, monkeypatch):
+    monkeypatch.setattr(ovb, "STATIC_SHAPES", 2)
+    with OpenVINOBackend(artifacts["y"], threads=1, precision="f32") as ov:
+        assert ov.compiled_shapes == []  # nothing compiled for the step before a shape is bound
+        ov.bind(1, 32, 32)
+        first = ov._static[(1, 32, 32)]
+        ov.bind(2, 32, 32)
+        ov.bind(1, 32, 32)  # back to the first shape: its compiled model, not a new compile
+        assert ov._static[(1, 32, 32)] is first and ov.compiled_shapes == [(2, 32, 32), (1, 32, 32)]
+        ov.bind(1, 16, 16)  # a third shape evicts the least recently bound
+        assert ov.compiled_shapes == [(1, 32, 32), (1, 16, 16)]
+        inputs = {p.get_any_name(): p.get_partial_shape() for p in first.inputs}
+        assert all(s.is_static for s in inputs.values()) and list(inputs["x_t"].to_shape()) == [1, 3, 32, 32]
+
+
 def test_derainer_on_openvino_is_close_to_onnxruntime_on_the_shipped_model():
     """Whatever precision the CPU picks (BF16 where native): the shipped model's output stays
     within a few uint8 levels of onnxruntime FP32 (docs/quality.md measures the dev-set cost)."""
