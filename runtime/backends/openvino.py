@@ -4,7 +4,7 @@
 OpenVINO's CPU plugin. On a CPU with native BF16 (AMX-BF16 or AVX512_BF16, as OpenVINO reports in
 ``OPTIMIZATION_CAPABILITIES``) it asks for BF16 inference precision, which on such a CPU runs the
 predictor on a whole 720p frame ~2x faster than onnxruntime's FP32 (docs/benchmarks.md); elsewhere
-it runs FP32 (``precision="f32"`` forces that anywhere). BF16 keeps 8 bits of mantissa: its cost
+it runs FP32 (``precision="f32"`` forces that anywhere). BF16 keeps 7 mantissa bits: its cost
 on both dev sets is measured in docs/quality.md and is under the 0.2 dB INT8 gate.
 
 Buffers follow the backend protocol (runtime/backends/base.py): x[0], x[1] and cond are numpy
