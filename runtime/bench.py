@@ -3,7 +3,8 @@
 Times whole ``derain`` (or ``derain_batch``) calls on a seeded random frame after ``warmup``
 untimed calls. ``frame_*`` is the latency of one frame (a batch call divided by the batch size);
 ``step_*`` is that divided by the number of DDIM steps (so it includes the per-frame pre/post
-work spread over the steps, a slight over-estimate of one engine step). ``fps`` is frames per
+work spread over the steps, a slight over-estimate of one engine step; None at 0 steps, the
+predictor alone). ``fps`` is frames per
 second at the median. ``peak_rss_mib`` is the process's peak resident memory so far (model
 loading included), from ``getrusage``.
 """
@@ -61,7 +62,7 @@ def run_bench(derainer: _Derainer, *, width: int = 512, height: int = 512, batch
     """Benchmark ``derainer``; returns a flat dict (JSON-ready). ``steps`` defaults to ``derainer.steps``."""
     if runs < 1 or warmup < 0 or batch < 1:
         raise UsageError(f"runs {runs} must be >= 1, warmup {warmup} >= 0, batch {batch} >= 1")
-    steps = int(steps or getattr(derainer, "steps", 0) or 1)
+    steps = int(getattr(derainer, "steps", 1) if steps is None else steps)
     rng = np.random.default_rng(seed)
     frames = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8) for _ in range(batch)]
 
@@ -82,7 +83,10 @@ def run_bench(derainer: _Derainer, *, width: int = 512, height: int = 512, batch
     out: dict[str, Any] = {"width": width, "height": height, "size": f"{width}x{height}", "batch": batch,
                            "steps": steps, "warmup": warmup, "runs": runs}
     out.update(_stats("frame", frame_ms))
-    out.update(_stats("step", frame_ms / steps))
+    if steps > 0:
+        out.update(_stats("step", frame_ms / steps))
+    else:  # 0 steps (the predictor alone): no step to time
+        out.update({f"step_{k}_ms": None for k in ("min", "median", "mean", "p95", "max")})
     out.update(_stats("call", call_ms))
     out["fps"] = 1000.0 / out["frame_median_ms"] if out["frame_median_ms"] > 0 else None
     out["peak_rss_mib"] = peak_rss_mib()

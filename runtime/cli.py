@@ -199,6 +199,8 @@ def engine_info(derainer: Any, engine: Path | None, device: Device | None, threa
         or (device.value if device is not None else None),
         "threads": getattr(backend, "threads", None) or getattr(derainer, "threads", None) or threads,
     }
+    if getattr(backend, "inference_precision", None):  # OpenVINO: the arithmetic it chose for this CPU
+        info["inference_precision"] = backend.inference_precision
     providers = getattr(backend, "providers", None)
     if providers is not None:
         with contextlib.suppress(Exception):
@@ -511,8 +513,10 @@ def bench(
                                            "(1080x1920 is a 1080p frame), or one number for a square; a random "
                                            "frame of that size.")] = "512x512",
     steps: StepsOpt = None,
-    batch: Annotated[int, typer.Option("--batch", "-b", min=1, metavar="B",
-                                       help="Frames per call (derain_batch when > 1).")] = 1,
+    batch: Annotated[int | None, typer.Option(
+        "--batch", "-b", min=1, metavar="B",
+        help="Frames per call (derain_batch when > 1), and tiles per engine call, as in rd-run derain. "
+             "Default: one frame per call, tiles batched as rd-run derain does (the engine's choice).")] = None,
     warmup: Annotated[int, typer.Option("--warmup", min=0, metavar="N",
                                         help="Untimed calls first (engine warm-up, allocations).")] = 2,
     runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed calls.")] = 10,
@@ -535,7 +539,7 @@ def bench(
         derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
                                  threads=threads, batch=batch)
         try:
-            result = run_bench(derainer, width=width, height=height, batch=batch, warmup=warmup, runs=runs,
+            result = run_bench(derainer, width=width, height=height, batch=batch or 1, warmup=warmup, runs=runs,
                                steps=steps)
             result.update({"engine": engine_info(derainer, engine, device, threads)})
         finally:
@@ -543,17 +547,22 @@ def bench(
         info = result["engine"]
         result.update(backend=info["backend"], device=info["device"], threads=info["threads"],
                       precision=info["precision"], version=_version(), size=f"{height}x{width}")
+        if "inference_precision" in info:
+            result["inference_precision"] = info["inference_precision"]
         if json_out:
             _emit_json(result)
         else:
             rss = result["peak_rss_mib"]
+            arith = f", {info['inference_precision']}" if "inference_precision" in info else ""
+            step_line = (f"  step:  min {result['step_min_ms']:.2f}  median {result['step_median_ms']:.2f}  "
+                         f"p95 {result['step_p95_ms']:.2f} ms\n" if result["steps"] else
+                         "  step:  none (0 steps: the predictor alone)\n")
             typer.echo(
-                f"{info['backend'] or 'engine'} on {info['device']} ({info['threads'] or 'default'} threads), "
-                f"{height}x{width} (HxW), batch {batch}, {result['steps']} steps, {runs} runs\n"
+                f"{info['backend'] or 'engine'} on {info['device']}{arith} ({info['threads'] or 'default'} threads), "
+                f"{height}x{width} (HxW), batch {batch or 1}, {result['steps']} steps, {runs} runs\n"
                 f"  frame: min {result['frame_min_ms']:.1f}  median {result['frame_median_ms']:.1f}  "
                 f"p95 {result['frame_p95_ms']:.1f} ms   ({result['fps']:.2f} fps)\n"
-                f"  step:  min {result['step_min_ms']:.2f}  median {result['step_median_ms']:.2f}  "
-                f"p95 {result['step_p95_ms']:.2f} ms\n"
+                + step_line +
                 f"  peak RSS: {'n/a' if rss is None else f'{rss:.0f} MiB'}")
 
 

@@ -27,6 +27,30 @@ def test_bench_batch_and_text_output(rd_run, fake_factory):
     assert r.code == 0, r
     assert "frame: min" in r.stdout and "fps" in r.stdout and "peak RSS" in r.stdout
     assert fake_factory[0].batch_calls == 2 and fake_factory[0].frames == 6
+    assert fake_factory[0].options["batch"] == 3  # frames per call and tiles per engine call, as in derain
+
+
+def test_bench_batches_tiles_as_derain_does(rd_run, fake_factory):
+    """Without --batch the bench measures what rd-run derain runs: one frame per call and the tiles
+    batched by the engine's default (it used to force one tile per engine call)."""
+    r = rd_run("bench", "--size", "16", "--runs", "1", "--warmup", "0", "--json")
+    assert r.code == 0, r
+    assert fake_factory[0].options["batch"] is None and r.json["batch"] == 1 and fake_factory[0].frames == 1
+
+
+def test_run_bench_at_zero_steps_has_no_step_times():
+    from runtime.bench import run_bench
+
+    class PredictorOnly:
+        steps = 0
+
+        def derain(self, frame):
+            return frame
+
+    out = run_bench(PredictorOnly(), width=8, height=8, runs=2, warmup=0)
+    assert out["steps"] == 0 and out["frame_median_ms"] >= 0
+    assert out["step_median_ms"] is None and out["step_p95_ms"] is None
+    assert run_bench(PredictorOnly(), width=8, height=8, runs=1, warmup=0, steps=3)["steps"] == 3
 
 
 @pytest.mark.parametrize("size", ["big", "0x10", "10x"])
