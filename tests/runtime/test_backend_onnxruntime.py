@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import shutil
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -285,6 +286,20 @@ def test_make_session_options_for_files_and_in_memory_graphs(tiny_model, optimiz
     assert ref.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     assert calibration_session(tiny_model.onnx).get_session_options().graph_optimization_level == \
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+
+def test_the_prologue_session_runs_without_the_memory_pattern():
+    """On whole frames onnxruntime's memory pattern (allocated from the second run on, beside the
+    arena of the first) raised the steady peak of a 720p frame by ~0.37 GB: the prologue's session
+    runs without it; the step's (small tiles) keeps it."""
+    from runtime.backends.onnxruntime import OnnxRuntimeBackend, make_session
+
+    assert make_session(_add_one_graph()).get_session_options().enable_mem_pattern is True
+    assert make_session(_add_one_graph(), mem_pattern=False).get_session_options().enable_mem_pattern is False
+    assets = Path(__file__).resolve().parents[2] / "runtime" / "assets"
+    with OnnxRuntimeBackend(assets / "default.onnx", threads=1) as b:
+        assert b._pro_session.get_session_options().enable_mem_pattern is False
+        assert b._session.get_session_options().enable_mem_pattern is True
 
 
 def test_make_session_refuses_bad_models_and_options():
