@@ -676,17 +676,11 @@ def collect_info() -> dict[str, Any]:
             backends["onnxruntime"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
     else:
         backends["onnxruntime"] = {"available": False, "install": extras.install_command("cpu")}
-    if importlib.util.find_spec("openvino") is not None:
-        try:
-            import openvino as ov
+    from runtime.backends.openvino import probe
 
-            from runtime.backends.openvino import native_bf16
-
-            backends["openvino"] = {"available": True, "native_bf16": native_bf16(ov.Core())}
-        except Exception as e:
-            backends["openvino"] = {"available": False, "error": f"{type(e).__name__}: {e}"}
-    else:
-        backends["openvino"] = {"available": False, "install": extras.install_command("openvino")}
+    backends["openvino"] = probe()
+    if not backends["openvino"]["available"] and "error" not in backends["openvino"]:
+        backends["openvino"]["install"] = extras.install_command("openvino")
     backends["tensorrt"] = {"available": importlib.util.find_spec("tensorrt") is not None,
                             "install": "pip install 'raindiffusion-edge[trt]'"}
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,

@@ -124,8 +124,8 @@ class Derainer:
     Parameters: ``artifact`` (.onnx or .plan; None = the shipped default model), ``steps`` (DDIM
     steps S; None = the manifest's default), ``seed`` (initial noise), ``tile`` (tile size in
     pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
-    profile), ``overlap`` (pixels shared by neighbouring tiles; None = a quarter of the tile, at
-    most 32), ``device`` ("cpu", "cuda",
+    profile), ``overlap`` (pixels shared by neighbouring tiles; None = an eighth of the tile, at
+    most 32: :func:`default_overlap`), ``device`` ("cpu", "cuda",
     "cuda:N", "openvino", "auto"; None = cpu for .onnx, cuda for .plan), ``threads`` (CPU inference threads),
     ``batch`` (frames or tiles per engine call; None = the backend's choice, else the profile's max
     batch), ``cuda_graph``
@@ -187,7 +187,7 @@ class Derainer:
             raise UsageError(f"overlap must be a non-negative integer, got {overlap!r}")
         if self._tile is not None and overlap is not None and overlap >= self._tile:
             raise UsageError(f"overlap {overlap} must be smaller than tile {self._tile}")
-        # Without an explicit overlap: a quarter of the tile that will be used (the given tile, the
+        # Without an explicit overlap: default_overlap of the tile that will be used (the given tile, the
         # native tile, or the profile's max size, at which frames beyond the profile are tiled).
         auto_tile = self._tile or native or min((lim or self._backend.descriptor.profile).max_size)
         self._overlap = default_overlap(auto_tile) if overlap is None else int(overlap)

@@ -29,19 +29,10 @@ AUTO = "auto"
 
 def _openvino_bf16() -> bool:
     """Whether OpenVINO is installed and reports native BF16 on this CPU (where it is the fastest
-    CPU engine measured: docs/benchmarks.md)."""
-    import importlib.util
+    CPU engine measured: docs/benchmarks.md); a broken install counts as absent."""
+    from runtime.backends.openvino import probe
 
-    if importlib.util.find_spec("openvino") is None:
-        return False
-    from runtime.backends.openvino import native_bf16
-
-    try:
-        import openvino
-
-        return native_bf16(openvino.Core())
-    except Exception:  # a broken OpenVINO install: onnxruntime, as without it
-        return False
+    return probe().get("native_bf16", False)
 
 
 def open_backend(artifact: str | os.PathLike, *, device: str | None = None, threads: int | None = None,

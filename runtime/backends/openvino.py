@@ -19,6 +19,7 @@ few kept; the prologue, which sees whole frames of any size, is compiled once wi
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections import OrderedDict
 from typing import Any
@@ -31,7 +32,7 @@ from runtime.errors import ArtifactError, UsageError
 from runtime.extras import missing
 from runtime.manifest import Manifest, load_manifest
 
-__all__ = ["OpenVINOBackend", "native_bf16", "PRECISIONS"]
+__all__ = ["OpenVINOBackend", "native_bf16", "probe", "PRECISIONS"]
 
 #: ``precision`` values: "auto" = BF16 where the CPU has it natively, else FP32
 PRECISIONS = ("auto", "bf16", "f32")
@@ -50,6 +51,18 @@ def _import_openvino() -> Any:
 def native_bf16(core: Any) -> bool:
     """Whether OpenVINO's CPU plugin reports native BF16 on this CPU."""
     return "BF16" in list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+
+
+def probe() -> dict[str, Any]:
+    """What this machine offers the backend, without opening a model: ``{"available": False}``
+    when OpenVINO is not installed, ``{"available": False, "error": ...}`` when it does not load,
+    else ``{"available": True, "native_bf16": bool}`` (``rd-run info`` and ``--device auto``)."""
+    if importlib.util.find_spec("openvino") is None:
+        return {"available": False}
+    try:
+        return {"available": True, "native_bf16": native_bf16(_import_openvino().Core())}
+    except Exception as e:  # a broken install: reported, and auto falls back to onnxruntime
+        return {"available": False, "error": f"{type(e).__name__}: {e}"}
 
 
 class OpenVINOBackend(Backend):
