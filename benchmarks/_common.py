@@ -11,6 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
+# The benchmarks measure onnxruntime on the CPU unless asked otherwise (RD_DEVICE, or a script's
+# --device): the runtime's own default, "auto", would pick OpenVINO on a CPU with native BF16.
+os.environ.setdefault("RD_DEVICE", "cpu")
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("RD_DATA", REPO.parent / "shared" / "data"))
 DEFAULT_CKPT = REPO / "training" / "assets" / "default.pt"

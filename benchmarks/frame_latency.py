@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--device", default=None,
-                    help="the runtime's device: cpu (onnxruntime, default) or openvino (BF16 on CPUs that have it)")
+                    help="the runtime's device: cpu (onnxruntime; the default here, or $RD_DEVICE), openvino (BF16 on "
+                         "CPUs that have it) or auto (the runtime's own default)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager anchor")
     ap.add_argument("--bf16", action="store_true",
                     help="also time torch eager under bf16 autocast (for CPUs with BF16: avx512_bf16 / amx_bf16)")

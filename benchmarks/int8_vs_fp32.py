@@ -75,8 +75,8 @@ def dev_quality(fp32: Path, int8: Path, dev: Path, *, steps: int, seed: int, lim
 
     rainy = iter_image_files(dev / "rainy")[:limit]
     rows = []
-    with Derainer(fp32, steps=steps, seed=seed, threads=threads) as d32, \
-            Derainer(int8, steps=steps, seed=seed, threads=threads) as d8:
+    with Derainer(fp32, steps=steps, seed=seed, threads=threads, device="cpu") as d32, \
+            Derainer(int8, steps=steps, seed=seed, threads=threads, device="cpu") as d8:
         for path in rainy:
             clean_path = dev / "clean" / path.name
             frame = load_rgb(path)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -47,10 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--crop", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr-min", type=float, default=None,
+                    help="with --steps: decay the learning rate from --lr to this on a cosine (default: constant)")
     ap.add_argument("--base", type=int, default=16, help="P's base channels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save", type=Path, default=None, help="write P's state dict here")
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="with --save: also write it (atomically) every N steps, and keep a copy STEM_STEP.pt")
     ap.add_argument("--init", type=Path, default=None,
                     help="start from this P state dict (a --save of an earlier run, or G_B of a checkpoint)")
     ap.add_argument("--into", nargs=2, type=Path, default=None, metavar=("CKPT", "OUT"),
@@ -59,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                          "--freeze-ntb)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    if a.lr_min is not None and not a.steps:
+        ap.error("--lr-min needs --steps (the cosine runs over a known number of steps)")
+    if a.save_every and not a.save:
+        ap.error("--save-every needs --save")
     clean_dirs = [DATA / "unpaired" / "clean", DATA / "unpaired" / "clean_more"]
     if not all(d.is_dir() for d in clean_dirs) or not (DATA / "dev" / "jorder_h").is_dir():
         print(f"predictor_probe: skipped: clean photos or dev sets not found under {DATA}", file=sys.stderr)
@@ -85,8 +94,18 @@ def main(argv: list[str] | None = None) -> int:
         state = state.get("state", {}).get("G_B", state) if "state" in state else state  # a checkpoint's G_B
         P.load_state_dict(state)
     opt = torch.optim.Adam(P.parameters(), lr=a.lr)
+
+    def save_state(path: Path) -> None:
+        from runtime.io import atomic_path
+
+        with atomic_path(path) as tmp:
+            torch.save(P.state_dict(), tmp)
+
     t0, steps, losses = time.perf_counter(), 0, []
     while (steps < a.steps) if a.steps else (time.perf_counter() - t0 < a.minutes * 60):
+        if a.lr_min is not None:
+            for group in opt.param_groups:
+                group["lr"] = a.lr_min + 0.5 * (a.lr - a.lr_min) * (1 + math.cos(math.pi * steps / a.steps))
         x, _ = sampler.next_batch()
         y = rain_batch(x, gen, a.style)
         loss = F.l1_loss(P(y), x)
@@ -95,9 +114,14 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         steps += 1
         losses.append(float(loss.detach()))
+        if a.save_every and steps % a.save_every == 0:
+            save_state(a.save)
+            save_state(a.save.with_name(f"{a.save.stem}_{steps}{a.save.suffix}"))
+            print(f"predictor_probe: step {steps}, L1 {statistics.fmean(losses[-a.save_every:]):.4f}, "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
     if a.save:
-        torch.save(P.state_dict(), a.save)
+        save_state(a.save)
     if a.into:
         from training.checkpoint import check_state_dict, load_checkpoint, save_checkpoint, strip_checkpoint
 
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"style": a.style, "minutes": a.minutes, "steps": steps, "train_s": round(train_s, 1),
               "init": str(a.init) if a.init else None,
-              "crop": a.crop, "batch": a.batch, "lr": a.lr, "base": a.base,
+              "crop": a.crop, "batch": a.batch, "lr": a.lr, "lr_min": a.lr_min, "seed": a.seed, "base": a.base,
               "params": sum(p.numel() for p in P.parameters()),
               "final_l1": statistics.fmean(losses[-100:]) if losses else None,
               "dev": {name: score_set(run, dev_pairs(name)) for name in DEV_SETS}}

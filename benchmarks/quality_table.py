@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--limit", type=int, default=0, help="first N pairs of each set (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default=None,
-                    help="the runtime's device: cpu (onnxruntime, default) or openvino (BF16 on CPUs that have it)")
+                    help="the runtime's device: cpu (onnxruntime; the default here, or $RD_DEVICE), openvino (BF16 on "
+                         "CPUs that have it) or auto (the runtime's own default)")
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--panels", type=Path, default=None)
     ap.add_argument("--json", action="store_true")

@@ -91,12 +91,12 @@ EngineOpt = Annotated[Path | None, typer.Option(
 PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", case_sensitive=False,
     help="Which shipped model to use when --engine is not given: fp32 (default) or int8 "
-         "(runtime/assets/default.int8.onnx: faster on CPU, slightly lower quality). "
+         "(runtime/assets/default.int8.onnx: faster on some CPUs, slower on others: docs/benchmarks.md). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
 StepsOpt = Annotated[int | None, typer.Option(
     "--steps", "-s", callback=check_steps, metavar="S",
     help=f"DDIM sampling steps, {STEPS_RANGE}; one step of Algorithm 2 is at t = 1 and returns the noise. "
-         "Default: the model's own (manifest 'default_steps', usually 10). Fewer is faster.")]
+         "Default: the model's own (manifest 'default_steps'; 2 for the shipped model). Fewer is faster.")]
 SeedOpt = Annotated[int, typer.Option(
     "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output.")]
 TileOpt = Annotated[int | None, typer.Option(
@@ -122,7 +122,8 @@ DeviceOpt = Annotated[Device | None, typer.Option(
     help="Where to run: cpu (onnxruntime), cuda (onnxruntime-gpu, or a TensorRT plan), openvino "
          "(the CPU through OpenVINO, BF16 on CPUs with AMX / AVX512_BF16; pip install "
          "'raindiffusion-edge[openvino]'), or auto (openvino where it is installed and the CPU has native "
-         "BF16, else cpu). Default: cpu for .onnx, cuda for .plan.")]
+         "BF16, else cpu). Default: auto for .onnx (the environment variable RD_DEVICE changes it, e.g. "
+         "RD_DEVICE=cpu), cuda for .plan.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, show the full traceback instead of one line.")]
 MaxPixelsOpt = Annotated[int, typer.Option(
@@ -656,6 +657,19 @@ def _version(dist: str = "raindiffusion-edge") -> str | None:
         return None
 
 
+def _cpu_has_bf16() -> bool:
+    """Whether /proc/cpuinfo lists a native BF16 instruction set (amx_bf16, avx512_bf16); False elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 def collect_info() -> dict[str, Any]:
     import importlib.util
 
@@ -686,6 +700,21 @@ def collect_info() -> dict[str, Any]:
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
                 "stream (OpenCV)": importlib.util.find_spec("cv2") is not None,
                 "eval (scikit-image)": importlib.util.find_spec("skimage") is not None}
+    from runtime.backends import DEVICE_ENV, OPENVINO, default_device
+
+    try:
+        setting = default_device()
+        resolved = OPENVINO if setting == OPENVINO or (setting == "auto" and backends["openvino"].get("native_bf16")) \
+            else setting if setting != "auto" else "cpu"
+        resolved += {"cpu": " (onnxruntime)", "openvino": " (BF16 where native, else FP32)" if setting == OPENVINO
+                     else " (BF16)"}.get(resolved, " (onnxruntime-gpu)")
+        device: dict[str, Any] = {"setting": setting, "from": DEVICE_ENV if os.environ.get(DEVICE_ENV, "").strip()
+                                  else "default", "onnx": resolved}
+        if setting == "auto" and not backends["openvino"]["available"] and _cpu_has_bf16():
+            device["hint"] = (f"this CPU has native BF16: {extras.install_command(OPENVINO)} makes auto run OpenVINO "
+                              "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")
+    except RDError as e:
+        device = {"error": str(e)}
     models: dict[str, Any] = {}
     for precision, path in DEFAULT_MODELS.items():
         entry: dict[str, Any] = {"path": str(path), "installed": path.is_file()}
@@ -701,7 +730,8 @@ def collect_info() -> dict[str, Any]:
                 entry["error"] = str(e)
         models[precision] = entry
     return {"versions": versions, "platform": platform.platform(), "backends": backends,
-            "optional": optional, "default_models": models, "exit_codes": {str(k): v for k, v in EXIT_CODES.items()}}
+            "default_device": device, "optional": optional, "default_models": models,
+            "exit_codes": {str(k): v for k, v in EXIT_CODES.items()}}
 
 
 @app.command(epilog=_EXIT_EPILOG)
@@ -721,6 +751,14 @@ def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
             if "native_bf16" in b:
                 extra += f" (native BF16: {'yes' if b['native_bf16'] else 'no'})"
             lines.append(f"  {name}: {'yes' if b['available'] else 'no'}{extra}")
+        dev = data["default_device"]
+        if "error" in dev:
+            lines.append(f"default device: {dev['error']}")
+        else:
+            src = f" ({dev['from']})" if dev["from"] != "default" else ""
+            lines.append(f"default device for .onnx: {dev['setting']}{src} -> {dev['onnx']}")
+            if "hint" in dev:
+                lines.append(f"  hint: {dev['hint']}")
         lines.append("optional: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in data["optional"].items()))
         lines.append("default models:")
         for precision, m in data["default_models"].items():

@@ -126,7 +126,9 @@ class Derainer:
     pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
     profile), ``overlap`` (pixels shared by neighbouring tiles; None = an eighth of the tile, at
     most 32: :func:`default_overlap`), ``device`` ("cpu", "cuda",
-    "cuda:N", "openvino", "auto"; None = cpu for .onnx, cuda for .plan), ``threads`` (CPU inference threads),
+    "cuda:N", "openvino", "auto"; None = ``$RD_DEVICE`` or else auto for .onnx (OpenVINO BF16 where
+    it is installed and the CPU has native BF16, else onnxruntime), cuda for .plan), ``threads`` (CPU
+    inference threads),
     ``batch`` (frames or tiles per engine call; None = the backend's choice, else the profile's max
     batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph).

@@ -209,3 +209,88 @@ def test_rd_run_derain_on_openvino(artifacts, tmp_path):
     assert [f["status"] for f in rep["files"]] == ["ok"]
     assert rep["engine"]["backend"] == "openvino" and rep["engine"]["device"] == "openvino"
     assert (tmp_path / "out" / "a.png").is_file()
+
+
+# --------------------------------------------------------------------------- the default device
+# tests/conftest.py pins RD_DEVICE=cpu for the suite; these tests unset it to see the real default.
+
+def test_default_device_is_auto_and_rd_device_overrides_it(artifacts, monkeypatch):
+    import runtime.backends as backends
+
+    monkeypatch.delenv("RD_DEVICE", raising=False)
+    assert backends.default_device() == "auto"
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    with open_backend(artifacts["refine"], threads=1) as b:  # no device: auto -> OpenVINO in BF16
+        assert isinstance(b, OpenVINOBackend) and b.inference_precision == "bf16"
+    with Derainer(artifacts["refine"], steps=2, threads=1) as d:
+        assert isinstance(d.backend, OpenVINOBackend)
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
+    with open_backend(artifacts["refine"], threads=1) as b:  # no native BF16: onnxruntime
+        assert isinstance(b, OnnxRuntimeBackend)
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    for value, kind in (("cpu", OnnxRuntimeBackend), (" CPU ", OnnxRuntimeBackend), ("openvino", OpenVINOBackend),
+                        ("auto", OpenVINOBackend), ("", OpenVINOBackend)):
+        monkeypatch.setenv("RD_DEVICE", value)
+        with open_backend(artifacts["refine"], threads=1) as b:
+            assert isinstance(b, kind), value
+    monkeypatch.setenv("RD_DEVICE", "cpu")
+    with open_backend(artifacts["refine"], device="openvino", threads=1) as b:  # an explicit device wins
+        assert isinstance(b, OpenVINOBackend)
+
+
+def test_rd_device_bad_value_is_one_line_usage_error(artifacts, monkeypatch, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    import runtime.cli as cli
+
+    monkeypatch.setenv("RD_DEVICE", "gpu0")
+    with pytest.raises(UsageError, match=r"RD_DEVICE='gpu0' is not a device"):
+        open_backend(artifacts["y"])
+    Image.fromarray(np.zeros((24, 24, 3), np.uint8)).save(tmp_path / "a.png")
+    r = CliRunner().invoke(cli.app, ["derain", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"),
+                                     "--engine", str(artifacts["y"])])
+    assert r.exit_code == UsageError.exit_code == 2, (r.stdout, r.stderr)
+    assert "RD_DEVICE='gpu0' is not a device" in r.stderr and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_rd_device_does_not_apply_to_plans(tmp_path, monkeypatch):
+    import runtime.backends.tensorrt as trt_backend
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, path, *, device, cuda_graph):
+            seen.update(path=path, device=device)
+
+    monkeypatch.setattr(trt_backend, "TensorRTBackend", Recorder)
+    monkeypatch.setenv("RD_DEVICE", "openvino")
+    plan = tmp_path / "m.trt.plan"
+    plan.write_bytes(b"x")
+    open_backend(plan)
+    assert seen == {"path": plan, "device": "cuda"}
+
+
+def test_rd_run_info_names_the_default_device(monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    import runtime.cli as cli
+
+    monkeypatch.delenv("RD_DEVICE", raising=False)
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
+    r = CliRunner().invoke(cli.app, ["info", "--json"])
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["default_device"] == {"setting": "auto", "from": "default", "onnx": "openvino (BF16)"}
+    monkeypatch.setenv("RD_DEVICE", "cpu")
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert "default device for .onnx: cpu (RD_DEVICE) -> cpu (onnxruntime)" in r.stdout
+    # OpenVINO absent on a CPU with native BF16: the line says what to install
+    monkeypatch.delenv("RD_DEVICE")
+    monkeypatch.setattr(ovb, "probe", lambda: {"available": False})
+    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: True)
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert "auto -> cpu (onnxruntime)" in r.stdout
+    assert "hint: this CPU has native BF16: pip install" in r.stdout and "[openvino]" in r.stdout
