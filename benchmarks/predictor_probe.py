@@ -42,7 +42,8 @@ def score_set(fn, pairs) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--style", default="v1", help="rain_batch style (v1, v2)")
-    ap.add_argument("--minutes", type=float, default=10.0, help="training wall-clock budget")
+    ap.add_argument("--minutes", type=float, default=10.0,
+                    help="training wall-clock budget (0: no training, score --init as it is)")
     ap.add_argument("--steps", type=int, default=0,
                     help="train exactly this many steps instead (a budget independent of the machine's load)")
     ap.add_argument("--crop", type=int, default=64)
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base", type=int, default=16, help="P's base channels")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                    help="keep an exponential moving average of P's weights (e.g. 0.999); it is what is saved "
+                         "and scored")
     ap.add_argument("--save", type=Path, default=None, help="write P's state dict here")
     ap.add_argument("--save-every", type=int, default=0,
                     help="with --save: also write it (atomically) every N steps, and keep a copy STEM_STEP.pt")
@@ -94,12 +98,20 @@ def main(argv: list[str] | None = None) -> int:
         state = state.get("state", {}).get("G_B", state) if "state" in state else state  # a checkpoint's G_B
         P.load_state_dict(state)
     opt = torch.optim.Adam(P.parameters(), lr=a.lr)
+    ema = None
+    if a.ema is not None:
+        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+        ema = AveragedModel(P, multi_avg_fn=get_ema_multi_avg_fn(a.ema))
+
+    def kept() -> torch.nn.Module:
+        return P if ema is None else ema.module
 
     def save_state(path: Path) -> None:
         from runtime.io import atomic_path
 
         with atomic_path(path) as tmp:
-            torch.save(P.state_dict(), tmp)
+            torch.save(kept().state_dict(), tmp)
 
     t0, steps, losses = time.perf_counter(), 0, []
     while (steps < a.steps) if a.steps else (time.perf_counter() - t0 < a.minutes * 60):
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if ema is not None:
+            ema.update_parameters(P)
         steps += 1
         losses.append(float(loss.detach()))
         if a.save_every and steps % a.save_every == 0:
@@ -120,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"predictor_probe: step {steps}, L1 {statistics.fmean(losses[-a.save_every:]):.4f}, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     train_s = time.perf_counter() - t0
+    P = kept()
     if a.save:
         save_state(a.save)
     if a.into:
@@ -143,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {"style": a.style, "minutes": a.minutes, "steps": steps, "train_s": round(train_s, 1),
               "init": str(a.init) if a.init else None,
-              "crop": a.crop, "batch": a.batch, "lr": a.lr, "lr_min": a.lr_min, "seed": a.seed, "base": a.base,
+              "crop": a.crop, "batch": a.batch, "lr": a.lr, "lr_min": a.lr_min, "ema": a.ema, "seed": a.seed,
+              "base": a.base,
               "params": sum(p.numel() for p in P.parameters()),
               "final_l1": statistics.fmean(losses[-100:]) if losses else None,
               "dev": {name: score_set(run, dev_pairs(name)) for name in DEV_SETS}}
     if a.json:
         print(json.dumps(report, indent=2))
         return 0
+    final = f"{report['final_l1']:.4f}" if losses else "- (not trained: --minutes 0 scores --init)"
     print(f"style {a.style}: {steps} steps in {train_s:.0f} s ({report['params']} params, batch {a.batch}, "
-          f"crop {a.crop}), final L1 {report['final_l1']:.4f}")
+          f"crop {a.crop}), final L1 {final}")
     for name, d in report["dev"].items():
         for k in ("input", "out"):
             m = d[k]

@@ -227,3 +227,67 @@ def test_frame_latency_on_openvino(tmp_path, monkeypatch, capsys):
     (row,) = report["rows"]
     assert report["device"] == "openvino" and row["backend"] == "openvino"
     assert row["inference_precision"] in ("bf16", "f32") and row["peak_rss_mib"] > 0
+
+
+def _probe_data(root: Path, image_dir_factory) -> Path:
+    """unpaired/clean + clean_more and both dev sets (pairs by name) of small synthetic images."""
+    clean, rainy = image_dir_factory(root / "src", n=4, size=(40, 48))
+    for name in ("clean", "clean_more"):
+        shutil.copytree(clean, root / "unpaired" / name)
+    for dev in ("sirr", "jorder_h"):
+        shutil.copytree(rainy, root / "dev" / dev / "rainy")
+        (root / "dev" / dev / "clean").mkdir()
+        for c, r in zip(sorted(clean.iterdir()), sorted(rainy.iterdir())):
+            shutil.copy(c, root / "dev" / dev / "clean" / r.name)
+    return root
+
+
+def test_predictor_probe_cosine_ema_snapshots_and_scoring_an_init(tmp_path, monkeypatch, capsys, image_dir_factory):
+    import torch
+
+    data = _probe_data(tmp_path / "data", image_dir_factory)
+    mod = _load("predictor_probe", monkeypatch, data)
+    common = ["--crop", "16", "--batch", "2", "--base", "8", "--threads", "1"]
+    lrs = []
+    real_step = torch.optim.Adam.step
+
+    def spy(self, *a, **k):  # the learning rate each optimiser step runs at
+        lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    assert mod.main([*common, "--steps", "4", "--lr", "1e-3", "--lr-min", "1e-4", "--ema", "0.5",
+                     "--save", str(tmp_path / "p.pt"), "--save-every", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["steps"] == 4 and report["ema"] == 0.5 and set(report["dev"]) == {"sirr", "jorder_h"}
+    # cosine from --lr at step 0 to --lr-min at the last step's end
+    assert lrs == pytest.approx([1e-4 + 0.45e-3 * (1 + math.cos(math.pi * i / 4)) for i in range(4)])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] > 1e-4
+    snaps = {p.name for p in tmp_path.glob("p*.pt")}
+    assert snaps == {"p.pt", "p_2.pt", "p_4.pt"}
+    final, at4 = torch.load(tmp_path / "p.pt", weights_only=True), torch.load(tmp_path / "p_4.pt", weights_only=True)
+    assert all(torch.equal(final[k], at4[k]) for k in final)
+    # --minutes 0 trains nothing and scores --init as it is: the same numbers as the run's own report
+    assert mod.main([*common, "--minutes", "0", "--init", str(tmp_path / "p.pt"), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["steps"] == 0 and again["final_l1"] is None
+    assert again["dev"]["sirr"]["out"] == pytest.approx(report["dev"]["sirr"]["out"])
+    assert mod.main([*common, "--minutes", "0", "--init", str(tmp_path / "p.pt")]) == 0
+    assert "not trained" in capsys.readouterr().out
+
+
+def test_predictor_probe_ema_is_what_is_saved(tmp_path, monkeypatch, capsys, image_dir_factory):
+    import torch
+
+    data = _probe_data(tmp_path / "data", image_dir_factory)
+    mod = _load("predictor_probe", monkeypatch, data)
+    common = ["--crop", "16", "--batch", "2", "--base", "8", "--threads", "1", "--steps", "3", "--seed", "1"]
+    assert mod.main([*common, "--save", str(tmp_path / "raw.pt")]) == 0
+    assert mod.main([*common, "--ema", "0.9", "--save", str(tmp_path / "ema.pt")]) == 0
+    raw, ema = (torch.load(tmp_path / f"{n}.pt", weights_only=True) for n in ("raw", "ema"))
+    assert raw.keys() == ema.keys() and any(not torch.equal(raw[k], ema[k]) for k in raw)
+    with pytest.raises(SystemExit):
+        mod.main([*common[:-4], "--lr-min", "1e-5"])  # a cosine needs --steps
+    with pytest.raises(SystemExit):
+        mod.main([*common, "--save-every", "2"])  # snapshots need --save
+    capsys.readouterr()
