@@ -41,7 +41,8 @@ def score_set(fn, pairs) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--style", default="v1", help="rain_batch style (v1, v2)")
+    ap.add_argument("--style", default="v1",
+                    help="rain_batch style (v1, v2, v3), or several comma-separated: the steps take turns")
     ap.add_argument("--minutes", type=float, default=10.0,
                     help="training wall-clock budget (0: no training, score --init as it is)")
     ap.add_argument("--steps", type=int, default=0,
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                          "--freeze-ntb)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
+    styles = [x.strip() for x in a.style.split(",")]
     if a.lr_min is not None and not a.steps:
         ap.error("--lr-min needs --steps (the cosine runs over a known number of steps)")
     if a.save_every and not a.save:
@@ -82,9 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from training.data import UnpairedSampler, load_folders
     from training.diffusion import pad_to_multiple, to_tensor, to_uint8
-    from training.synthrain import rain_batch
+    from training.synthrain import RAIN_STYLES, rain_batch
     from training.unet import UNet, UNetConfig
 
+    if bad := [x for x in styles if x not in RAIN_STYLES]:
+        print(f"predictor_probe: unknown rain style {', '.join(bad)}; one of {', '.join(RAIN_STYLES)}", file=sys.stderr)
+        return 2
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     clean, _ = load_folders(clean_dirs, min_side=a.crop)
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in opt.param_groups:
                 group["lr"] = a.lr_min + 0.5 * (a.lr - a.lr_min) * (1 + math.cos(math.pi * steps / a.steps))
         x, _ = sampler.next_batch()
-        y = rain_batch(x, gen, a.style)
+        y = rain_batch(x, gen, styles[steps % len(styles)])
         loss = F.l1_loss(P(y), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -291,3 +291,18 @@ def test_predictor_probe_ema_is_what_is_saved(tmp_path, monkeypatch, capsys, ima
     with pytest.raises(SystemExit):
         mod.main([*common, "--save-every", "2"])  # snapshots need --save
     capsys.readouterr()
+
+
+def test_predictor_probe_styles_take_turns_and_a_bad_one_is_refused(tmp_path, monkeypatch, capsys, image_dir_factory):
+    import training.synthrain as synthrain
+
+    data = _probe_data(tmp_path / "data", image_dir_factory)
+    mod = _load("predictor_probe", monkeypatch, data)
+    common = ["--crop", "16", "--batch", "2", "--base", "8", "--threads", "1", "--steps", "4"]
+    seen, real = [], synthrain.rain_batch
+    monkeypatch.setattr(synthrain, "rain_batch", lambda x, gen, style="v1": seen.append(style) or real(x, gen, style))
+    assert mod.main([*common, "--style", "v1, v3"]) == 0
+    assert seen == ["v1", "v3", "v1", "v3"]
+    capsys.readouterr()
+    assert mod.main([*common, "--style", "v1,v9"]) == 2
+    assert "unknown rain style v9" in capsys.readouterr().err
