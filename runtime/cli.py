@@ -558,8 +558,11 @@ def bench(
             step_line = (f"  step:  min {result['step_min_ms']:.2f}  median {result['step_median_ms']:.2f}  "
                          f"p95 {result['step_p95_ms']:.2f} ms\n" if result["steps"] else
                          "  step:  none (0 steps: the predictor alone)\n")
+            engine = info["backend"] or "engine"
+            device = info["device"]
+            where = "" if not device else " on the CPU" if device == engine == "openvino" else f" on {device}"
             typer.echo(
-                f"{info['backend'] or 'engine'} on {info['device']}{arith} ({info['threads'] or 'default'} threads), "
+                f"{engine}{where}{arith} ({info['threads'] or 'default'} threads), "
                 f"{height}x{width} (HxW), batch {batch or 1}, {result['steps']} steps, {runs} runs\n"
                 f"  frame: min {result['frame_min_ms']:.1f}  median {result['frame_median_ms']:.1f}  "
                 f"p95 {result['frame_p95_ms']:.1f} ms   ({result['fps']:.2f} fps)\n"

@@ -123,3 +123,18 @@ def test_precision_int8_prefers_the_x86_cpu_graph(tmp_path, monkeypatch):
     assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.onnx"
     (tmp_path / "default.int8.cpu.onnx").write_bytes(b"x")
     assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.cpu.onnx"
+
+
+@pytest.mark.parametrize(("backend", "device", "header"), [
+    ("openvino", "openvino", "openvino on the CPU (2 threads)"),  # not "openvino on openvino"
+    ("onnxruntime", "cpu", "onnxruntime on cpu (2 threads)"),
+    ("tensorrt", "cuda:0", "tensorrt on cuda:0 (2 threads)"),
+])
+def test_bench_header_names_engine_and_device_once(rd_run, monkeypatch, fake_cls, backend, device, header):
+    class Named(fake_cls):
+        backend_name = backend
+
+    monkeypatch.setattr(cli, "derainer_factory", lambda artifact=None, **kw: Named(artifact, **dict(kw, device=device)))
+    r = rd_run("bench", "--size", "16", "--runs", "1", "--warmup", "0", "--threads", "2")
+    assert r.code == 0, r
+    assert r.stdout.splitlines()[0].startswith(header), r.stdout
