@@ -61,6 +61,7 @@ from runtime.io import (
     own_temporary,
     save_frames,
     save_image,
+    signals_deferred,
 )
 
 try:  # POSIX; elsewhere outputs are not locked (runs on one folder must not overlap there)
@@ -264,15 +265,20 @@ def _locked_append(path: Path) -> Iterator[int]:
     Without fcntl (not POSIX) there is no lock.
     """
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
-        if fcntl is None:  # pragma: no cover
-            break
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        with signals_deferred():  # an fd is only ever closed once (see signals_deferred)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            if fcntl is None:  # pragma: no cover
                 break
-        except FileNotFoundError:
-            pass
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            os.close(fd)
+            raise
         os.close(fd)
     try:
         yield fd
@@ -392,33 +398,45 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
-                os.close(fd)
-                return f"pid {holder}" if holder else "another process"
-            try:  # the holder we waited on may have removed the file: lock the one at the path
-                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
-            except FileNotFoundError:
-                same = False
-            if not same:
-                os.close(fd)
-                continue
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
-            self._fd = fd
-            return None
+        # Ctrl-C / SIGTERM wait until the fd is either closed or kept in self._fd (release() then
+        # removes the file): an interrupt in between would leave the lock file behind.
+        with signals_deferred():
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+                    os.close(fd)
+                    return f"pid {holder}" if holder else "another process"
+                try:  # the holder we waited on may have removed the file: lock the one at the path
+                    same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if not same:
+                    os.close(fd)
+                    continue
+                self._fd = fd
+                try:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, f"{os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+                except BaseException:
+                    self.release()
+                    raise
+                return None
 
     def release(self) -> None:
-        if self._fd is None:
-            return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)  # while still holding it: a waiter re-checks the path (see acquire)
-        os.close(self._fd)
-        self._fd = None
+        """Remove the lock file and drop the lock; a second call does nothing (the cleanup after an
+        interrupt releases again what the interrupted code may have released already)."""
+        with signals_deferred():
+            fd, self._fd = self._fd, None
+            if fd is None:
+                return
+            try:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.path)  # while still holding it: a waiter re-checks the path (see acquire)
+            finally:
+                os.close(fd)
 
 
 def remove_stale_files(folders: Sequence[Path], before: float) -> list[Path]:

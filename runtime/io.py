@@ -19,10 +19,11 @@ import contextlib
 import errno
 import os
 import re
+import signal
 import tempfile
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from runtime.errors import ImageError, InputError
 
 __all__ = [
+    "signals_deferred",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
     "DEFAULT_MAX_PIXELS",
@@ -385,6 +387,32 @@ def own_temporary(name: str) -> str | None:
     return m.group("stem") + (m.group("suffix") or "")
 
 
+#: the signals the CLIs turn into exceptions (Ctrl-C, and SIGTERM through runtime.cli_errors)
+_DEFERRED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while a few lines of bookkeeping run that must not be cut in
+    half (a file created and not yet tracked, a lock fd closed and not yet forgotten): a signal
+    that arrives meanwhile is delivered, and its handler raises, right after the block.
+
+    The CLIs raise from their handlers, which Python runs between any two bytecodes of the main
+    thread; without this, SIGTERM between ``os.close(fd)`` and ``fd = None`` made the cleanup close
+    the fd a second time (EBADF, exit 1 instead of 143), and between ``mkstemp`` and the ``try``
+    that removes it a temporary file stayed behind. POSIX main thread only (handlers run there);
+    elsewhere a plain block.
+    """
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, *, before_replace: Callable[[Path], None] | None = None):
     """Yield a temporary path beside ``dest``; rename it onto ``dest`` only on success.
@@ -395,8 +423,9 @@ def atomic_path(dest: str | os.PathLike, *, before_replace: Callable[[Path], Non
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-    os.close(fd)
+    with signals_deferred():  # the temporary exists from here on: never before the try that removes it
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+        os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp creates 0600; give the result the permissions a plain open() would have.

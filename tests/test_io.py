@@ -377,3 +377,66 @@ def test_load_frames_reads_every_frame_and_limits_their_pixels_together(tmp_path
     assert [int(f.rgb[0, 0, 0]) for f in lf.frames] == [0, 20, 40] and lf.format == "TIFF"
     with pytest.raises(ImageError, match="3 frames of 10x10 exceed the limit of 250 pixels in all"):
         load_frames(p, max_pixels=250)  # each frame (100 px) is under the limit, all three are not
+
+
+# --------------------------------------------------------------------------- interrupts in bookkeeping
+
+def test_signals_deferred_delivers_after_the_block(tmp_path):
+    import os
+    import signal
+
+    from runtime.io import signals_deferred
+
+    class StopError(Exception):
+        pass
+
+    def raise_stop(signum, frame):
+        raise StopError
+
+    previous = signal.signal(signal.SIGTERM, raise_stop)
+    reached = []
+    try:
+        with pytest.raises(StopError):
+            with signals_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(1000):  # many bytecodes: an undeferred handler would have run here
+                    pass
+                reached.append("end of block")
+        assert reached == ["end of block"]
+        with pytest.raises(StopError):  # and outside a block the handler runs at once, as before
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+            reached.append("not reached")
+        assert reached == ["end of block"]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_output_lock_released_twice_after_an_interrupt_closes_its_fd_once(tmp_path, monkeypatch):
+    """SIGTERM right after the lock's fd was closed: the cleanup's second release must not close
+    it again (it raised EBADF, and rd-run exited 1 instead of 143), nor close an fd reused since."""
+    import os
+
+    import runtime.batch as batch
+
+    lock = batch.OutputLock(tmp_path / "a.png")
+    assert lock.acquire() is None and lock.path.exists()
+    real_close, closed = os.close, []
+
+    def close_then_interrupt(fd):
+        real_close(fd)
+        closed.append(fd)
+        raise KeyboardInterrupt  # what the SIGTERM handler raises, at the worst moment
+
+    monkeypatch.setattr(batch.os, "close", close_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lock.release()
+    monkeypatch.setattr(batch.os, "close", real_close)
+    reused = os.open(tmp_path / "other", os.O_CREAT | os.O_RDWR)  # likely the same number as the lock's fd
+    try:
+        lock.release()  # the cleanup path: nothing left to do
+        os.fstat(reused)  # still open
+    finally:
+        os.close(reused)
+    assert len(closed) == 1 and not lock.path.exists()
