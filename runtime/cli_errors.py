@@ -33,6 +33,7 @@ except ImportError:  # pragma: no cover - older typer on click itself
 
 from runtime import extras
 from runtime.errors import RDError, UsageError
+from runtime.io import interrupt
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["Terminated", "error_exits", "check_steps", "one_line_group", "HELP_OPTIONS", "STEPS_RANGE",
@@ -58,13 +59,18 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
 
     ``report`` (optional) also receives ``{"error", "error_type", "exit_code"}`` for --json output.
     """
-    previous = None
+    previous = previous_int = None
     with contextlib.suppress(ValueError):  # signal handlers can only be set in the main thread
 
         def on_term(signum: int, frame: Any) -> None:
-            raise Terminated
+            interrupt(Terminated())  # at once, or after the bookkeeping under way (runtime.io.signals_deferred)
+
+        def on_int(signum: int, frame: Any) -> None:
+            interrupt(KeyboardInterrupt())
 
         previous = signal.signal(signal.SIGTERM, on_term)
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # an ignored Ctrl-C stays ignored
+            previous_int = signal.signal(signal.SIGINT, on_int)
 
     def fail(message: str, error: BaseException, code: int) -> typer.Exit:
         say(" ".join(message.split()))
@@ -94,6 +100,8 @@ def error_exits(say: Callable[[str], None], *, debug: bool = False,
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def check_steps(value: int | None) -> int | None:

@@ -19,7 +19,6 @@ import contextlib
 import errno
 import os
 import re
-import signal
 import tempfile
 import threading
 import warnings
@@ -33,6 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from runtime.errors import ImageError, InputError
 
 __all__ = [
+    "interrupt",
     "signals_deferred",
     "IMAGE_SUFFIXES",
     "VIDEO_SUFFIXES",
@@ -387,30 +387,54 @@ def own_temporary(name: str) -> str | None:
     return m.group("stem") + (m.group("suffix") or "")
 
 
-#: the signals the CLIs turn into exceptions (Ctrl-C, and SIGTERM through runtime.cli_errors)
-_DEFERRED_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+class _Deferral:
+    """State of :func:`signals_deferred` (main thread only: Python runs signal handlers there)."""
+
+    depth = 0
+    pending: BaseException | None = None
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def interrupt(exc: BaseException) -> None:
+    """What the CLIs' Ctrl-C / SIGTERM handlers call: raise ``exc`` now, or, inside a
+    :func:`signals_deferred` block, at its end."""
+    if _in_main_thread() and _Deferral.depth:
+        if _Deferral.pending is None:
+            _Deferral.pending = exc
+        return
+    _Deferral.pending = None
+    raise exc
 
 
 @contextlib.contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and SIGTERM back while a few lines of bookkeeping run that must not be cut in
-    half (a file created and not yet tracked, a lock fd closed and not yet forgotten): a signal
-    that arrives meanwhile is delivered, and its handler raises, right after the block.
+    half (a file created and not yet tracked, a lock fd closed and not yet forgotten): the
+    exception of a signal that arrives meanwhile is raised right after the block.
 
     The CLIs raise from their handlers, which Python runs between any two bytecodes of the main
     thread; without this, SIGTERM between ``os.close(fd)`` and ``fd = None`` made the cleanup close
-    the fd a second time (EBADF, exit 1 instead of 143), and between ``mkstemp`` and the ``try``
-    that removes it a temporary file stayed behind. POSIX main thread only (handlers run there);
-    elsewhere a plain block.
+    the fd a second time (EBADF, exit 1 instead of 143), and between ``os.open`` of a lock file and
+    keeping its fd the lock file stayed behind. The deferral is in the handlers (:func:`interrupt`),
+    not in the signal mask: in a process with engine threads the kernel hands a blocked signal to
+    another thread, whose handler still trips the main thread's. A plain block outside the main
+    thread; handlers that do not call :func:`interrupt` (Python's own Ctrl-C outside the CLIs) are
+    not deferred.
     """
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    if not _in_main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+    _Deferral.depth += 1
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        _Deferral.depth -= 1
+        if not _Deferral.depth and _Deferral.pending is not None:
+            exc, _Deferral.pending = _Deferral.pending, None
+            raise exc
 
 
 @contextlib.contextmanager
