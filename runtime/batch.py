@@ -265,20 +265,15 @@ def _locked_append(path: Path) -> Iterator[int]:
     Without fcntl (not POSIX) there is no lock.
     """
     while True:
-        with signals_deferred():  # an fd is only ever closed once (see signals_deferred)
-            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        if fcntl is None:  # pragma: no cover
+            break
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if fcntl is None:  # pragma: no cover
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
                 break
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-        except BaseException:
-            os.close(fd)
-            raise
+        except FileNotFoundError:
+            pass
         os.close(fd)
     try:
         yield fd
@@ -398,8 +393,9 @@ class OutputLock:
         if fcntl is None:  # pragma: no cover
             return None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Ctrl-C / SIGTERM wait until the fd is either closed or kept in self._fd (release() then
-        # removes the file): an interrupt in between would leave the lock file behind.
+        # Ctrl-C / SIGTERM wait until the fd is either closed or kept in self._fd, so that
+        # release() removes the file; the interrupt is then raised as acquire returns (the caller
+        # holds the lock in its cleanup set before calling).
         with signals_deferred():
             while True:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -636,17 +632,19 @@ class BatchRunner:
                     continue
                 claimed[_real(dest)] = str(item.source)
                 lock = OutputLock(dest)
+                self._held.add(lock)  # before acquire: an interrupt raised as it returns still releases it
                 try:
                     holder = lock.acquire()
                 except OSError as e:
+                    self._held.discard(lock)
                     self._finish(result, "failed", t0, error=f"{dest}: cannot lock it ({e.strerror or e})")
                     continue
                 if holder is not None:
+                    self._held.discard(lock)
                     result.details["skip_reason"] = "being written by another run"
                     result.warnings.append(f"{dest} is being written by another rd-run ({holder}); left to it")
                     self._finish(result, "skipped", t0)
                     continue
-                self._held.add(lock)
                 if not self._may_write(dest, result, t0):
                     self._release(lock)
                     continue

@@ -108,3 +108,23 @@ def test_sigint_stops_a_stream_and_keeps_the_recording(tmp_path):
         n += 1
     cap.release()
     assert n == report["frames"]
+
+
+def test_an_interrupt_as_the_lock_is_taken_leaves_no_lock_file(tmp_path, rd_run, fake_factory, monkeypatch):
+    """An interrupt the lock's bookkeeping deferred is raised as acquire() returns; the batch's
+    cleanup must still know the lock (it used to be tracked only after acquire returned)."""
+    import runtime.batch as batch
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(src / "a.png")
+    real = batch.OutputLock.acquire
+
+    def acquire_then_interrupt(self):
+        assert real(self) is None and self.path.exists()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(batch.OutputLock, "acquire", acquire_then_interrupt)
+    r = rd_run("derain", src, "-o", out)
+    assert r.code == 130, r
+    assert _leftovers(out) == []
