@@ -447,10 +447,11 @@ def atomic_path(dest: str | os.PathLike, *, before_replace: Callable[[Path], Non
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with signals_deferred():  # the temporary exists from here on: never before the try that removes it
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
-        os.close(fd)
+    tmp: str | None = None
     try:
+        with signals_deferred():  # the temporary is created and named at once; an interrupt comes after
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.stem}.", suffix=f".tmp{dest.suffix}", dir=dest.parent)
+            os.close(fd)
         yield Path(tmp)
         # mkstemp creates 0600; give the result the permissions a plain open() would have.
         with contextlib.suppress(OSError):
@@ -459,8 +460,9 @@ def atomic_path(dest: str | os.PathLike, *, before_replace: Callable[[Path], Non
             before_replace(Path(tmp))
         os.replace(tmp, dest)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

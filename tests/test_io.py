@@ -451,3 +451,21 @@ def test_output_lock_released_twice_after_an_interrupt_closes_its_fd_once(tmp_pa
     finally:
         os.close(reused)
     assert len(closed) == 1 and not lock.path.exists()
+
+
+def test_atomic_path_interrupted_as_its_temporary_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """An interrupt deferred over mkstemp is raised as the block ends: the temporary is removed."""
+    import runtime.io as rio
+
+    real = rio.tempfile.mkstemp
+
+    def mkstemp_then_interrupt(*a, **k):
+        made = real(*a, **k)
+        rio.interrupt(KeyboardInterrupt())  # what a CLI's handler does when the signal comes now
+        return made
+
+    monkeypatch.setattr(rio.tempfile, "mkstemp", mkstemp_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        with rio.atomic_path(tmp_path / "out.png") as tmp:
+            tmp.write_bytes(b"never")
+    assert list(tmp_path.iterdir()) == []
