@@ -461,13 +461,17 @@ def remove_stale_files(folders: Sequence[Path], before: float) -> list[Path]:
             if target is not None and Path(target).suffix.lower() in media:
                 lock = OutputLock(Path(folder) / target)
                 stale_lock = lock.path.exists()  # taken over and removed with the temporary
-                if lock.acquire() is None:
-                    with contextlib.suppress(OSError):
-                        os.unlink(e.path)
-                        removed.append(Path(e.path))
+                took = False
+                try:  # released also when an interrupt comes as acquire returns
+                    took = lock.acquire() is None
+                    if took:
+                        with contextlib.suppress(OSError):
+                            os.unlink(e.path)
+                            removed.append(Path(e.path))
+                finally:
                     lock.release()
-                    if stale_lock and lock.path not in removed:
-                        removed.append(lock.path)
+                if took and stale_lock and lock.path not in removed:
+                    removed.append(lock.path)
             elif e.name.endswith(LOCK_SUFFIX) and fcntl is not None:
                 try:
                     fd = os.open(e.path, os.O_RDWR)
