@@ -703,17 +703,17 @@ def collect_info() -> dict[str, Any]:
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
                 "stream (OpenCV)": importlib.util.find_spec("cv2") is not None,
                 "eval (scikit-image)": importlib.util.find_spec("skimage") is not None}
-    from runtime.backends import DEVICE_ENV, OPENVINO, default_device
+    from runtime.backends import AUTO, DEVICE_ENV, OPENVINO, default_device, onnx_device
 
     try:
         setting = default_device()
-        resolved = OPENVINO if setting == OPENVINO or (setting == "auto" and backends["openvino"].get("native_bf16")) \
-            else setting if setting != "auto" else "cpu"
-        resolved += {"cpu": " (onnxruntime)", "openvino": " (BF16 where native, else FP32)" if setting == OPENVINO
-                     else " (BF16)"}.get(resolved, " (onnxruntime-gpu)")
+        ov = backends["openvino"]
+        resolved = onnx_device(setting, openvino_bf16=bool(ov.get("native_bf16")))  # the probe above, not a second
+        engine = {"cpu": "onnxruntime", OPENVINO: ("BF16" if ov.get("native_bf16") else "FP32") if ov["available"]
+                  else "not installed"}.get(resolved, "onnxruntime-gpu")
         device: dict[str, Any] = {"setting": setting, "from": DEVICE_ENV if os.environ.get(DEVICE_ENV, "").strip()
-                                  else "default", "onnx": resolved}
-        if setting == "auto" and not backends["openvino"]["available"] and _cpu_has_bf16():
+                                  else "default", "onnx": f"{resolved} ({engine})"}
+        if setting == AUTO and not ov["available"] and _cpu_has_bf16():
             device["hint"] = (f"this CPU has native BF16: {extras.install_command(OPENVINO)} makes auto run OpenVINO "
                               "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")
     except RDError as e:

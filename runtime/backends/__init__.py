@@ -19,8 +19,8 @@ from runtime.backends.base import Backend, parse_device
 from runtime.errors import UsageError
 from runtime.manifest import load_manifest
 
-__all__ = ["Backend", "BACKEND_SUFFIXES", "AUTO", "DEVICE_ENV", "OPENVINO", "default_device", "open_backend",
-           "load_manifest", "parse_device"]
+__all__ = ["Backend", "BACKEND_SUFFIXES", "AUTO", "DEVICE_ENV", "OPENVINO", "default_device", "onnx_device",
+           "open_backend", "load_manifest", "parse_device"]
 
 #: artifact suffix -> backend name
 BACKEND_SUFFIXES = {".onnx": "onnxruntime", ".plan": "tensorrt"}
@@ -60,6 +60,18 @@ def default_device() -> str:
     return value
 
 
+def onnx_device(device: str | None = None, *, openvino_bf16: bool | None = None) -> str:
+    """The device an .onnx artifact runs on: ``device``, else :func:`default_device`, with "auto"
+    resolved to "openvino" or "cpu". ``openvino_bf16``: what OpenVINO's probe found, for a caller
+    that has probed already (None: probe now). Any other value is returned as given (the backend
+    checks it)."""
+    if device is None:
+        device = default_device()
+    if str(device).strip().lower() != AUTO:
+        return device
+    return OPENVINO if (_openvino_bf16() if openvino_bf16 is None else openvino_bf16) else "cpu"
+
+
 def open_backend(artifact: str | os.PathLike, *, device: str | None = None, threads: int | None = None,
                  cuda_graph: bool = True) -> Backend:
     """Open ``artifact`` with the backend its suffix names; its manifest is validated first.
@@ -73,10 +85,10 @@ def open_backend(artifact: str | os.PathLike, *, device: str | None = None, thre
     """
     path = Path(artifact)
     suffix = path.suffix.lower()
-    if device is None and suffix == ".onnx":
-        device = default_device()
-    if device is not None and str(device).strip().lower() == AUTO:
-        device = None if suffix != ".onnx" else (OPENVINO if _openvino_bf16() else "cpu")
+    if suffix == ".onnx":
+        device = onnx_device(device)
+    elif device is not None and str(device).strip().lower() == AUTO:
+        device = None
     if device is not None and str(device).strip().lower() == OPENVINO:
         if suffix != ".onnx":
             raise UsageError(f"{path.name}: device 'openvino' runs .onnx artifacts; a TensorRT plan runs on 'cuda'")
