@@ -23,6 +23,13 @@ DEFAULT_INT8 = REPO / "runtime" / "assets" / "default.int8.onnx"
 EXAMPLE = REPO / "examples" / "rainy_street.jpg"
 
 
+def add_device_option(ap) -> None:
+    """``--device`` of the scripts that run the shipped model through ``Derainer``."""
+    ap.add_argument("--device", default=None,
+                    help="the runtime's device: cpu (onnxruntime; the default here, or $RD_DEVICE), openvino (BF16 on "
+                         "CPUs that have it) or auto (the runtime's own default)")
+
+
 def dev_pair_dirs(script: str) -> tuple[Path, Path] | None:
     """(rainy, clean) folders of the paired dev set, or None after printing the script's skip line."""
     root = DATA / "dev" / "sirr"

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_CKPT, DEFAULT_ONNX, real_frame
+from _common import DEFAULT_CKPT, DEFAULT_ONNX, add_device_option, real_frame
 
 PHASES = ("convert", "prologue", "steps", "tiles", "other")
 
@@ -167,9 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
-    ap.add_argument("--device", default=None,
-                    help="the runtime's device: cpu (onnxruntime; the default here, or $RD_DEVICE), openvino (BF16 on "
-                         "CPUs that have it) or auto (the runtime's own default)")
+    add_device_option(ap)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch eager anchor")
     ap.add_argument("--bf16", action="store_true",
                     help="also time torch eager under bf16 autocast (for CPUs with BF16: avx512_bf16 / amx_bf16)")
@@ -179,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.onnx.is_file():
         print(f"frame_latency: {a.onnx} not found", file=sys.stderr)
         return 2
+    from runtime.backends import default_device
     from runtime.derainer import Derainer
 
     sizes = [parse_hw(s) for s in a.sizes.split(",")]
@@ -235,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
            else "AVX2" if "avx2" in flags else "?")
     isa += "".join(f" +{f}" for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
-    report = {"artifact": str(a.onnx), "threads": a.threads, "device": a.device or "cpu", "cpu_isa": isa,
+    report = {"artifact": str(a.onnx), "threads": a.threads, "device": a.device or default_device(), "cpu_isa": isa,
               "runs": a.runs, "rows": rows,
               "self_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if a.json:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, DEV_SETS, dev_pairs
+from _common import DATA, DEV_SETS, add_device_option, dev_pairs
 from quality import score
 
 REAL_PANELS = ("1.jpg", "22.jpg", "45.jpg", "101.jpg")
@@ -42,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default=",".join(DEV_SETS))
     ap.add_argument("--limit", type=int, default=0, help="first N pairs of each set (0 = all)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default=None,
-                    help="the runtime's device: cpu (onnxruntime; the default here, or $RD_DEVICE), openvino (BF16 on "
-                         "CPUs that have it) or auto (the runtime's own default)")
+    add_device_option(ap)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
     ap.add_argument("--panels", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
