@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import platform
 import statistics
 import sys
 import time
@@ -87,12 +86,6 @@ def median_ms(fn, *, runs: int, warmup: int) -> dict:
 
 
 def machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": sys.version.split()[0]}
+    from runtime.cpu import cpu_name, isa_label
+
+    return {"cpu": cpu_name(), "isa": isa_label(), "cores": os.cpu_count(), "python": sys.version.split()[0]}

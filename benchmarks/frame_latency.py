@@ -37,6 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_CKPT, DEFAULT_ONNX, add_device_option, real_frame
 
+from runtime.cpu import isa_label
+
 PHASES = ("convert", "prologue", "steps", "tiles", "other")
 
 
@@ -229,11 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                                  r["batch"], a.threads, bf16=True)
                 r["torch_bf16_s"] = round(t, 3)
                 r["speedup_vs_torch_bf16"] = round(t / r["median_s"], 2)
-    cpu = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
-    flags = set(cpu.split())
-    isa = ("AVX-512 VNNI" if "avx512_vnni" in flags else "AVX-512" if "avx512f" in flags
-           else "AVX2" if "avx2" in flags else "?")
-    isa += "".join(f" +{f}" for f in ("avx512_bf16", "amx_bf16", "amx_int8") if f in flags)
+    isa = isa_label()
     report = {"artifact": str(a.onnx), "threads": a.threads, "device": a.device or default_device(), "cpu_isa": isa,
               "runs": a.runs, "rows": rows,
               "self_max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}

@@ -28,6 +28,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_CKPT, DEFAULT_INT8, DEFAULT_ONNX, machine, median_ms, real_frame, runtime_artifacts
 
+from runtime.cpu import cpu_flags
+
 
 def step_inputs(frame: np.ndarray, multiple: int, steps: int, seed: int = 0):
     """(x_T, cond_p, t [S, 1] float32, coef [S, 1, 4] float32) as numpy, padded to the size multiple."""
@@ -44,15 +46,7 @@ def step_inputs(frame: np.ndarray, multiple: int, steps: int, seed: int = 0):
 
 def isa() -> dict:
     """What the CPU reports (cpuinfo flags of interest) and the kernels torch dispatches to."""
-    flags: list[str] = []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = sorted(f for f in line.split(":", 1)[1].split()
-                               if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni"))
-                break
-    except OSError:
-        pass
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma", "avx_vnni"))
     out = {"cpu_flags": flags}
     try:
         import torch

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -39,6 +38,8 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 
+import runtime.cpu  # noqa: E402
+
 DATA = Path(os.environ.get("RD_DATA", ROOT.parent / "shared" / "data"))
 
 
@@ -46,25 +47,8 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                return sorted(f for f in flags if f.startswith(("avx512", "avx_vnni", "amx")) or f == "avx2")
-    except OSError:
-        pass
-    return []
+    return sorted(f for f in runtime.cpu.cpu_flags() if f.startswith(("avx512", "avx_vnni", "amx")) or f == "avx2")
 
 
 def dev_quality(fp32: Path, int8: Path, dev: Path, *, steps: int, seed: int, limit: int | None,
@@ -146,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = Manifest.for_artifact(args.fp32)
     steps = args.steps or manifest.verify_steps
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    result: dict = {"fp32": str(args.fp32), "cpu": cpu_name(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+    result: dict = {"fp32": str(args.fp32), "cpu": runtime.cpu.cpu_name(), "cpu_flags": cpu_flags(),
+                    "cores": os.cpu_count(),
                     "threads": args.threads or os.cpu_count(), "size": args.size, "steps": steps, "methods": {}}
     import onnxruntime
 

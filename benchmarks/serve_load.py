@@ -33,13 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import DEFAULT_ONNX, machine, real_frame
 
+import runtime.cpu
+
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    flags = runtime.cpu.cpu_flags()
+    if not flags:
         return "unknown"
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
     return ", ".join(f for f in ("avx512f", "avx512_vnni", "avx2", "fma") if f in flags) or "none of avx2/avx512"
 
 
