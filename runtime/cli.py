@@ -78,6 +78,7 @@ class Device(str, Enum):
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     int8 = "int8"
 
@@ -90,8 +91,9 @@ EngineOpt = Annotated[Path | None, typer.Option(
          "Default: the model shipped in the package (runtime/assets/default.onnx).")]
 PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", case_sensitive=False,
-    help="Which shipped model to use when --engine is not given: fp32 (default) or int8 "
-         "(runtime/assets/default.int8.onnx: faster on some CPUs, slower on others: docs/benchmarks.md). "
+    help="Which shipped model to use when --engine is not given: auto (default: int8 where the model runs on "
+         "OpenVINO without native BF16, 1.4x there; fp32 elsewhere), fp32, or int8 "
+         "(runtime/assets/default.int8.cpu.onnx: faster on some CPUs, slower on others: docs/benchmarks.md). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
 StepsOpt = Annotated[int | None, typer.Option(
     "--steps", "-s", callback=check_steps, metavar="S",
@@ -159,22 +161,22 @@ def _stderr_console():
 
 
 def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | None:
-    """The artifact to load: ``engine``, the shipped INT8 model, or None (the shipped FP32 default)."""
+    """The artifact to load: ``engine``, the shipped model of an explicit precision, or None (the
+    shipped model of the precision the Derainer picks for its device: ``--precision auto``)."""
     if engine is not None:
-        if precision is not None:
+        if precision not in (None, Precision.auto):
             raise UsageError("--precision picks one of the shipped models; with --engine the artifact's own "
                              "precision (from its manifest) applies: drop --precision")
         return engine
-    if precision is Precision.int8:
-        # calibration writes a TensorRT graph (.int8.onnx) and an x86 CPU graph (.int8.cpu.onnx,
-        # u8 activations + 7-bit weights: onnxruntime's s8 kernels saturate without VNNI)
-        cpu_path = ASSETS / "default.int8.cpu.onnx"
-        path = cpu_path if cpu_path.is_file() else DEFAULT_MODELS["int8"]
-        if not path.is_file():
-            raise ArtifactError(f"--precision int8: the INT8 model {path} is not shipped with this install; "
-                                f"use --precision fp32 or --engine ART")
-        return path
-    return None
+    if precision in (None, Precision.auto):
+        return None
+    from runtime.derainer import default_artifact
+
+    try:  # int8: the x86 CPU graph (.int8.cpu.onnx) where shipped, else the TensorRT-style .int8.onnx
+        return default_artifact(precision.value)
+    except ArtifactError as e:
+        other = "fp32" if precision is Precision.int8 else "int8"
+        raise ArtifactError(f"--precision {precision.value}: {e}; use --precision {other} or --engine ART") from None
 
 
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
@@ -660,19 +662,6 @@ def _version(dist: str = "raindiffusion-edge") -> str | None:
         return None
 
 
-def _cpu_has_bf16() -> bool:
-    """Whether /proc/cpuinfo lists a native BF16 instruction set (amx_bf16, avx512_bf16); False elsewhere."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def collect_info() -> dict[str, Any]:
     import importlib.util
 
@@ -703,19 +692,29 @@ def collect_info() -> dict[str, Any]:
     optional = {"video (PyAV)": importlib.util.find_spec("av") is not None,
                 "stream (OpenCV)": importlib.util.find_spec("cv2") is not None,
                 "eval (scikit-image)": importlib.util.find_spec("skimage") is not None}
-    from runtime.backends import AUTO, DEVICE_ENV, OPENVINO, default_device, onnx_device
+    from runtime import cpu
+    from runtime.backends import AUTO, DEVICE_ENV, OPENVINO, default_device, default_precision, onnx_device
 
     try:
         setting = default_device()
-        ov = backends["openvino"]
-        resolved = onnx_device(setting, openvino_bf16=bool(ov.get("native_bf16")))  # the probe above, not a second
-        engine = {"cpu": "onnxruntime", OPENVINO: ("BF16" if ov.get("native_bf16") else "FP32") if ov["available"]
-                  else "not installed"}.get(resolved, "onnxruntime-gpu")
+        ov = backends["openvino"]  # the probe above, not a second
+
+        def engine(resolved: str) -> str:
+            return {"cpu": "onnxruntime", OPENVINO: ("BF16" if ov.get("native_bf16") else "FP32") if ov["available"]
+                    else "not installed"}.get(resolved, "onnxruntime-gpu")
+
+        resolved = onnx_device(setting, openvino_probe=ov)
+        precision = default_precision(setting, openvino_probe=ov)
+        shipped = onnx_device(setting, precision=precision, openvino_probe=ov)
         device: dict[str, Any] = {"setting": setting, "from": DEVICE_ENV if os.environ.get(DEVICE_ENV, "").strip()
-                                  else "default", "onnx": f"{resolved} ({engine})"}
-        if setting == AUTO and not ov["available"] and _cpu_has_bf16():
+                                  else "default", "onnx": f"{resolved} ({engine(resolved)})",
+                                  "shipped_model": f"{precision} on {shipped} ({engine(shipped)})"}
+        if setting == AUTO and not ov["available"] and cpu.has_native_bf16():
             device["hint"] = (f"this CPU has native BF16: {extras.install_command(OPENVINO)} makes auto run OpenVINO "
                               "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")
+        elif setting == AUTO and not ov["available"] and cpu.has_avx512_vnni():
+            device["hint"] = (f"this CPU has AVX512_VNNI: {extras.install_command(OPENVINO)} makes auto run the "
+                              "shipped INT8 model on OpenVINO (1.4x onnxruntime FP32 at 720p, docs/benchmarks.md)")
     except RDError as e:
         device = {"error": str(e)}
     models: dict[str, Any] = {}
@@ -760,6 +759,7 @@ def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         else:
             src = f" ({dev['from']})" if dev["from"] != "default" else ""
             lines.append(f"default device for .onnx: {dev['setting']}{src} -> {dev['onnx']}")
+            lines.append(f"shipped model without --engine / --precision: {dev['shipped_model']}")
             if "hint" in dev:
                 lines.append(f"  hint: {dev['hint']}")
         lines.append("optional: " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in data["optional"].items()))

@@ -50,15 +50,41 @@ _NOISE_CACHE_SIZE = 4
 FRAME_PROLOGUE_MAX_PIXELS = 2_100_000
 
 
-def default_artifact() -> Path:
-    """The shipped model ``runtime/assets/default.onnx`` (ArtifactError when it is not installed)."""
-    res = importlib.resources.files("runtime").joinpath("assets", "default.onnx")
-    if not res.is_file():
+#: the shipped models by precision, in order of preference: the INT8 graph for x86 CPUs (u8
+#: activations, 7-bit weights: no saturation without VNNI, and on OpenVINO's VNNI kernels the s8
+#: graph lost 0.4-0.9 dB where this one lost nothing: docs/benchmarks.md) before the s8 Q/DQ graph
+#: that TensorRT builds from
+SHIPPED_MODELS = {"fp32": ("default.onnx",), "int8": ("default.int8.cpu.onnx", "default.int8.onnx")}
+
+
+def _assets() -> Path:
+    return Path(str(importlib.resources.files("runtime").joinpath("assets")))
+
+
+def default_artifact(precision: str | None = None, device: str | None = None) -> Path:
+    """The shipped model of ``precision`` ("fp32": ``runtime/assets/default.onnx``; "int8": its INT8
+    graph), or, with None, of the precision the runtime picks for ``device``
+    (:func:`runtime.backends.default_precision`: INT8 on OpenVINO without native BF16, FP32
+    elsewhere; FP32 when that INT8 graph is not installed). ArtifactError when it is not installed."""
+    assets = _assets()
+    if precision is None:
+        from runtime.backends import default_precision
+
+        precision = default_precision(device)
+        if precision != "fp32" and not any((assets / n).is_file() for n in SHIPPED_MODELS[precision]):
+            precision = "fp32"
+    if precision not in SHIPPED_MODELS:
+        raise UsageError(f"precision must be one of {', '.join(SHIPPED_MODELS)}, got {precision!r}")
+    for name in SHIPPED_MODELS[precision]:
+        if (assets / name).is_file():
+            return assets / name
+    if precision == "fp32":
         raise ArtifactError(
             "no default model is installed (runtime/assets/default.onnx is missing); pass an artifact, "
             "e.g. Derainer('model.onnx'), made with 'rd-export build checkpoint.pt'"
         )
-    return Path(str(res))
+    raise ArtifactError(f"the {precision.upper()} model (runtime/assets/{' or '.join(SHIPPED_MODELS[precision])}) "
+                        f"is not shipped with this install")
 
 
 def to_float(frames: np.ndarray) -> np.ndarray:
@@ -139,7 +165,7 @@ class Derainer:
                  threads: int | None = None, batch: int | None = None, cuda_graph: bool = True) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
-        path = default_artifact() if artifact is None else Path(artifact)
+        path = default_artifact(device=device) if artifact is None else Path(artifact)
         self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
         try:
             self._configure(steps=steps, seed=int(seed), tile=tile, overlap=overlap, batch=batch)

@@ -306,3 +306,28 @@ def test_predictor_probe_styles_take_turns_and_a_bad_one_is_refused(tmp_path, mo
     capsys.readouterr()
     assert mod.main([*common, "--style", "v1,v9"]) == 2
     assert "unknown rain style v9" in capsys.readouterr().err
+
+
+def test_isa_matrix_imitates_a_vnni_cpu_and_an_avx2_one(tmp_path, monkeypatch, capsys):
+    """The default row decides in a child capped with ONEDNN_MAX_CPU_ISA and the probes set to match:
+    on a VNNI CPU without BF16 the shipped INT8 CPU graph on OpenVINO, on an AVX2 one onnxruntime FP32."""
+    pytest.importorskip("openvino")
+    assets = Path(__file__).resolve().parents[1] / "runtime" / "assets"
+    if not (assets / "default.int8.cpu.onnx").is_file():
+        pytest.skip("the INT8 CPU graph is not shipped in this checkout")
+    mod = _load("isa_matrix", monkeypatch, tmp_path / "nowhere")
+    assert mod.main(["--isa", "avx2,vnni"]) == 2
+    assert "unknown --isa VNNI" in capsys.readouterr().err
+    assert mod.main(["--rows", "default,fast"]) == 2
+    assert "unknown --rows fast" in capsys.readouterr().err
+    assert mod.main(["--size", "32x64", "--steps", "0", "--runs", "1", "--warmup", "0", "--threads", "1",
+                     "--isa", "AVX512_CORE_VNNI,AVX2", "--rows", "default", "--quality", "0", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "no dev sets" in out.err  # RD_DATA points nowhere: latency only
+    rows = {(r["isa"], r["row"]): r for r in json.loads(out.out)["rows"]}
+    assert set(rows) == {(isa, row) for isa in ("AVX512_CORE_VNNI", "AVX2")
+                         for row in ("onnxruntime FP32", "default (Derainer())")}  # the baseline is always run
+    vnni, avx2 = rows["AVX512_CORE_VNNI", "default (Derainer())"], rows["AVX2", "default (Derainer())"]
+    assert (vnni["artifact"], vnni["backend"], vnni["arithmetic"]) == ("default.int8.cpu.onnx", "openvino", "f32")
+    assert (avx2["artifact"], avx2["backend"], avx2["arithmetic"]) == ("default.onnx", "onnxruntime", "-")
+    assert rows["AVX2", "onnxruntime FP32"]["x_onnxruntime_fp32"] == {"0": 1.0}

@@ -113,16 +113,26 @@ def test_precision_int8_prefers_the_x86_cpu_graph(tmp_path, monkeypatch):
     import pytest
 
     import runtime.cli as cli
-    from runtime.errors import ArtifactError
+    import runtime.derainer as dmod
+    from runtime.errors import ArtifactError, UsageError
 
-    monkeypatch.setattr(cli, "ASSETS", tmp_path)
-    monkeypatch.setitem(cli.DEFAULT_MODELS, "int8", tmp_path / "default.int8.onnx")
-    with pytest.raises(ArtifactError, match="not shipped"):
+
+    monkeypatch.setattr(dmod, "_assets", lambda: tmp_path)
+    with pytest.raises(ArtifactError, match=r"--precision int8: the INT8 model .* is not shipped.*--precision fp32"):
         cli.resolve_engine(None, cli.Precision.int8)
+    with pytest.raises(ArtifactError, match=r"no default model is installed"):
+        cli.resolve_engine(None, cli.Precision.fp32)
+    # auto (no --precision) falls back to FP32 where the INT8 model it would pick is missing
+    monkeypatch.setattr("runtime.backends.default_precision", lambda device=None: "int8")
+    (tmp_path / "default.onnx").write_bytes(b"x")
+    assert dmod.default_artifact() == tmp_path / "default.onnx"
     (tmp_path / "default.int8.onnx").write_bytes(b"x")
     assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.onnx"
     (tmp_path / "default.int8.cpu.onnx").write_bytes(b"x")
     assert cli.resolve_engine(None, cli.Precision.int8) == tmp_path / "default.int8.cpu.onnx"
+    assert dmod.default_artifact() == tmp_path / "default.int8.cpu.onnx"
+    with pytest.raises(UsageError, match="precision must be one of fp32, int8"):
+        dmod.default_artifact("fp16")
 
 
 @pytest.mark.parametrize(("backend", "device", "header"), [

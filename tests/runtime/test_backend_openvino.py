@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "rd_export"))
 from rdx_helpers import one_torch_thread, write_random_checkpoint
 
 import runtime.backends.openvino as ovb
+from runtime import cpu
 from runtime.backends import open_backend
 from runtime.backends.onnxruntime import OnnxRuntimeBackend
 from runtime.backends.openvino import OpenVINOBackend
@@ -283,14 +284,112 @@ def test_rd_run_info_names_the_default_device(monkeypatch):
     monkeypatch.setattr(ovb, "native_bf16", lambda core: True)
     r = CliRunner().invoke(cli.app, ["info", "--json"])
     assert r.exit_code == 0, r.stderr
-    assert json.loads(r.stdout)["default_device"] == {"setting": "auto", "from": "default", "onnx": "openvino (BF16)"}
+    assert json.loads(r.stdout)["default_device"] == {"setting": "auto", "from": "default", "onnx": "openvino (BF16)",
+                                                      "shipped_model": "fp32 on openvino (BF16)"}
     monkeypatch.setenv("RD_DEVICE", "cpu")
     r = CliRunner().invoke(cli.app, ["info"])
     assert "default device for .onnx: cpu (RD_DEVICE) -> cpu (onnxruntime)" in r.stdout
     # OpenVINO absent on a CPU with native BF16: the line says what to install
     monkeypatch.delenv("RD_DEVICE")
     monkeypatch.setattr(ovb, "probe", lambda: {"available": False})
-    monkeypatch.setattr(cli, "_cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: True)
     r = CliRunner().invoke(cli.app, ["info"])
     assert "auto -> cpu (onnxruntime)" in r.stdout
     assert "hint: this CPU has native BF16: pip install" in r.stdout and "[openvino]" in r.stdout
+    # ... on a CPU with VNNI and no BF16: the INT8 model on OpenVINO is what installing it buys
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: True)
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert "shipped model without --engine / --precision: fp32 on cpu (onnxruntime)" in r.stdout
+    assert "hint: this CPU has AVX512_VNNI: pip install" in r.stdout and "INT8" in r.stdout
+    # OpenVINO installed there: the shipped model is the INT8 one, on OpenVINO
+    monkeypatch.setattr(ovb, "probe", lambda: {"available": True, "native_bf16": False})
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert "default device for .onnx: auto -> cpu (onnxruntime)" in r.stdout  # an FP32 artifact: onnxruntime
+    assert "shipped model without --engine / --precision: int8 on openvino (FP32)" in r.stdout
+    assert "hint" not in r.stdout
+
+
+# --------------------------------------------------------------------------- INT8 where OpenVINO runs it
+# Measured (docs/benchmarks.md): on a VNNI CPU without native BF16 OpenVINO ran the shipped INT8
+# CPU graph 1.4x onnxruntime's FP32 at 720p within the INT8 gate; onnxruntime's own INT8 was slower
+# than its FP32 on every CPU measured. So auto takes OpenVINO for INT8 artifacts there, and the
+# shipped model's default precision is INT8 where it runs on OpenVINO without native BF16.
+
+def _as_int8(artifact: Path, dest: Path) -> Path:
+    """A copy of ``artifact`` whose manifest says int8 (the device rule reads the manifest only)."""
+    import json
+    import shutil
+
+    dest.mkdir(exist_ok=True)
+    for f in artifact.parent.iterdir():
+        if f.name.startswith(artifact.stem):
+            shutil.copy(f, dest / f.name)
+    m = dest / (artifact.stem + ".json")
+    data = json.loads(m.read_text())
+    data["precision"] = "int8"
+    m.write_text(json.dumps(data))
+    return dest / artifact.name
+
+
+def test_auto_runs_int8_artifacts_on_openvino_where_the_cpu_has_avx512_vnni(artifacts, monkeypatch, tmp_path):
+    int8 = _as_int8(artifacts["refine"], tmp_path / "q")
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: True)
+    with open_backend(int8, device="auto", threads=1) as b:
+        assert isinstance(b, OpenVINOBackend) and b.inference_precision == "f32"
+    with open_backend(artifacts["refine"], device="auto", threads=1) as b:  # FP32: onnxruntime is faster
+        assert isinstance(b, OnnxRuntimeBackend)
+    with open_backend(int8, device="cpu", threads=1) as b:  # an explicit device wins
+        assert isinstance(b, OnnxRuntimeBackend)
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: False)
+    with open_backend(int8, device="auto", threads=1) as b:  # no AVX512_VNNI (AVX2): onnxruntime
+        assert isinstance(b, OnnxRuntimeBackend)
+    monkeypatch.setattr(ovb, "probe", lambda: {"available": False})
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: True)
+    with open_backend(int8, device="auto", threads=1) as b:  # OpenVINO absent: onnxruntime, no error
+        assert isinstance(b, OnnxRuntimeBackend)
+
+
+@pytest.mark.parametrize(("probe", "vnni", "device", "expected"), [
+    ({"available": True, "native_bf16": True}, True, "auto", "fp32"),       # BF16 on OpenVINO
+    ({"available": True, "native_bf16": True}, True, "openvino", "fp32"),
+    ({"available": True, "native_bf16": False}, True, "auto", "int8"),      # AVX512_VNNI, no BF16
+    ({"available": True, "native_bf16": False}, True, "openvino", "int8"),
+    ({"available": True, "native_bf16": False}, False, "auto", "fp32"),     # AVX2: onnxruntime FP32
+    ({"available": True, "native_bf16": False}, False, "openvino", "int8"),  # asked for OpenVINO: 1.4x its FP32
+    ({"available": True, "native_bf16": False}, True, "cpu", "fp32"),       # onnxruntime: FP32 is faster
+    ({"available": True, "native_bf16": False}, True, "cuda", "fp32"),
+    ({"available": False}, True, "auto", "fp32"),
+])
+def test_default_precision(probe, vnni, device, expected, monkeypatch):
+    from runtime.backends import default_precision
+
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: vnni)
+    assert default_precision(device, openvino_probe=probe) == expected
+    monkeypatch.setenv("RD_DEVICE", device)
+    assert default_precision(openvino_probe=probe) == expected  # the same through $RD_DEVICE
+
+
+def test_derainer_without_an_artifact_takes_the_int8_model_on_openvino(monkeypatch):
+    """Derainer() and rd-run without --precision on a VNNI CPU without BF16: the shipped INT8 CPU
+    graph on OpenVINO; --precision fp32 (or RD_DEVICE=cpu) keeps the FP32 model."""
+    if not (ASSETS / "default.int8.cpu.onnx").is_file():
+        pytest.skip("the INT8 CPU graph is not shipped in this checkout")
+    from runtime.cli import Precision, resolve_engine
+    from runtime.derainer import default_artifact
+
+    monkeypatch.delenv("RD_DEVICE", raising=False)
+    monkeypatch.setattr(ovb, "native_bf16", lambda core: False)
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: True)
+    with Derainer(threads=1) as d:
+        assert d.artifact.name == "default.int8.cpu.onnx" and isinstance(d.backend, OpenVINOBackend)
+        assert d.backend.inference_precision == "f32"
+    assert resolve_engine(None, None) is None and resolve_engine(None, Precision.auto) is None  # the Derainer picks
+    assert resolve_engine(None, Precision.fp32).name == "default.onnx"
+    assert default_artifact(device="cpu").name == "default.onnx"
+    monkeypatch.setenv("RD_DEVICE", "cpu")
+    assert default_artifact().name == "default.onnx"
+    monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: False)
+    monkeypatch.delenv("RD_DEVICE")
+    assert default_artifact().name == "default.onnx"  # AVX2, no BF16: onnxruntime FP32
