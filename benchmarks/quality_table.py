@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     add_device_option(ap)
     ap.add_argument("--overlap", type=int, default=None, help="tile overlap (default: the runtime's)")
+    ap.add_argument("--refine-strength", type=float, default=None,
+                    help="the share of the refiner's correction kept (default: the manifest's)")
     ap.add_argument("--panels", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -68,12 +70,15 @@ def main(argv: list[str] | None = None) -> int:
     for art in a.artifacts:
         for s in step_counts:
             try:
-                d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap, device=a.device)
+                d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap, device=a.device,
+                             refine_strength=a.refine_strength)
             except RDError as e:
                 print(f"quality_table: {art.name} at {s} steps: {e}", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
-            row = {"artifact": art.name + (f" ({a.device})" if a.device else ""), "steps": s, "overlap": d.overlap}
+            row = {"artifact": art.name + (f" ({a.device})" if a.device else "")
+                   + (f" a={d.refine_strength:g}" if d.refine_strength != 1 else ""),
+                   "steps": s, "overlap": d.overlap, "refine_strength": d.refine_strength}
             for name, pairs in sets.items():
                 row[name] = _mean([score(d.derain(r), r, c) for _, r, c in pairs])
             row["seconds"] = round(time.perf_counter() - t0, 1)

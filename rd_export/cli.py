@@ -137,6 +137,10 @@ def build(
         callback=check_steps,
         help=f"The steps the runtime runs by default, stored in the manifest ({STEPS_RANGE}); default: "
              "--steps. A checkpoint only.")] = None,
+    refine_strength: Annotated[float | None, typer.Option(
+        help="Predict-and-refine models: the share a of the refiner's correction the runtime keeps, "
+             "P(y) + a * (x_0 - P(y)), in (0, 2], stored in the manifest; default 1 (x_0 as Algorithm 2 "
+             "returns it). A checkpoint only.")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(
         help=f"Engine profile minimum frame HxW, height x width ({_profile_default('min')}); also the size "
@@ -185,7 +189,8 @@ def build(
     def go():
         opts = BuildOptions(
             precision=precision.value if precision else None, fmt=fmt.value if fmt else None,
-            model=model.value if model else None, steps=steps, default_steps=default_steps, name=name,
+            model=model.value if model else None, steps=steps, default_steps=default_steps,
+            refine_strength=refine_strength, name=name,
             min_size=parse_size(min_size, "--min-size"), opt_size=parse_size(opt_size, "--opt-size"),
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,

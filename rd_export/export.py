@@ -28,7 +28,7 @@ from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, prologue_name, sha256_file
+from runtime.manifest import Manifest, prologue_name, refine_strength_error, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
@@ -189,11 +189,13 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                 name: str = "model", steps: int = 10,
                 profile: ShapeProfile | Callable[[ShapeProfile], ShapeProfile] | None = None, opset: int = 17,
                 seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet,
-                default_steps: int | None = None) -> Path:
+                default_steps: int | None = None, refine_strength: float | None = None) -> Path:
     """Export the EMA estimator of ``checkpoint`` as ``out_dir/<name>.onnx`` + ``<name>.json``, verified.
 
     ``steps``: the DDIM steps verification runs (and the manifest's ``default_steps`` unless
     ``default_steps`` is given; 0 there = the predictor alone, predict-and-refine models only).
+    ``refine_strength``: the share of the refiner's correction the runtime keeps, stored as the
+    manifest's ``prologue.refine_strength`` (predict-and-refine models only; None: not stored, 1).
     ``profile``: the engine shape profile; None = :func:`native_profile` of the checkpoint's training
     crop; a callable gets that native profile and returns the one to use (the CLI's size options).
     Raises CheckpointError (bad checkpoint), UsageError (bad profile / options),
@@ -217,6 +219,11 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             isinstance(default_steps, int) and MIN_STEPS <= default_steps <= schedule.num_train_timesteps):
         raise UsageError(f"default steps: {steps_error(default_steps, schedule.num_train_timesteps)}"
                          + ("" if refines else " (0 needs a predict-and-refine model)"))
+    if refine_strength is not None:
+        if not refines:
+            raise UsageError("refine strength: only a predict-and-refine checkpoint has a refiner to weigh")
+        if why := refine_strength_error(refine_strength):
+            raise UsageError(f"refine strength {why}")
     if refines and model != "derain":
         raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
                          "comes from G_A, which has no prologue graph yet)")
@@ -247,7 +254,9 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
 
         report.update(provider="CPUExecutionProvider", onnxruntime=onnxruntime.__version__)
         extra_pro = ({"prologue": {"artifact": pro_dest.name, "sha256": sha256_file(pro_tmp), "precision": "fp32",
-                                   "predictor_config": ckpt["config"]["ntb_unet"]}} if refines else {})
+                                   "predictor_config": ckpt["config"]["ntb_unet"],
+                                   **({} if refine_strength is None else {"refine_strength": float(refine_strength)})}}
+                     if refines else {})
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),
             descriptor=descriptor.to_dict(),

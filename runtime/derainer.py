@@ -36,7 +36,7 @@ import numpy as np
 
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
-from runtime.manifest import Manifest
+from runtime.manifest import Manifest, refine_strength_error
 from runtime.schedule import DDIMSchedule, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
@@ -157,18 +157,27 @@ class Derainer:
     inference threads),
     ``batch`` (frames or tiles per engine call; None = the backend's choice, else the profile's max
     batch), ``cuda_graph``
-    (TensorRT: replay the step loop as one CUDA graph).
+    (TensorRT: replay the step loop as one CUDA graph), ``refine_strength`` (predict-and-refine
+    models: the output is ``P(y) + a * (x_0 - P(y))``, the share ``a`` of the refiner's correction
+    kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.75 for the
+    shipped model, chosen on both dev sets: docs/quality.md).
     """
 
     def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
                  tile: int | None = None, overlap: int | None = None, device: str | None = None,
-                 threads: int | None = None, batch: int | None = None, cuda_graph: bool = True) -> None:
+                 threads: int | None = None, batch: int | None = None, cuda_graph: bool = True,
+                 refine_strength: float | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
+        if refine_strength is not None and (why := refine_strength_error(refine_strength)):
+            raise UsageError(f"refine_strength {why}")
         path = default_artifact(device=device) if artifact is None else Path(artifact)
         self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
         try:
             self._configure(steps=steps, seed=int(seed), tile=tile, overlap=overlap, batch=batch)
+            if refine_strength is not None and not self._backend.has_prologue and refine_strength != 1:
+                raise UsageError(f"refine_strength applies to predict-and-refine models; {path.name} has no predictor")
+            self._strength = float(self.manifest.refine_strength if refine_strength is None else refine_strength)
         except BaseException:
             self._backend.close()
             raise
@@ -250,6 +259,11 @@ class Derainer:
     @property
     def steps(self) -> int:
         return self._steps
+
+    @property
+    def refine_strength(self) -> float:
+        """The share of the refiner's correction kept (1: x_0 as Algorithm 2 returns it)."""
+        return self._strength
 
     @property
     def seed(self) -> int:
@@ -425,6 +439,26 @@ class Derainer:
         be.set_x(np.broadcast_to(noise, cond_p.shape))
         be.run()
         be.get_x(out)
+        if self._strength != 1.0:
+            self._keep_share(out, be.get_cond()[:, be.prologue_descriptor.estimate_channels])
+
+    def _keep_share(self, x_0: np.ndarray, estimate: np.ndarray) -> None:
+        """x_0 <- P(y) + a * (x_0 - P(y)) in place: the refine strength a of the correction."""
+        np.subtract(x_0, estimate, out=x_0)
+        x_0 *= np.float32(self._strength)
+        x_0 += estimate
+
+    def _estimate_canvas(self, blender: TileBlender, chunks: list[list[int]], conds: list[np.ndarray] | None,
+                         tiles_out: np.ndarray, like: np.ndarray) -> np.ndarray:
+        """P(y) of a tiled frame, blended from the tiles' conditions (``conds``, or with a single
+        chunk the engine's bound one)."""
+        be = self._backend
+        est = be.prologue_descriptor.estimate_channels
+        canvas = np.zeros_like(like)
+        for k, chunk in enumerate(chunks):
+            np.copyto(tiles_out, (conds[k] if conds is not None else be.get_cond())[:, est])
+            blender.accumulate(tiles_out, chunk, canvas)
+        return canvas
 
     def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
         """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step."""
@@ -462,12 +496,7 @@ class Derainer:
         elif len(chunks) == 1:  # every tile in one batch: the condition is computed / uploaded once
             self._set_condition(blender.cut(cond_p, rainy_tiles, chunks[0]))
         if self._steps == 0:  # the blended estimate P(y) of every tile
-            canvas = np.zeros_like(noise)
-            est = be.prologue_descriptor.estimate_channels
-            for chunk, cond in zip(chunks, conds):
-                np.copyto(tiles_out, cond[:, est])
-                blender.accumulate(tiles_out, chunk, canvas)
-            return canvas
+            return self._estimate_canvas(blender, chunks, conds, tiles_out, noise)
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
         for i in range(self._steps):
@@ -483,6 +512,10 @@ class Derainer:
                 be.get_x(tiles_out)
                 blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
             canvas, acc = acc, canvas
+        if self._strength != 1.0:
+            estimate = (whole[be.prologue_descriptor.estimate_channels] if whole is not None
+                        else self._estimate_canvas(blender, chunks, conds, tiles_out, noise))
+            self._keep_share(canvas, estimate)
         return canvas
 
     # ------------------------------------------------------------------ lifetime

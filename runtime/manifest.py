@@ -21,7 +21,8 @@ from runtime.errors import ArtifactError, EngineMismatchError, ManifestError
 from runtime.io import atomic_write_bytes
 from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
-__all__ = ["SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name", "sha256_file"]
+__all__ = ["REFINE_STRENGTH_MAX", "SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name",
+           "refine_strength_error", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -48,6 +49,8 @@ _OPTIONAL: dict[str, tuple[type, ...]] = {
     #: predict-and-refine models: the prologue graph beside the step, {"artifact", "sha256", ...}
     "prologue": (dict,),
 }
+#: the largest ``prologue.refine_strength`` (above 1 extrapolates the refiner's correction)
+REFINE_STRENGTH_MAX = 2.0
 FORMATS = ("onnx", "trt")
 PRECISIONS = ("fp32", "fp16", "int8")
 MODELS = ("derain", "rain")
@@ -119,6 +122,13 @@ class Manifest:
     def prologue(self) -> dict | None:
         """The prologue entry ({"artifact": file name beside the step, "sha256", ...}) or None."""
         return self.extra.get("prologue")
+
+    @property
+    def refine_strength(self) -> float:
+        """How much of the refiner's correction the output keeps, ``P(y) + a * (x_0 - P(y))``: the
+        prologue entry's ``refine_strength``; 1 (Algorithm 2's x_0 as it is) where it does not say."""
+        pro = self.prologue
+        return float(pro.get("refine_strength", 1.0)) if pro is not None else 1.0
 
     @property
     def min_steps(self) -> int:
@@ -296,6 +306,10 @@ def validate(d: Any, *, where: str = "manifest") -> None:
             raise ManifestError(f"{where}: field 'prologue.artifact' names the step artifact itself")
         if not (isinstance(pro.get("sha256"), str) and re.fullmatch(r"[0-9a-fA-F]{64}", pro["sha256"])):
             raise ManifestError(f"{where}: field 'prologue.sha256' must be 64 hex characters")
+        if "refine_strength" in pro:
+            why = refine_strength_error(pro["refine_strength"])
+            if why:
+                raise ManifestError(f"{where}: field 'prologue.refine_strength' {why}")
     profile = desc["profile"]
     if not isinstance(profile, dict):
         raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")
@@ -326,6 +340,14 @@ def validate(d: Any, *, where: str = "manifest") -> None:
             _is_int(steps) and MIN_STEPS <= steps <= sched["num_train_timesteps"]):
         why = steps_error(steps, sched["num_train_timesteps"])
         raise ManifestError(f"{where}: field 'schedule.default_steps': {why}")
+
+
+def refine_strength_error(v: Any) -> str | None:
+    """Why ``v`` is not a refine strength (a number in (0, REFINE_STRENGTH_MAX]), or None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
+            or not 0.0 < v <= REFINE_STRENGTH_MAX:
+        return f"must be a number in (0, {REFINE_STRENGTH_MAX:g}], got {v!r}"
+    return None
 
 
 def _is_int(v: Any) -> bool:

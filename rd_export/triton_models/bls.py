@@ -12,7 +12,8 @@ does with the same plan (docs/serving.md):
 3. cond = y, or, for a predict-and-refine model, cond = prologue(y) (one call of the prologue plan);
 4. x_T = N(0, I) from PCG64(seed), [1, C, Hp, Wp], the same for every frame of that padded size;
 5. S fused steps x_t -> x_next, each one BLS call of the step plan (t and coef of step i);
-   at zero steps the output is the prologue's estimate, cond[:, estimate_channels];
+   at zero steps the output is the prologue's estimate, cond[:, estimate_channels]; with a refine
+   strength a != 1 (the manifest's prologue.refine_strength) the output is P(y) + a * (x_0 - P(y));
 6. crop, round((x + 1) * 127.5) clipped to uint8, [n, H, W, 3].
 
 Frames beyond the plan's profile are refused with the reason (``rd-run serve`` tiles them instead).
@@ -145,6 +146,11 @@ class TritonPythonModel:
             coef = np.ascontiguousarray(np.repeat(self.coefficients[i][None], b, axis=0))
             x_t = self._call(self.step, {self.step["x"]: x_t, self.step["cond"]: cond, self.step["t"]: t,
                                          self.step["coef"]: coef})
+        strength = float(self.prologue.get("refine_strength", 1.0)) if self.prologue is not None else 1.0
+        if strength != 1.0:  # 5b: keep that share of the refiner's correction, P(y) + a * (x_0 - P(y))
+            lo, hi = self.prologue["estimate_channels"]
+            estimate = cond[:, lo:hi]
+            x_t = estimate + np.float32(strength) * (x_t - estimate)
         return x_t
 
     def _prologue(self, y_p):

@@ -188,3 +188,87 @@ def test_rd_run_steps_zero(refine, tmp_path, tiny_model):
     assert bad.exit_code == 2 and "got 0" in bad.output
     one = runner.invoke(app, ["derain", str(src), "-o", str(tmp_path / "out3"), "--steps", "1"])
     assert one.exit_code == 2 and "a single step of Algorithm 2" in one.output
+
+
+# --------------------------------------------------------------------------- refine strength
+# The output keeps a share a of the refiner's correction: P(y) + a * (x_0 - P(y)) (docs/quality.md
+# chose 0.75 for the shipped model on both dev sets). Checked against the runtime's own P(y) (0 steps)
+# and x_0 (a = 1) on every path: one pass, whole-frame prologue + tiles, per-tile prologue, chunks.
+
+@pytest.mark.parametrize(("shape", "budget", "batch"), [
+    ((24, 30), None, None),    # within the native tile: one pass
+    ((70, 90), None, None),    # tiles, P on the whole frame, several chunks
+    ((70, 90), 100, None),     # tiles, P per tile (beyond the whole-frame budget), several chunks
+    ((70, 90), 100, 64),       # ... every tile in one chunk: the engine's bound condition
+])
+def test_refine_strength_keeps_that_share_of_the_correction(refine, monkeypatch, shape, budget, batch):
+    import runtime.derainer as dmod
+
+    if budget is not None:
+        monkeypatch.setattr(dmod, "FRAME_PROLOGUE_MAX_PIXELS", budget)
+    onnx = refine[0]
+    y = np.random.default_rng(5).uniform(-1, 1, (2, 3, *shape)).astype(np.float32)
+    out = {}
+    for steps, a in ((0, None), (2, 1.0), (2, 0.5), (2, 1.25)):
+        with Derainer(onnx, steps=steps, threads=1, batch=batch, refine_strength=a) as d:
+            out[steps, a] = d.sample(y)
+            assert d.refine_strength == (1.0 if a is None else a)
+    p, x0 = out[0, None], out[2, 1.0]
+    assert np.abs(x0 - p).max() > 1e-2  # the refiner changes something, so the share shows
+    for a in (0.5, 1.25):
+        np.testing.assert_allclose(out[2, a], p + np.float32(a) * (x0 - p), atol=1e-6, rtol=0)
+
+
+def test_refine_strength_comes_from_the_manifest_and_is_checked(refine, tmp_path, tiny_model):
+    import json
+    import shutil
+
+    from runtime.errors import ManifestError
+
+    onnx = refine[0]
+    for f in onnx.parent.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    art = tmp_path / onnx.name
+    mpath = art.with_suffix(".json")
+    data = json.loads(mpath.read_text())
+    data["prologue"]["refine_strength"] = 0.5
+    mpath.write_text(json.dumps(data))
+    y = np.random.default_rng(6).uniform(-1, 1, (1, 3, 24, 30)).astype(np.float32)
+    with Derainer(art, steps=2, threads=1) as d, Derainer(onnx, steps=2, threads=1, refine_strength=0.5) as e:
+        assert d.refine_strength == 0.5
+        np.testing.assert_array_equal(d.sample(y), e.sample(y))
+    with Derainer(art, steps=2, threads=1, refine_strength=1) as d:  # the argument wins
+        assert d.refine_strength == 1.0
+    for bad in (0, -0.5, 2.5, float("nan"), True, "0.5"):
+        with pytest.raises(UsageError, match=r"refine_strength must be a number in \(0, 2\]"):
+            Derainer(onnx, steps=2, threads=1, refine_strength=bad)
+        data["prologue"]["refine_strength"] = bad
+        mpath.write_text(json.dumps(data))
+        with pytest.raises(ManifestError, match=r"'prologue.refine_strength' must be a number in \(0, 2\]"):
+            Derainer(art, steps=2, threads=1)
+    with pytest.raises(UsageError, match="refine_strength applies to predict-and-refine models"):
+        Derainer(tiny_model.onnx, steps=2, threads=1, refine_strength=0.5)
+    with Derainer(tiny_model.onnx, steps=2, threads=1, refine_strength=1) as d:  # 1 is Algorithm 2: allowed
+        assert d.refine_strength == 1.0
+
+
+def test_export_stores_the_refine_strength(refine, tmp_path):
+    from rd_export.export import export_onnx
+    from rd_export.pipeline import BuildOptions, build
+    from runtime.manifest import Manifest
+
+    onnx = refine[0]
+    ck = onnx.parent.parent / "r.pt"
+    with one_torch_thread():
+        half = export_onnx(ck, tmp_path / "half", steps=2, refine_strength=0.5)
+    assert Manifest.for_artifact(half).prologue["refine_strength"] == 0.5
+    with Derainer(half, steps=2, threads=1) as d:
+        assert d.refine_strength == 0.5
+    assert "refine_strength" not in Manifest.for_artifact(onnx).prologue  # not given: not stored (1)
+    y_only = write_random_checkpoint(tmp_path / "y.pt", crop=32)
+    with pytest.raises(UsageError, match="only a predict-and-refine checkpoint"):
+        export_onnx(y_only, tmp_path / "y", steps=2, refine_strength=0.5)
+    with pytest.raises(UsageError, match=r"refine strength must be a number in \(0, 2\]"):
+        export_onnx(ck, tmp_path / "bad", steps=2, refine_strength=3.0)
+    with pytest.raises(UsageError, match="--refine-strength is set when exporting a checkpoint"):
+        build(onnx, tmp_path / "again", BuildOptions(refine_strength=0.5, fmt="onnx"))

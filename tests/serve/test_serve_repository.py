@@ -184,7 +184,8 @@ TOY_STEP_MODEL = textwrap.dedent('''
 ''')
 
 
-def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_size: int) -> np.ndarray:
+def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_size: int,
+                   strength: float = 1.0) -> np.ndarray:
     """What the BLS loop must compute with the toy prologue and step, from the runtime's own helpers."""
     from runtime.derainer import pad_reflect, to_float, to_uint8
     from runtime.schedule import DDIMSchedule, initial_noise
@@ -204,6 +205,8 @@ def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_
         a, b, c, d = (co[:, k, None, None, None] for k in range(4))
         eps = cond[:, 3:] * (t / np.float32(1000))[:, None, None, None]
         x = (c * (a * x - b * eps) + d * eps).astype(np.float32)
+    if strength != 1.0:
+        x = cond[:, 3:] + np.float32(strength) * (x - cond[:, 3:])
     return to_uint8(x[:, :, :h, :w])[0]
 
 
@@ -241,14 +244,21 @@ def test_gpu_repository_bls_runs_a_prologue_first_and_zero_steps_returns_its_est
     cfg.write_text(cfg.read_text().replace('name: "derain"', 'name: "derain0"'))
     zero = repo / "derain0" / "1" / "derain.json"
     zero.write_text(json.dumps({**settings, "steps": 0, "schedule": {"timesteps": [], "coefficients": []}}))
+    shutil.copytree(repo / "derain", repo / "derain_half")  # ... and keeping half the refiner's correction
+    cfg = repo / "derain_half" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('name: "derain"', 'name: "derain_half"'))
+    (repo / "derain_half" / "1" / "derain.json").write_text(json.dumps(
+        {**settings, "prologue": {**settings["prologue"], "refine_strength": 0.5}}))
 
     m, lo = desc.size_multiple, desc.profile.min_size[0]
     shots = frames(14, (40, 48), (17, 23))
     with _serve(repo) as server:
-        for model, steps in (("derain", STEPS), ("derain0", 0)):
+        for model, steps, strength in (("derain", STEPS, 1.0), ("derain0", 0, 1.0), ("derain_half", STEPS, 0.5)):
             with DerainClient(server.urls["http"], model=model) as client:
                 for f in shots:
-                    np.testing.assert_array_equal(client.derain(f), _toy_reference(f, steps, SEED, m, lo))
+                    np.testing.assert_array_equal(client.derain(f), _toy_reference(f, steps, SEED, m, lo, strength))
+        assert not np.array_equal(_toy_reference(shots[0], STEPS, SEED, m, lo, 0.5),
+                                  _toy_reference(shots[0], STEPS, SEED, m, lo))  # the strength shows
 
 
 def test_a_repository_whose_model_cannot_load_is_a_one_line_server_error(serve_available, tmp_path):
