@@ -22,6 +22,28 @@ DEFAULT_INT8 = REPO / "runtime" / "assets" / "default.int8.onnx"
 EXAMPLE = REPO / "examples" / "rainy_street.jpg"
 
 
+def frame_size(text: str) -> tuple[int, int]:
+    """An argparse type: HxW (rows first) or one number, as every rd-run option reads sizes."""
+    import argparse
+
+    from runtime.cli_errors import parse_hw
+    from runtime.errors import UsageError
+
+    try:
+        return parse_hw(text, "size")
+    except UsageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def step_counts(text: str, script: str) -> list[int] | None:
+    """Comma-separated step counts, or None after printing the script's one-line error."""
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        print(f"{script}: --steps must be comma-separated integers, got {text!r}", file=sys.stderr)
+        return None
+
+
 def add_device_option(ap) -> None:
     """``--device`` of the scripts that run the shipped model through ``Derainer``."""
     ap.add_argument("--device", default=None,

@@ -35,16 +35,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_CKPT, DEFAULT_ONNX, add_device_option, real_frame
+from _common import DEFAULT_CKPT, DEFAULT_ONNX, add_device_option, frame_size, real_frame, step_counts
 
 from runtime.cpu import isa_label
 
 PHASES = ("convert", "prologue", "steps", "tiles", "other")
-
-
-def parse_hw(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w)
 
 
 class PhaseTimer:
@@ -182,13 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     from runtime.backends import default_device
     from runtime.derainer import Derainer
 
-    sizes = [parse_hw(s) for s in a.sizes.split(",")]
-    step_counts = [int(s) for s in a.steps.split(",")]
+    sizes = [frame_size(s) for s in a.sizes.split(",")]
+    steps = step_counts(a.steps, "frame_latency")
+    if steps is None:
+        return 2
     rows = []
     # Block 1: the runtime (onnxruntime), every (size, S)
     for size in sizes:
         frame = real_frame(*size)
-        for s in step_counts:
+        for s in steps:
             d = Derainer(a.onnx, steps=s, threads=a.threads, overlap=a.overlap, device=a.device)
             d.derain(frame)  # warm-up: binds buffers, allocates
             times = []

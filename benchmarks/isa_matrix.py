@@ -31,15 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, REPO, dev_pairs
-
-
-def parse_hw_arg(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH, got {text!r}") from None
-    return h, w
+from _common import DATA, REPO, dev_pairs, frame_size, step_counts
 
 ASSETS = REPO / "runtime" / "assets"
 #: cap -> (native BF16, AVX512_VNNI) of the CPU it imitates; "" = this CPU as it is
@@ -107,7 +99,7 @@ def child(cfg: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=parse_hw_arg, default=(720, 1280), help="HxW of the random frame")
+    ap.add_argument("--size", type=frame_size, default=(720, 1280), help="HxW of the random frame")
     ap.add_argument("--steps", default="0,2")
     ap.add_argument("--isa", default=",".join(k or "native" for k in ISAS),
                     help="comma-separated caps: native, " + ", ".join(k for k in ISAS if k))
@@ -124,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         print("RESULT " + json.dumps(child(json.loads(a.child))), flush=True)
         return 0
-    try:
-        steps = [int(s) for s in a.steps.split(",")]
-    except ValueError:
-        print(f"isa_matrix: --steps must be comma-separated integers, got {a.steps!r}", file=sys.stderr)
+    steps = step_counts(a.steps, "isa_matrix")
+    if steps is None:
         return 2
     caps = ["" if c.strip().lower() == "native" else c.strip().upper() for c in a.isa.split(",")]
     if bad := [c for c in caps if c not in ISAS]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DATA, DEV_SETS, add_device_option, dev_pairs
+from _common import DATA, DEV_SETS, add_device_option, dev_pairs, step_counts
 from quality import score
 
 REAL_PANELS = ("1.jpg", "22.jpg", "45.jpg", "101.jpg")
@@ -54,10 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(v is None for v in sets.values()):
         print(f"quality_table: skipped: dev sets {a.sets} not found under {DATA / 'dev'}", file=sys.stderr)
         return 0
-    try:
-        step_counts = [int(s) for s in a.steps.split(",")]
-    except ValueError:
-        print(f"quality_table: --steps must be comma-separated integers, got {a.steps!r}", file=sys.stderr)
+    steps = step_counts(a.steps, "quality_table")
+    if steps is None:
         return 2
     from runtime.derainer import Derainer
     from runtime.errors import RDError
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_line(rows[0], sets), flush=True)
     panels: dict[str, list[np.ndarray]] = {}
     for art in a.artifacts:
-        for s in step_counts:
+        for s in steps:
             try:
                 d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap, device=a.device,
                              refine_strength=a.refine_strength)

@@ -331,3 +331,19 @@ def test_isa_matrix_imitates_a_vnni_cpu_and_an_avx2_one(tmp_path, monkeypatch, c
     assert (vnni["artifact"], vnni["backend"], vnni["arithmetic"]) == ("default.int8.cpu.onnx", "openvino", "f32")
     assert (avx2["artifact"], avx2["backend"], avx2["arithmetic"]) == ("default.onnx", "onnxruntime", "-")
     assert rows["AVX2", "onnxruntime FP32"]["x_onnxruntime_fp32"] == {"0": 1.0}
+
+
+def test_isa_matrix_scores_the_dev_sets(tmp_path, monkeypatch, capsys, image_dirs):
+    pytest.importorskip("openvino")
+    data = _dev_set(tmp_path, image_dirs)
+    shutil.copytree(data / "dev" / "sirr", data / "dev" / "jorder_h")
+    mod = _load("isa_matrix", monkeypatch, data)
+    assert mod.main(["--size", "32x64", "--steps", "0", "--runs", "1", "--warmup", "0", "--threads", "1",
+                     "--isa", "AVX2", "--rows", "default", "--quality", "1", "--json"]) == 0
+    base, row = json.loads(capsys.readouterr().out)["rows"]
+    assert "quality" not in base and row["row"] == "default (Derainer())"  # the default row is scored
+    q = row["quality"]
+    assert q["steps"] == 0 and set(q) == {"steps", "sirr", "jorder_h"}
+    assert 0 < q["sirr"]["psnr"] < 100 and 0 < q["sirr"]["ssim"] <= 1 and q["sirr"] == q["jorder_h"]
+    assert mod.main(["--size", "32x64", "--steps", "0,x"]) == 2
+    assert "--steps must be comma-separated integers" in capsys.readouterr().err
