@@ -175,8 +175,8 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
     try:  # int8: the x86 CPU graph (.int8.cpu.onnx) where shipped, else the TensorRT-style .int8.onnx
         return default_artifact(precision.value)
     except ArtifactError as e:
-        other = "fp32" if precision is Precision.int8 else "int8"
-        raise ArtifactError(f"--precision {precision.value}: {e}; use --precision {other} or --engine ART") from None
+        instead = "--precision fp32 or --engine ART" if precision is Precision.int8 else "--engine ART"
+        raise ArtifactError(f"--precision {precision.value}: {e}; use {instead}") from None
 
 
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
@@ -708,7 +708,9 @@ def collect_info() -> dict[str, Any]:
         shipped = onnx_device(setting, precision=precision, openvino_probe=ov)
         device: dict[str, Any] = {"setting": setting, "from": DEVICE_ENV if os.environ.get(DEVICE_ENV, "").strip()
                                   else "default", "onnx": f"{resolved} ({engine(resolved)})",
-                                  "shipped_model": f"{precision} on {shipped} ({engine(shipped)})"}
+                                  "shipped_model": f"{precision} on {shipped} ("
+                                  + ("INT8 kernels" if precision == "int8" and shipped == OPENVINO else engine(shipped))
+                                  + ")"}
         if setting == AUTO and not ov["available"] and cpu.has_native_bf16():
             device["hint"] = (f"this CPU has native BF16: {extras.install_command(OPENVINO)} makes auto run OpenVINO "
                               "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")

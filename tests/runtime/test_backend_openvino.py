@@ -306,7 +306,7 @@ def test_rd_run_info_names_the_default_device(monkeypatch):
     monkeypatch.setattr(ovb, "probe", lambda: {"available": True, "native_bf16": False})
     r = CliRunner().invoke(cli.app, ["info"])
     assert "default device for .onnx: auto -> cpu (onnxruntime)" in r.stdout  # an FP32 artifact: onnxruntime
-    assert "shipped model without --engine / --precision: int8 on openvino (FP32)" in r.stdout
+    assert "shipped model without --engine / --precision: int8 on openvino (INT8 kernels)" in r.stdout
     assert "hint" not in r.stdout
 
 
