@@ -25,7 +25,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from rd_export.precision import PRECISIONS
-from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, check_steps, error_exits, one_line_group
+from runtime.cli_errors import (
+    HELP_OPTIONS,
+    STEPS_RANGE,
+    check_refine_strength,
+    check_steps,
+    error_exits,
+    one_line_group,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   rich_markup_mode=None, context_settings=HELP_OPTIONS, cls=one_line_group(""),
@@ -138,6 +145,7 @@ def build(
         help=f"The steps the runtime runs by default, stored in the manifest ({STEPS_RANGE}); default: "
              "--steps. A checkpoint only.")] = None,
     refine_strength: Annotated[float | None, typer.Option(
+        callback=check_refine_strength,
         help="Predict-and-refine models: the share a of the refiner's correction the runtime keeps, "
              "P(y) + a * (x_0 - P(y)), in (0, 2], stored in the manifest; default 1 (x_0 as Algorithm 2 "
              "returns it). A checkpoint only.")] = None,

@@ -23,7 +23,16 @@ from typing import Annotated, Any
 
 import typer
 
-from runtime.cli_errors import HELP_OPTIONS, STEPS_RANGE, Terminated, check_steps, error_exits, one_line_group, parse_hw
+from runtime.cli_errors import (
+    HELP_OPTIONS,
+    STEPS_RANGE,
+    Terminated,
+    check_refine_strength,
+    check_steps,
+    error_exits,
+    one_line_group,
+    parse_hw,
+)
 from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, UsageError
 from runtime.io import DEFAULT_MAX_PIXELS
 
@@ -112,6 +121,11 @@ OverlapOpt = Annotated[int | None, typer.Option(
     "--overlap", min=0, metavar="O",
     help="Overlap between neighbouring tiles, in pixels. Default: an eighth of the tile, at most 32 (8 for the "
          "shipped model's 64-px tiles).")]
+RefineOpt = Annotated[float | None, typer.Option(
+    "--refine-strength", metavar="A", callback=check_refine_strength,
+    help="Predict-and-refine models: keep the share A of the refiner's correction, P(y) + A * (x_0 - P(y)), "
+         "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.75 for the shipped "
+         "model, 1 where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "
@@ -181,12 +195,14 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
 
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
                   tile: int | None = None, overlap: int | None = None, device: Device | None = None,
-                  threads: int | None = None, batch: int | None = None):
+                  threads: int | None = None, batch: int | None = None, refine_strength: float | None = None):
     if tile is not None and overlap is not None and overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
     artifact = resolve_engine(engine, precision)
+    extra = {} if refine_strength is None else {"refine_strength": refine_strength}  # only when given
     return derainer_factory(artifact, steps=steps, seed=seed, tile=tile, overlap=overlap,
-                            device=device.value if device is not None else None, threads=threads, batch=batch)
+                            device=device.value if device is not None else None, threads=threads, batch=batch,
+                            **extra)
 
 
 def engine_info(derainer: Any, engine: Path | None, device: Device | None, threads: int | None) -> dict[str, Any]:
@@ -294,6 +310,7 @@ def derain(
     seed: SeedOpt = 0,
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
+    refine_strength: RefineOpt = None,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -364,7 +381,8 @@ def derain(
 
         def factory():
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
-                                 device=device, threads=threads, batch=batch)
+                                 device=device, threads=threads, batch=batch,
+                                 refine_strength=refine_strength)
 
         observer = _RichBatchObserver(console, show_bar=console.is_terminal and not debug)
         runner = BatchRunner(items, output_dir, factory, suffix=suffix, skip_existing=skip_existing,
@@ -428,6 +446,7 @@ def eval_cmd(
     seed: SeedOpt = 0,
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
+    refine_strength: RefineOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     save: Annotated[Path | None, typer.Option(
@@ -460,7 +479,8 @@ def eval_cmd(
         if not pairs:
             raise InputError(f"no rainy/clean pairs in {rainy} and {clean} (pairs are matched by file name stem)")
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
-                                 device=device, threads=threads)
+                                 device=device, threads=threads,
+                                 refine_strength=refine_strength)
 
         def on_pair(s) -> None:  # the table goes to stdout, unless stdout carries the JSON
             if s.status == "failed":
@@ -525,6 +545,7 @@ def bench(
     runs: Annotated[int, typer.Option("--runs", min=1, metavar="N", help="Timed calls.")] = 10,
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
+    refine_strength: RefineOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
@@ -540,7 +561,8 @@ def bench(
     with _guard(debug, json_out):
         height, width = parse_hw(size, "--size")
         derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
-                                 threads=threads, batch=batch)
+                                 threads=threads, batch=batch,
+                                 refine_strength=refine_strength)
         try:
             result = run_bench(derainer, width=width, height=height, batch=batch or 1, warmup=warmup, runs=runs,
                                steps=steps)
@@ -586,6 +608,7 @@ def stream(
     seed: SeedOpt = 0,
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
+    refine_strength: RefineOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option(
@@ -627,7 +650,8 @@ def stream(
 
     with _guard(debug, json_out):
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
-                                 device=device, threads=threads)
+                                 device=device, threads=threads,
+                                 refine_strength=refine_strength)
         meta = engine_info(derainer, engine, device, threads)
         try:
             stats = run_stream(source, derainer, out=out, display=display, max_frames=max_frames, drop=drop,
@@ -827,6 +851,7 @@ def serve(
         "CPU threads per instance. Default: the CPU cores shared out between the instances.")) ] = None,
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
+    refine_strength: RefineOpt = None,
     device: DeviceOpt = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help=(
         "Refuse frames with more than N pixels (default 3840x2160); 0 = no limit.")) ] = 3840 * 2160,
@@ -859,7 +884,8 @@ def serve(
 
         def factory(n_threads: int):
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
-                                 device=device, threads=n_threads)
+                                 device=device, threads=n_threads,
+                                 refine_strength=refine_strength)
 
         server = DerainServer(factory, config, threads=threads)
         with server:

@@ -115,6 +115,15 @@ def check_steps(value: int | None) -> int | None:
     return value
 
 
+def check_refine_strength(value: float | None) -> float | None:
+    """Callback of ``--refine-strength`` (rd-run, rd-export build): a number in (0, 2]."""
+    from runtime.manifest import refine_strength_error
+
+    if value is not None and (why := refine_strength_error(value)):
+        raise typer.BadParameter(why)
+    return value
+
+
 def one_line_group(prefix: str) -> type[TyperGroup]:
     """A typer group class whose command-line errors (unknown option, bad value, missing argument)
     are one line on stderr, ``<prefix>error: <message> (see '<command> --help')``, exit 2.

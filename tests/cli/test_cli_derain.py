@@ -364,3 +364,21 @@ def test_one_step_is_a_usage_error_before_any_work(tmp_path, rd_run, make_image,
     r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--steps", "1")
     assert r.code == 2 and "steps must be an integer >= 2, got 1 (a single step of Algorithm 2" in r.stderr, r
     assert "Traceback" not in r.stderr and not fake_factory and not (tmp_path / "out").exists()
+
+
+def test_refine_strength_option(tmp_path, rd_run, make_image, fake_factory):
+    """--refine-strength reaches the Derainer only when given (else the model's own share applies);
+    a value outside (0, 2] is a one-line usage error, on every command that runs a model."""
+    make_image(tmp_path / "in" / "a.png")
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--refine-strength", "0.5")
+    assert r.code == 0, r.stderr
+    assert fake_factory[-1].refine_strength == 0.5
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out2")
+    assert r.code == 0 and fake_factory[-1].refine_strength is None
+    for bad in ("0", "2.5", "nan", "x"):
+        r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out3", "--refine-strength", bad)
+        assert r.code == 2 and "--refine-strength" in r.stderr, (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1
+    for command in ("derain", "eval", "bench", "stream", "serve"):
+        r = rd_run(command, "--help")
+        assert "--refine-strength" in r.result.stdout, command
