@@ -37,7 +37,10 @@ from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, Usage
 from runtime.io import DEFAULT_MAX_PIXELS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.onnx"}
+#: the shipped models rd-run info lists: --precision fp32, --precision int8 (the x86 CPU graph),
+#: and the s8 Q/DQ graph TensorRT builds its INT8 plan from
+DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.cpu.onnx",
+                  "int8 s8 (TensorRT's)": ASSETS / "default.int8.onnx"}
 
 
 def _default_derainer_factory(artifact: str | Path | None = None, **options: Any):
