@@ -262,6 +262,11 @@ def test_export_stores_the_refine_strength(refine, tmp_path):
     with one_torch_thread():
         half = export_onnx(ck, tmp_path / "half", steps=2, refine_strength=0.5)
     assert Manifest.for_artifact(half).prologue["refine_strength"] == 0.5
+    from rd_export.precision import derive_fp16
+
+    with one_torch_thread():
+        fp16 = derive_fp16(half, out=tmp_path / "half16", steps=2)
+    assert Manifest.for_artifact(fp16).refine_strength == 0.5  # derived artifacts keep it
     with Derainer(half, steps=2, threads=1) as d:
         assert d.refine_strength == 0.5
     assert "refine_strength" not in Manifest.for_artifact(onnx).prologue  # not given: not stored (1)
