@@ -13,7 +13,9 @@ OpenVINO reads and writes them in place; a step sets x_t / x_next / t / coef to 
 (no allocation) and infers. The prologue's request writes the step's cond buffer itself. The step
 is compiled for each bound shape with static dimensions (the runtime binds one tile shape per
 frame size; static kernels ran the 64-px tiles 1.6x faster than the dynamic model), the last
-few kept; the prologue, which sees whole frames of any size, is compiled once with dynamic ones.
+few kept; the prologue likewise per frame shape it runs on (static: 720p in BF16 16% faster and
+with 40% less memory than the dynamic model, the INT8 CPU graph 1.7x faster), compiled when that
+shape first runs.
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ __all__ = ["OpenVINOBackend", "native_bf16", "probe", "PRECISIONS"]
 
 #: ``precision`` values: "auto" = BF16 where the CPU has it natively, else FP32
 PRECISIONS = ("auto", "bf16", "f32")
-#: compiled step models kept, one per bound shape (b, h, w). Static shapes measured 1.75 ms per
-#: 64-px tile at batch 32 in BF16 against 2.78 for the dynamic model; a compile costs ~0.9 s.
+#: compiled step models kept, one per bound shape (b, h, w), and as many prologue models, one per
+#: frame shape. Static shapes measured 1.75 ms per 64-px tile at batch 32 in BF16 against 2.78 for
+#: the dynamic model (a compile costs ~0.9 s); the prologue on a 720p frame static vs dynamic:
+#: BF16 0.22 vs 0.26 s and 385 vs 632 MiB peak, the INT8 CPU graph on AVX512_VNNI kernels 0.33 vs
+#: 0.56 s and 399 vs 963 MiB (docs/benchmarks.md).
 STATIC_SHAPES = 4
 
 
@@ -96,17 +101,17 @@ class OpenVINOBackend(Backend):
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         self._core, self._config = core, config
-        # The step is compiled per bound shape, static (STATIC_SHAPES); the prologue once, dynamic.
+        # The step and the prologue are compiled per shape, static (STATIC_SHAPES of each kept).
         self._step_source = self._read(self.artifact)
         self._check_ports(self._step_source, self.artifact, self.descriptor, "fused step")
         self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
+        self._pro_static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._request = None
-        self._pro_model = self._pro_request = None
+        self._pro_source = self._pro_request = None
+        self._prologue_path = prologue_path
         if prologue_path is not None:
-            pro_source = self._read(prologue_path)
-            self._check_ports(pro_source, prologue_path, self.prologue_descriptor, "prologue")
-            self._pro_model = self._compile_model(pro_source, prologue_path)
-            self._pro_request = self._pro_model.create_infer_request()
+            self._pro_source = self._read(prologue_path)
+            self._check_ports(self._pro_source, prologue_path, self.prologue_descriptor, "prologue")
         self._x: list[np.ndarray] = []
         self._x_t: list[Any] = []
         self._cond = self._cond_t = None
@@ -156,6 +161,20 @@ class OpenVINOBackend(Backend):
             self._static.popitem(last=False)
         return compiled
 
+    def _prologue_for(self, batch: int, height: int, width: int) -> Any:
+        """The prologue compiled for frames of this shape (kept for the last STATIC_SHAPES shapes)."""
+        key = (batch, height, width)
+        if key in self._pro_static:
+            self._pro_static.move_to_end(key)
+            return self._pro_static[key]
+        pd = self.prologue_descriptor
+        model = self._pro_source.clone()
+        model.reshape({pd.RAINY: [batch, pd.channels, height, width]})
+        self._pro_static[key] = compiled = self._compile_model(model, self._prologue_path)
+        while len(self._pro_static) > STATIC_SHAPES:
+            self._pro_static.popitem(last=False)
+        return compiled
+
     def _tensor(self, arr: np.ndarray) -> Any:
         return self._ov.Tensor(arr, shared_memory=True)
 
@@ -168,17 +187,16 @@ class OpenVINOBackend(Backend):
         self._cond = np.zeros((batch, self.descriptor.cond_channels, height, width), np.float32)
         self._cond_t = self._tensor(self._cond)
         self._request.set_tensor(self.descriptor.COND, self._cond_t)  # bound once per shape
-        if self._pro_request is not None:  # the prologue writes the step's cond buffer itself
-            pd = self.prologue_descriptor
+        self._pro_request = None  # compiled for this shape when the prologue first runs on it
+        if self._pro_source is not None:
             self._rainy = np.zeros(shape, np.float32)
             self._rainy_t = self._tensor(self._rainy)
-            self._pro_request.set_tensor(pd.RAINY, self._rainy_t)
-            self._pro_request.set_tensor(pd.OUT, self._cond_t)
 
     def _release_buffers(self) -> None:
         self._x, self._x_t = [], []
         self._cond = self._cond_t = None
         self._rainy = self._rainy_t = None
+        self._pro_request = None
         self._t_t, self._coef_t = [], []
         self._tables = None
 
@@ -195,6 +213,11 @@ class OpenVINOBackend(Backend):
         np.copyto(self._rainy, rainy)
 
     def _prologue(self) -> None:
+        if self._pro_request is None:  # the prologue writes the step's cond buffer itself
+            pd = self.prologue_descriptor
+            self._pro_request = self._prologue_for(*self._cond.shape[:1], *self._cond.shape[2:]).create_infer_request()
+            self._pro_request.set_tensor(pd.RAINY, self._rainy_t)
+            self._pro_request.set_tensor(pd.OUT, self._cond_t)
         self._pro_request.infer()
 
     def _read_cond(self, out: np.ndarray) -> None:
@@ -210,7 +233,7 @@ class OpenVINOBackend(Backend):
         if self._frame is None or self._frame[0] != rainy.shape:
             inp = np.zeros(rainy.shape, np.float32)
             out = np.zeros((n, pd.cond_channels, h, w), np.float32)
-            request = self._pro_model.create_infer_request()
+            request = self._prologue_for(n, h, w).create_infer_request()
             request.set_tensor(pd.RAINY, self._tensor(inp))
             request.set_tensor(pd.OUT, self._tensor(out))
             self._frame = (rainy.shape, inp, out, request)
@@ -247,9 +270,15 @@ class OpenVINOBackend(Backend):
         self._frame = None
         self._request = self._pro_request = None
         self._static.clear()
-        self._step_source = self._pro_model = None
+        self._pro_static.clear()
+        self._step_source = self._pro_source = None
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int, int]]:
         """The (batch, height, width) the step is compiled for, oldest first."""
         return list(self._static)
+
+    @property
+    def compiled_prologue_shapes(self) -> list[tuple[int, int, int]]:
+        """The (batch, height, width) the prologue is compiled for, oldest first."""
+        return list(self._pro_static)

@@ -111,6 +111,25 @@ def test_the_step_is_compiled_per_bound_shape_and_kept(artifacts, monkeypatch):
         assert all(s.is_static for s in inputs.values()) and list(inputs["x_t"].to_shape()) == [1, 3, 32, 32]
 
 
+def test_the_prologue_is_compiled_per_frame_shape_when_it_first_runs(artifacts, monkeypatch):
+    monkeypatch.setattr(ovb, "STATIC_SHAPES", 2)
+    rng = np.random.default_rng(7)
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov, \
+            OnnxRuntimeBackend(artifacts["refine"], threads=1) as ort:
+        assert ov.compiled_prologue_shapes == []  # nothing compiled at open
+        ov.bind(2, 32, 32)
+        assert ov.compiled_prologue_shapes == []  # bound, but the prologue has not run on that shape
+        for shape in ((1, 3, 48, 64), (1, 3, 32, 64), (1, 3, 48, 64)):
+            frame = rng.uniform(-1, 1, shape).astype(np.float32)
+            np.testing.assert_allclose(ov.frame_prologue(frame), ort.frame_prologue(frame), atol=1e-5)
+        assert ov.compiled_prologue_shapes == [(1, 32, 64), (1, 48, 64)]  # the repeat reused its model
+        ov.set_rainy(rng.uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32))
+        ov.run_prologue()  # the bound shape's prologue, compiled now; the oldest shape evicted
+        assert ov.compiled_prologue_shapes == [(1, 48, 64), (2, 32, 32)]
+        model = ov._pro_static[(2, 32, 32)]
+        assert all(port.get_partial_shape().is_static for port in model.inputs)
+
+
 def test_derainer_on_openvino_is_close_to_onnxruntime_on_the_shipped_model():
     """Whatever precision the CPU picks (BF16 where native): the shipped model's output stays
     within a few uint8 levels of onnxruntime FP32 (docs/quality.md measures the dev-set cost)."""
