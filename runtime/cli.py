@@ -104,7 +104,7 @@ EngineOpt = Annotated[Path | None, typer.Option(
 PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", case_sensitive=False,
     help="Which shipped model to use when --engine is not given: auto (default: int8 where the model runs on "
-         "OpenVINO without native BF16, 1.4x there; fp32 elsewhere), fp32, or int8 "
+         "OpenVINO without native BF16, 1.6x there; fp32 elsewhere), fp32, or int8 "
          "(runtime/assets/default.int8.cpu.onnx: faster on some CPUs, slower on others: docs/benchmarks.md). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
 StepsOpt = Annotated[int | None, typer.Option(
@@ -743,7 +743,7 @@ def collect_info() -> dict[str, Any]:
                               "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")
         elif setting == AUTO and not ov["available"] and cpu.has_avx512_vnni():
             device["hint"] = (f"this CPU has AVX512_VNNI: {extras.install_command(OPENVINO)} makes auto run the "
-                              "shipped INT8 model on OpenVINO (1.4x onnxruntime FP32 at 720p, docs/benchmarks.md)")
+                              "shipped INT8 model on OpenVINO (1.6x onnxruntime FP32 at 720p, docs/benchmarks.md)")
     except RDError as e:
         device = {"error": str(e)}
     models: dict[str, Any] = {}

@@ -92,7 +92,7 @@ def default_precision(device: str | None = None, *, openvino_probe: dict | None 
     """The precision of the shipped model where the caller names none (``rd-run`` without
     ``--precision``, ``Derainer()``): "int8" where the model would run on OpenVINO without native
     BF16 (``device="openvino"``, or auto on a CPU with AVX512_VNNI), where OpenVINO's INT8 measured
-    1.4x the fastest FP32 engine at 720p and 2 steps within the INT8 quality gate; else "fp32" (OpenVINO in BF16 on
+    1.56x the fastest FP32 engine at 720p and 2 steps within the INT8 quality gate; else "fp32" (OpenVINO in BF16 on
     CPUs that have it, onnxruntime elsewhere, CUDA). docs/benchmarks.md has the measurements."""
     if (default_device() if device is None else str(device).strip().lower()) not in (AUTO, OPENVINO):
         return "fp32"
