@@ -499,6 +499,7 @@ class Derainer:
             return self._estimate_canvas(blender, chunks, conds, tiles_out, noise)
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
+        share = self._strength != 1.0  # only with a prologue: the condition holds P(y)
         for i in range(self._steps):
             acc.fill(0.0)
             for k, chunk in enumerate(chunks):
@@ -510,12 +511,11 @@ class Derainer:
                 be.set_x(blender.cut(canvas, tiles_in, chunk))
                 be.run_step(i)
                 be.get_x(tiles_out)
+                if share and i == self._steps - 1:  # per tile: the blend is linear, the weights sum to one
+                    cond = conds[k] if conds is not None else be.get_cond()
+                    self._keep_share(tiles_out, cond[:, be.prologue_descriptor.estimate_channels])
                 blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
             canvas, acc = acc, canvas
-        if self._strength != 1.0:
-            estimate = (whole[be.prologue_descriptor.estimate_channels] if whole is not None
-                        else self._estimate_canvas(blender, chunks, conds, tiles_out, noise))
-            self._keep_share(canvas, estimate)
         return canvas
 
     # ------------------------------------------------------------------ lifetime
