@@ -588,8 +588,9 @@ def bench(
             engine = info["backend"] or "engine"
             device = info["device"]
             where = "" if not device else " on the CPU" if device == engine == "openvino" else f" on {device}"
+            model = f", {info['precision']} model" if info.get("precision") else ""  # auto may pick INT8
             typer.echo(
-                f"{engine}{where}{arith} ({info['threads'] or 'default'} threads), "
+                f"{engine}{where}{arith} ({info['threads'] or 'default'} threads){model}, "
                 f"{height}x{width} (HxW), batch {batch or 1}, {result['steps']} steps, {runs} runs\n"
                 f"  frame: min {result['frame_min_ms']:.1f}  median {result['frame_median_ms']:.1f}  "
                 f"p95 {result['frame_p95_ms']:.1f} ms   ({result['fps']:.2f} fps)\n"

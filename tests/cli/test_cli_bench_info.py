@@ -147,4 +147,19 @@ def test_bench_header_names_engine_and_device_once(rd_run, monkeypatch, fake_cls
     monkeypatch.setattr(cli, "derainer_factory", lambda artifact=None, **kw: Named(artifact, **dict(kw, device=device)))
     r = rd_run("bench", "--size", "16", "--runs", "1", "--warmup", "0", "--threads", "2")
     assert r.code == 0, r
-    assert r.stdout.splitlines()[0].startswith(header), r.stdout
+    assert r.stdout.splitlines()[0].startswith(header + ", 16x16"), r.stdout  # no manifest: no precision
+
+
+def test_bench_header_names_the_model_precision(rd_run, monkeypatch, fake_cls):
+    """The default precision is auto (INT8 on OpenVINO without BF16): the header says which model ran."""
+    from types import SimpleNamespace
+
+    class Int8(fake_cls):
+        backend_name = "openvino"
+        manifest = SimpleNamespace(precision="int8")
+
+    monkeypatch.setattr(cli, "derainer_factory",
+                        lambda artifact=None, **kw: Int8(artifact, **dict(kw, device="openvino")))
+    r = rd_run("bench", "--size", "16", "--runs", "1", "--warmup", "0", "--threads", "2")
+    assert r.code == 0, r
+    assert r.stdout.splitlines()[0].startswith("openvino on the CPU (2 threads), int8 model, 16x16"), r.stdout
