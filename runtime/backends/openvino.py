@@ -13,9 +13,9 @@ OpenVINO reads and writes them in place; a step sets x_t / x_next / t / coef to 
 (no allocation) and infers. The prologue's request writes the step's cond buffer itself. The step
 is compiled for each bound shape with static dimensions (the runtime binds one tile shape per
 frame size; static kernels ran the 64-px tiles 1.6x faster than the dynamic model), the last
-few kept; the prologue likewise per frame shape it runs on (static: 720p in BF16 16% faster and
-with 40% less memory than the dynamic model, the INT8 CPU graph 1.7x faster), compiled when that
-shape first runs.
+few kept; the prologue likewise per frame shape it runs on, from half a megapixel up (static: 720p
+in BF16 16% faster and with 40% less memory than the dynamic model, the INT8 CPU graph 1.7x
+faster), compiled when that shape first runs; smaller inputs share one dynamic-shape compile.
 """
 
 from __future__ import annotations
@@ -44,6 +44,12 @@ PRECISIONS = ("auto", "bf16", "f32")
 #: BF16 0.22 vs 0.26 s and 385 vs 632 MiB peak, the INT8 CPU graph on AVX512_VNNI kernels 0.33 vs
 #: 0.56 s and 399 vs 963 MiB (docs/benchmarks.md).
 STATIC_SHAPES = 4
+#: prologue inputs of at least this many pixels (batch x height x width) are compiled static per
+#: shape; smaller ones share one dynamic-shape compile. A static compile costs 0.24-0.29 s per
+#: size (BF16, 2 threads), which a folder of small photos of many sizes would pay per photo, while
+#: the memory and time it saves grow with the frame (720p: 632 -> 385 MiB, 0.26 -> 0.22 s; 480x640:
+#: 0.078 -> 0.065 s).
+STATIC_PROLOGUE_MIN_PIXELS = 500_000
 
 
 def _import_openvino() -> Any:
@@ -107,7 +113,7 @@ class OpenVINOBackend(Backend):
         self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._pro_static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
         self._request = None
-        self._pro_source = self._pro_request = None
+        self._pro_source = self._pro_request = self._pro_dynamic = None
         self._prologue_path = prologue_path
         if prologue_path is not None:
             self._pro_source = self._read(prologue_path)
@@ -162,7 +168,12 @@ class OpenVINOBackend(Backend):
         return compiled
 
     def _prologue_for(self, batch: int, height: int, width: int) -> Any:
-        """The prologue compiled for frames of this shape (kept for the last STATIC_SHAPES shapes)."""
+        """The prologue compiled for frames of this shape (kept for the last STATIC_SHAPES shapes),
+        or below STATIC_PROLOGUE_MIN_PIXELS the one dynamic-shape compile."""
+        if batch * height * width < STATIC_PROLOGUE_MIN_PIXELS:
+            if self._pro_dynamic is None:
+                self._pro_dynamic = self._compile_model(self._pro_source, self._prologue_path)
+            return self._pro_dynamic
         key = (batch, height, width)
         if key in self._pro_static:
             self._pro_static.move_to_end(key)
@@ -271,7 +282,7 @@ class OpenVINOBackend(Backend):
         self._request = self._pro_request = None
         self._static.clear()
         self._pro_static.clear()
-        self._step_source = self._pro_source = None
+        self._step_source = self._pro_source = self._pro_dynamic = None
 
     @property
     def compiled_shapes(self) -> list[tuple[int, int, int]]:

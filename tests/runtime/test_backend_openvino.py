@@ -113,6 +113,7 @@ def test_the_step_is_compiled_per_bound_shape_and_kept(artifacts, monkeypatch):
 
 def test_the_prologue_is_compiled_per_frame_shape_when_it_first_runs(artifacts, monkeypatch):
     monkeypatch.setattr(ovb, "STATIC_SHAPES", 2)
+    monkeypatch.setattr(ovb, "STATIC_PROLOGUE_MIN_PIXELS", 2 * 32 * 32)  # these tiny frames count as large
     rng = np.random.default_rng(7)
     with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov, \
             OnnxRuntimeBackend(artifacts["refine"], threads=1) as ort:
@@ -128,6 +129,10 @@ def test_the_prologue_is_compiled_per_frame_shape_when_it_first_runs(artifacts, 
         assert ov.compiled_prologue_shapes == [(1, 48, 64), (2, 32, 32)]
         model = ov._pro_static[(2, 32, 32)]
         assert all(port.get_partial_shape().is_static for port in model.inputs)
+        small = rng.uniform(-1, 1, (1, 3, 16, 32)).astype(np.float32)  # below the threshold: the dynamic model
+        np.testing.assert_allclose(ov.frame_prologue(small), ort.frame_prologue(small), atol=1e-5)
+        assert ov.compiled_prologue_shapes == [(1, 48, 64), (2, 32, 32)] and ov._pro_dynamic is not None
+        assert not ov._pro_dynamic.inputs[0].get_partial_shape().is_static
 
 
 def test_derainer_on_openvino_is_close_to_onnxruntime_on_the_shipped_model():
