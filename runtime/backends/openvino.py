@@ -107,7 +107,8 @@ class OpenVINOBackend(Backend):
         if threads is not None:
             config["INFERENCE_NUM_THREADS"] = threads
         self._core, self._config = core, config
-        # The step and the prologue are compiled per shape, static (STATIC_SHAPES of each kept).
+        # The step and the prologue are compiled per shape, static (STATIC_SHAPES of each kept; the
+        # prologue from STATIC_PROLOGUE_MIN_PIXELS up, below it one dynamic compile).
         self._step_source = self._read(self.artifact)
         self._check_ports(self._step_source, self.artifact, self.descriptor, "fused step")
         self._static: OrderedDict[tuple[int, int, int], Any] = OrderedDict()
