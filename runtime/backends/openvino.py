@@ -153,20 +153,26 @@ class OpenVINOBackend(Backend):
             raise ArtifactError(f"{path}: graph inputs {got_in} / outputs {got_out} do not match the {what}'s "
                                 f"{descriptor.input_names} / {descriptor.output_names}")
 
+    def _static_compile(self, cache: OrderedDict, key: tuple[int, int, int], source: Any, path: os.PathLike,
+                        shapes: dict) -> Any:
+        """``source`` compiled with the static input ``shapes``, from ``cache`` under ``key`` (the
+        last STATIC_SHAPES kept) or compiled now."""
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        model = source.clone()
+        model.reshape(shapes)
+        cache[key] = compiled = self._compile_model(model, path)
+        while len(cache) > STATIC_SHAPES:
+            cache.popitem(last=False)
+        return compiled
+
     def _step_for(self, batch: int, height: int, width: int) -> Any:
         """The step compiled for this shape (kept for the last STATIC_SHAPES shapes)."""
-        key = (batch, height, width)
-        if key in self._static:
-            self._static.move_to_end(key)
-            return self._static[key]
         d = self.descriptor
-        model = self._step_source.clone()
-        model.reshape({d.X: [batch, d.channels, height, width], d.COND: [batch, d.cond_channels, height, width],
-                       d.T: [batch], d.COEF: [batch, 4]})
-        self._static[key] = compiled = self._compile_model(model, self.artifact)
-        while len(self._static) > STATIC_SHAPES:
-            self._static.popitem(last=False)
-        return compiled
+        return self._static_compile(self._static, (batch, height, width), self._step_source, self.artifact, {
+            d.X: [batch, d.channels, height, width], d.COND: [batch, d.cond_channels, height, width],
+            d.T: [batch], d.COEF: [batch, 4]})
 
     def _prologue_for(self, batch: int, height: int, width: int) -> Any:
         """The prologue compiled for frames of this shape (kept for the last STATIC_SHAPES shapes),
@@ -175,17 +181,9 @@ class OpenVINOBackend(Backend):
             if self._pro_dynamic is None:
                 self._pro_dynamic = self._compile_model(self._pro_source, self._prologue_path)
             return self._pro_dynamic
-        key = (batch, height, width)
-        if key in self._pro_static:
-            self._pro_static.move_to_end(key)
-            return self._pro_static[key]
         pd = self.prologue_descriptor
-        model = self._pro_source.clone()
-        model.reshape({pd.RAINY: [batch, pd.channels, height, width]})
-        self._pro_static[key] = compiled = self._compile_model(model, self._prologue_path)
-        while len(self._pro_static) > STATIC_SHAPES:
-            self._pro_static.popitem(last=False)
-        return compiled
+        return self._static_compile(self._pro_static, (batch, height, width), self._pro_source, self._prologue_path,
+                                    {pd.RAINY: [batch, pd.channels, height, width]})
 
     def _tensor(self, arr: np.ndarray) -> Any:
         return self._ov.Tensor(arr, shared_memory=True)
