@@ -104,7 +104,7 @@ EngineOpt = Annotated[Path | None, typer.Option(
 PrecisionOpt = Annotated[Precision | None, typer.Option(
     "--precision", case_sensitive=False,
     help="Which shipped model to use when --engine is not given: auto (default: int8 where the model runs on "
-         "OpenVINO without native BF16, 1.6x there; fp32 elsewhere), fp32, or int8 "
+         "OpenVINO on an AVX512_VNNI CPU without native BF16, 1.6x there; fp32 elsewhere), fp32, or int8 "
          "(runtime/assets/default.int8.cpu.onnx: faster on some CPUs, slower on others: docs/benchmarks.md). "
          "Not combinable with --engine: an artifact's precision is in its manifest.")]
 StepsOpt = Annotated[int | None, typer.Option(

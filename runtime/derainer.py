@@ -64,8 +64,9 @@ def _assets() -> Path:
 def default_artifact(precision: str | None = None, device: str | None = None) -> Path:
     """The shipped model of ``precision`` ("fp32": ``runtime/assets/default.onnx``; "int8": its INT8
     graph), or, with None, of the precision the runtime picks for ``device``
-    (:func:`runtime.backends.default_precision`: INT8 on OpenVINO without native BF16, FP32
-    elsewhere; FP32 when that INT8 graph is not installed). ArtifactError when it is not installed."""
+    (:func:`runtime.backends.default_precision`: INT8 on OpenVINO on an AVX512_VNNI CPU without
+    native BF16, FP32 elsewhere; FP32 when that INT8 graph is not installed). ArtifactError when it
+    is not installed."""
     assets = _assets()
     if precision is None:
         from runtime.backends import default_precision

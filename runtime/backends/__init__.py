@@ -90,16 +90,16 @@ def onnx_device(device: str | None = None, *, precision: str = "fp32", openvino_
 
 def default_precision(device: str | None = None, *, openvino_probe: dict | None = None) -> str:
     """The precision of the shipped model where the caller names none (``rd-run`` without
-    ``--precision``, ``Derainer()``): "int8" where the model would run on OpenVINO without native
-    BF16 (``device="openvino"``, or auto on a CPU with AVX512_VNNI), where OpenVINO's INT8 measured
+    ``--precision``, ``Derainer()``): "int8" where the model would run on OpenVINO on a CPU with
+    AVX512_VNNI and without native BF16 (``device`` auto or "openvino"), where OpenVINO's INT8 measured
     1.56x the fastest FP32 engine at 720p and 2 steps within the INT8 quality gate; else "fp32" (OpenVINO in BF16 on
     CPUs that have it, onnxruntime elsewhere, CUDA). docs/benchmarks.md has the measurements."""
     if (default_device() if device is None else str(device).strip().lower()) not in (AUTO, OPENVINO):
         return "fp32"
     ov = _openvino_probe() if openvino_probe is None else openvino_probe
-    if not ov.get("available") or ov.get("native_bf16"):
-        return "fp32"
-    return "int8" if onnx_device(device, precision="int8", openvino_probe=ov) == OPENVINO else "fp32"
+    if not ov.get("available") or ov.get("native_bf16") or not cpu.has_avx512_vnni():
+        return "fp32"  # elsewhere (AVX2, AVX-VNNI, other architectures) INT8 was not measured to pay
+    return "int8"
 
 
 def open_backend(artifact: str | os.PathLike, *, device: str | None = None, threads: int | None = None,

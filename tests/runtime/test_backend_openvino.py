@@ -381,7 +381,7 @@ def test_auto_runs_int8_artifacts_on_openvino_where_the_cpu_has_avx512_vnni(arti
     ({"available": True, "native_bf16": False}, True, "auto", "int8"),      # AVX512_VNNI, no BF16
     ({"available": True, "native_bf16": False}, True, "openvino", "int8"),
     ({"available": True, "native_bf16": False}, False, "auto", "fp32"),     # AVX2: onnxruntime FP32
-    ({"available": True, "native_bf16": False}, False, "openvino", "int8"),  # asked for OpenVINO: 1.4x its FP32
+    ({"available": True, "native_bf16": False}, False, "openvino", "fp32"),  # INT8 not measured to pay there
     ({"available": True, "native_bf16": False}, True, "cpu", "fp32"),       # onnxruntime: FP32 is faster
     ({"available": True, "native_bf16": False}, True, "cuda", "fp32"),
     ({"available": False}, True, "auto", "fp32"),
