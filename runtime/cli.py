@@ -141,8 +141,8 @@ DeviceOpt = Annotated[Device | None, typer.Option(
     help="Where to run: cpu (onnxruntime), cuda (onnxruntime-gpu, or a TensorRT plan), openvino "
          "(the CPU through OpenVINO, BF16 on CPUs with AMX / AVX512_BF16; pip install "
          "'raindiffusion-edge[openvino]'), or auto (openvino where it is installed and the CPU has native "
-         "BF16, else cpu). Default: auto for .onnx (the environment variable RD_DEVICE changes it, e.g. "
-         "RD_DEVICE=cpu), cuda for .plan.")]
+         "BF16 or, for an INT8 model, AVX512_VNNI, else cpu). Default: auto for .onnx (the environment "
+         "variable RD_DEVICE changes it, e.g. RD_DEVICE=cpu), cuda for .plan.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the machine-readable result as JSON on stdout.")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="On an error, show the full traceback instead of one line.")]
 MaxPixelsOpt = Annotated[int, typer.Option(

@@ -153,9 +153,9 @@ class Derainer:
     pixels, a multiple of the size multiple; None = tile only frames beyond the engine's
     profile), ``overlap`` (pixels shared by neighbouring tiles; None = an eighth of the tile, at
     most 32: :func:`default_overlap`), ``device`` ("cpu", "cuda",
-    "cuda:N", "openvino", "auto"; None = ``$RD_DEVICE`` or else auto for .onnx (OpenVINO BF16 where
-    it is installed and the CPU has native BF16, else onnxruntime), cuda for .plan), ``threads`` (CPU
-    inference threads),
+    "cuda:N", "openvino", "auto"; None = ``$RD_DEVICE`` or else auto for .onnx (OpenVINO where it is
+    installed and the CPU has native BF16 or, for an INT8 artifact, AVX512_VNNI, else onnxruntime:
+    :func:`runtime.backends.onnx_device`), cuda for .plan), ``threads`` (CPU inference threads),
     ``batch`` (frames or tiles per engine call; None = the backend's choice, else the profile's max
     batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph), ``refine_strength`` (predict-and-refine
@@ -449,18 +449,6 @@ class Derainer:
         x_0 *= np.float32(self._strength)
         x_0 += estimate
 
-    def _estimate_canvas(self, blender: TileBlender, chunks: list[list[int]], conds: list[np.ndarray] | None,
-                         tiles_out: np.ndarray, like: np.ndarray) -> np.ndarray:
-        """P(y) of a tiled frame, blended from the tiles' conditions (``conds``, or with a single
-        chunk the engine's bound one)."""
-        be = self._backend
-        est = be.prologue_descriptor.estimate_channels
-        canvas = np.zeros_like(like)
-        for k, chunk in enumerate(chunks):
-            np.copyto(tiles_out, (conds[k] if conds is not None else be.get_cond())[:, est])
-            blender.accumulate(tiles_out, chunk, canvas)
-        return canvas
-
     def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
         """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step."""
         be = self._backend
@@ -497,7 +485,12 @@ class Derainer:
         elif len(chunks) == 1:  # every tile in one batch: the condition is computed / uploaded once
             self._set_condition(blender.cut(cond_p, rainy_tiles, chunks[0]))
         if self._steps == 0:  # the blended estimate P(y) of every tile
-            return self._estimate_canvas(blender, chunks, conds, tiles_out, noise)
+            canvas = np.zeros_like(noise)
+            est = be.prologue_descriptor.estimate_channels
+            for chunk, cond in zip(chunks, conds):
+                np.copyto(tiles_out, cond[:, est])
+                blender.accumulate(tiles_out, chunk, canvas)
+            return canvas
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
         share = self._strength != 1.0  # only with a prologue: the condition holds P(y)

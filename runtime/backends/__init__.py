@@ -42,12 +42,6 @@ def _openvino_probe() -> dict:
     return probe()
 
 
-def _openvino_bf16() -> bool:
-    """Whether OpenVINO is installed and reports native BF16 on this CPU (where it is the fastest
-    CPU engine measured: docs/benchmarks.md); a broken install counts as absent."""
-    return _openvino_probe().get("native_bf16", False)
-
-
 def default_device() -> str:
     """The device of an .onnx artifact when the caller names none: ``$RD_DEVICE`` if set, else "auto".
 

@@ -211,7 +211,7 @@ def test_auto_picks_openvino_only_with_native_bf16(artifacts, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino"
                         else real_find_spec(name, *a))
-    assert backends._openvino_bf16() is False  # not installed: onnxruntime, no error
+    assert backends._openvino_probe().get("native_bf16", False) is False  # not installed: onnxruntime, no error
     with open_backend(artifacts["y"], device="auto", threads=1) as b:
         assert isinstance(b, OnnxRuntimeBackend)
 
