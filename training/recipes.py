@@ -78,12 +78,14 @@ _register(Recipe(
 
 # The shipped model's last stage: the refiner trained on a fixed predictor (both generators frozen),
 # warm-started with --init from an edge checkpoint whose G_B is the predictor to keep
-# (benchmarks/predictor_probe.py --into trains P on the rendered pairs alone and writes one).
+# (benchmarks/predictor_probe.py --into trains P on the rendered pairs alone and writes one), on the
+# v4 renders (v1's streaks + a dense added rain field) its predictor was last trained on.
 _register(Recipe(
     name="edge-refine", preset="edge",
-    summary="the edge model's refiner alone on a fixed predictor (--freeze-ntb); --init it from an edge "
-            "checkpoint holding that predictor",
-    train={"ntb": "render", "detach_cond": True, "freeze_ntb": True, "crop": 64, "batch": 8, "lr": 1e-4}))
+    summary="the edge model's refiner alone on a fixed predictor (--freeze-ntb), on v4 renders; --init it "
+            "from an edge checkpoint holding that predictor",
+    train={"ntb": "render", "rain_style": "v4", "detach_cond": True, "freeze_ntb": True, "crop": 64, "batch": 8,
+           "lr": 1e-4}))
 
 # The y-only model shipped before edge: v-prediction of the residual x_0 - y, the rain renderer,
 # condition dropout and score distillation under the unconditional priors (lr 1e-4, 64-px crops,

@@ -55,6 +55,7 @@ def test_the_recipes_are_the_documented_settings():
         TrainConfig(**r.train)  # each is a valid configuration on its own
     refine = get_recipe("edge-refine")  # the shipped model's last stage: the refiner on a fixed predictor
     assert refine.preset == "edge" and refine.train["freeze_ntb"] is True and refine.train["ntb"] == "render"
+    assert refine.train["rain_style"] == "v4"  # the renders its predictor was last trained on
     with pytest.raises(UsageError, match="recipe 'nope' is not one of paper, edge, edge-refine, sds"):
         get_recipe("nope")
 

@@ -68,3 +68,36 @@ def test_torch_batch_version():
     assert float(a.min()) >= -1 and float(a.max()) <= 1
     assert float((a - x).mean()) > 0.01  # brightens
     assert not torch.equal(a[0] - x[0], a[1] - x[1])  # per-sample parameters
+
+
+@pytest.mark.parametrize("style", ["v2", "v3", "v4"])
+def test_every_style_is_seeded_in_range_and_brightens(style):
+    x = torch.rand(4, 3, 48, 48) * 1.6 - 0.8
+    a = rain_batch(x, torch.Generator().manual_seed(0), style)
+    assert torch.equal(a, rain_batch(x, torch.Generator().manual_seed(0), style))
+    assert not torch.equal(a, rain_batch(x, torch.Generator().manual_seed(1), style))
+    assert a.shape == x.shape and float(a.min()) >= -1 and float(a.max()) <= 1
+    assert float((a - x).mean()) > 0.01
+
+
+def test_v4_is_v1_plus_a_dense_field_added_on_most_samples():
+    """v4 draws after v1 (v1's streaks stay bit-exact): on a dark image, where v1's veil and
+    clipping are negligible, v4 - v1 is a non-negative field covering most pixels of the samples
+    that drew it, with a mean in the drawn level range, and exactly 0 on the others."""
+    n = 16
+    x = torch.full((n, 3, 64, 64), -0.9)
+    v1 = rain_batch(x, torch.Generator().manual_seed(3), "v1")
+    v4 = rain_batch(x, torch.Generator().manual_seed(3), "v4")
+    extra = ((v4 - v1) / 2.0)[:, 0]  # in [0, 1] units
+    assert float(extra.min()) >= -1e-6
+    with_field = extra.mean(dim=(1, 2)) > 1e-4
+    assert 6 <= int(with_field.sum()) < n  # three samples in four, on average
+    assert float(extra[~with_field].abs().max()) < 1e-6
+    covered = (extra[with_field] > 0.005).float().mean(dim=(1, 2))
+    assert float(covered.min()) > 0.5  # dense: v1's sparse streaks cover far less
+    v1_add = ((v1 - x) / 2.0)[:, 0]
+    v1_streaks = v1_add - v1_add.flatten(1).median(dim=1).values[:, None, None]  # above v1's uniform veil
+    v1_cover = (v1_streaks > 0.005).float().mean()
+    assert float(v1_cover) < float(covered.mean()) / 2
+    level = extra[with_field].mean(dim=(1, 2))
+    assert float(level.min()) > 0.01 and float(level.max()) < 0.2
