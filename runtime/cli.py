@@ -127,7 +127,7 @@ OverlapOpt = Annotated[int | None, typer.Option(
 RefineOpt = Annotated[float | None, typer.Option(
     "--refine-strength", metavar="A", callback=check_refine_strength,
     help="Predict-and-refine models: keep the share A of the refiner's correction, P(y) + A * (x_0 - P(y)), "
-         "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.75 for the shipped "
+         "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.25 for the shipped "
          "model, 1 where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",

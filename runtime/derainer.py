@@ -160,7 +160,7 @@ class Derainer:
     batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph), ``refine_strength`` (predict-and-refine
     models: the output is ``P(y) + a * (x_0 - P(y))``, the share ``a`` of the refiner's correction
-    kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.75 for the
+    kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.25 for the
     shipped model, chosen on both dev sets: docs/quality.md).
     """
 
