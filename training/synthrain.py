@@ -161,14 +161,16 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator, style: str = "v1") -
             light = _uniform(u[:, 1], *_V3_LIGHT)[:, None, None, None]
         if style == "v4":  # the dense field, drawn after v1's draws (v1 stays bit-exact)
             angles = [p["angle"] for p in params]
-            screen = (screen + _dense_field(n, h, w, angles, generator).to(x.device, x.dtype)).clamp(0.0, 1.0)
+            screen = (screen + _dense_field(n, h, w, angles, generator, x.device).to(x.dtype)).clamp(0.0, 1.0)
         hz, a = haze.to(x.device, x.dtype), light.to(x.device, x.dtype)
         out = (1.0 - hz) * screen + hz * a
         return (out * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
-def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.Generator) -> torch.Tensor:
-    """v4's dense rain field [n, 1, h, w] (0 on the samples drawn without it), in [0, 1] units."""
+def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.Generator,
+                 device: torch.device) -> torch.Tensor:
+    """v4's dense rain field [n, 1, h, w] on ``device`` (0 on the samples drawn without it), in [0, 1]
+    units. Drawn on the CPU from ``generator``; the convolution runs on ``device``, as in v1 and v2."""
     r = _V4
     u = torch.rand(n, 6, generator=generator, dtype=torch.float64)
     kernels = np.stack([streak_kernel(angles[i] + r["jitter"] * float(2.0 * u[i, 0] - 1.0),
@@ -178,12 +180,13 @@ def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.G
     level = (_uniform(u[:, 4], *r["level"]) * (u[:, 5] < r["p"])).float()[:, None, None, None]
     seeds = torch.rand(n, 1, h, w, generator=generator)
     amp = torch.rand(n, 1, h, w, generator=generator)
-    drops = (seeds < density).float() * amp
+    drops = ((seeds < density).float() * amp).to(device)
+    k = torch.from_numpy(kernels)[:, None].to(device)
     fh, fw = h + _V4_MAX_KERNEL - 1, w + _V4_MAX_KERNEL - 1
-    spec = torch.fft.rfft2(drops, s=(fh, fw)) * torch.fft.rfft2(torch.from_numpy(kernels)[:, None], s=(fh, fw))
+    spec = torch.fft.rfft2(drops, s=(fh, fw)) * torch.fft.rfft2(k, s=(fh, fw))
     pad = _V4_MAX_KERNEL // 2
     field = torch.fft.irfft2(spec, s=(fh, fw))[..., pad:pad + h, pad:pad + w].clamp(min=0.0)
-    field = field / field.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6) * level
+    field = field / field.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6) * level.to(device)
     return field.clamp(0.0, 0.6)
 
 
