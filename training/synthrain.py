@@ -167,6 +167,17 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator, style: str = "v1") -
         return (out * 2.0 - 1.0).clamp(-1.0, 1.0)
 
 
+def _conv_same_fft(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Each [..., h, w] map of ``x`` linearly convolved with its square odd-sized kernel of ``k``
+    ([..., K, K]), cropped to the map's size ('same'): in the frequency domain, for the long kernels."""
+    h, w = x.shape[-2:]
+    size = k.shape[-1]
+    fh, fw = h + size - 1, w + size - 1
+    spec = torch.fft.rfft2(x, s=(fh, fw)) * torch.fft.rfft2(k, s=(fh, fw))
+    pad = size // 2
+    return torch.fft.irfft2(spec, s=(fh, fw))[..., pad:pad + h, pad:pad + w]
+
+
 def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.Generator,
                  device: torch.device) -> torch.Tensor:
     """v4's dense rain field [n, 1, h, w] on ``device`` (0 on the samples drawn without it), in [0, 1]
@@ -181,11 +192,7 @@ def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.G
     seeds = torch.rand(n, 1, h, w, generator=generator)
     amp = torch.rand(n, 1, h, w, generator=generator)
     drops = ((seeds < density).float() * amp).to(device)
-    k = torch.from_numpy(kernels)[:, None].to(device)
-    fh, fw = h + _V4_MAX_KERNEL - 1, w + _V4_MAX_KERNEL - 1
-    spec = torch.fft.rfft2(drops, s=(fh, fw)) * torch.fft.rfft2(k, s=(fh, fw))
-    pad = _V4_MAX_KERNEL // 2
-    field = torch.fft.irfft2(spec, s=(fh, fw))[..., pad:pad + h, pad:pad + w].clamp(min=0.0)
+    field = _conv_same_fft(drops, torch.from_numpy(kernels)[:, None].to(device)).clamp(min=0.0)
     field = field / field.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6) * level.to(device)
     return field.clamp(0.0, 0.6)
 
@@ -223,12 +230,7 @@ def _rain_batch_v2(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         amp = 0.3 + 0.7 * torch.rand(n, n_layers, h, w, generator=generator)
         drops = (seeds < density[:, :, None, None]).float() * amp * bright[:, :, None, None]
         k = torch.from_numpy(np.stack(kernels)).reshape(n, n_layers, _V2_MAX_KERNEL, _V2_MAX_KERNEL)
-        # Long kernels: convolve in the frequency domain (linear convolution, 'same' crop).
-        fh, fw = h + _V2_MAX_KERNEL - 1, w + _V2_MAX_KERNEL - 1
-        drops, k = drops.to(x.device), k.to(x.device)
-        spec = torch.fft.rfft2(drops, s=(fh, fw)) * torch.fft.rfft2(k, s=(fh, fw))
-        pad = _V2_MAX_KERNEL // 2
-        layers = torch.fft.irfft2(spec, s=(fh, fw))[..., pad:pad + h, pad:pad + w].clamp(0.0, 1.0)
+        layers = _conv_same_fft(drops.to(x.device), k.to(x.device)).clamp(0.0, 1.0)
         streaks = (1.0 - torch.prod(1.0 - layers, dim=1, keepdim=True)).to(x.dtype)  # screen of the layers
         img01 = (x.detach() + 1.0) * 0.5
         screen = 1.0 - (1.0 - img01) * (1.0 - streaks)
