@@ -37,18 +37,25 @@ from runtime.errors import EXIT_CODES, ArtifactError, InputError, RDError, Usage
 from runtime.io import DEFAULT_MAX_PIXELS
 
 ASSETS = Path(__file__).resolve().parent / "assets"
-#: the shipped models rd-run info lists: --precision fp32, --precision int8 (the x86 CPU graph),
-#: and the s8 Q/DQ graph TensorRT builds its INT8 plan from
-DEFAULT_MODELS = {"fp32": ASSETS / "default.onnx", "int8": ASSETS / "default.int8.cpu.onnx",
-                  "int8 s8 (TensorRT's)": ASSETS / "default.int8.onnx"}
+
+
+def shipped_models() -> dict[str, Path]:
+    """The shipped models ``rd-run info`` lists, named by runtime.derainer.SHIPPED_MODELS:
+    --precision fp32, --precision int8 (the x86 CPU graph), and the s8 Q/DQ graph TensorRT builds
+    its INT8 plan from."""
+    from runtime.derainer import SHIPPED_MODELS
+
+    (fp32,), (int8, int8_s8) = SHIPPED_MODELS["fp32"], SHIPPED_MODELS["int8"]
+    return {"fp32": ASSETS / fp32, "int8": ASSETS / int8, "int8 s8 (TensorRT's)": ASSETS / int8_s8}
 
 
 def _default_derainer_factory(artifact: str | Path | None = None, **options: Any):
-    if artifact is None and not DEFAULT_MODELS["fp32"].is_file():
-        raise ArtifactError(f"no default model is installed ({DEFAULT_MODELS['fp32']} is missing); pass "
-                            f"--engine model.onnx (made with 'rd-export build checkpoint.pt')")
     from runtime.derainer import Derainer
 
+    fp32 = shipped_models()["fp32"]
+    if artifact is None and not fp32.is_file():
+        raise ArtifactError(f"no default model is installed ({fp32} is missing); pass "
+                            f"--engine model.onnx (made with 'rd-export build checkpoint.pt')")
     return Derainer(artifact, **options)
 
 
@@ -748,7 +755,7 @@ def collect_info() -> dict[str, Any]:
     except RDError as e:
         device = {"error": str(e)}
     models: dict[str, Any] = {}
-    for precision, path in DEFAULT_MODELS.items():
+    for precision, path in shipped_models().items():
         entry: dict[str, Any] = {"path": str(path), "installed": path.is_file()}
         if path.is_file():
             try:

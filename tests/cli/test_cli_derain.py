@@ -292,7 +292,7 @@ def test_precision_rules(tmp_path, rd_run, make_image):
     assert r.code == 2 and "drop --precision" in r.stderr
     import runtime.cli as cli
 
-    if not cli.DEFAULT_MODELS["int8"].is_file():
+    if not cli.shipped_models()["int8"].is_file():
         r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--precision", "int8")
         assert r.code == 4 and "not shipped" in r.stderr
     r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--tile", "64", "--overlap", "64")
