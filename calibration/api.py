@@ -232,6 +232,7 @@ def build_int8(fp32_onnx: str | os.PathLike, calib_dir: str | os.PathLike, *, ou
             "steps": job.steps,
             "calibrated_step_counts": job.counts,
             "seed": seed,
+            "noise_scale": job.manifest.noise_scale,
             "timesteps": list(coverage),
             "samples": len(reader),
             "samples_per_timestep": sorted(set(coverage.values())),
@@ -300,7 +301,7 @@ class _Job:
         """INT8 vs FP32 end to end on the held-out frames (calibration.report.compare_quality)."""
         return compare_quality(self.fp32_session, candidate, eval_conds, descriptor=self.descriptor,
                                schedule_config=self.schedule_config, steps=self.steps, seed=self.seed,
-                               held_out=held_out, prologues=prologues)
+                               held_out=held_out, prologues=prologues, noise_scale=self.manifest.noise_scale)
 
 
 def _record(job: _Job, calib: Sequence[ImageItem], progress: Progress):
@@ -309,7 +310,8 @@ def _record(job: _Job, calib: Sequence[ImageItem], progress: Progress):
              f"{', '.join(f'{h}x{w}' for h, w in job.sizes)}")
     trajectories = record_trajectories(job.fp32_onnx, calib, descriptor=job.descriptor,
                                        schedule_config=job.schedule_config, steps=job.counts, sizes=job.sizes,
-                                       seed=job.seed, threads=job.threads, prologue=job.pro32)
+                                       seed=job.seed, threads=job.threads, prologue=job.pro32,
+                                       noise_scale=job.manifest.noise_scale)
     coverage = timestep_coverage(trajectories)
     sched = DDIMSchedule(job.schedule_config)
     expected = sorted({int(t) for c in job.counts for t in sched.set_timesteps(c)})

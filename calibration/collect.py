@@ -6,7 +6,8 @@ calibrated on one t clips another. We therefore record the step graph's own inpu
 images, at a few frame sizes the engine's shape profile covers, by running the FP32 ONNX with
 onnxruntime (no torch)::
 
-    x_T = frame_noise(1, H, W, seed + k)               # k-th image, PCG64 (docs/ARCHITECTURE.md)
+    x_T = s * frame_noise(1, H, W, seed + k)           # k-th image, PCG64 (docs/ARCHITECTURE.md);
+                                                       # s: the manifest's noise scale, as the runtime
     for i in 0..S-1:                                   # tau_S .. tau_1
         record (x_t, cond, t = tau_i, coef_i)
         x_t = step(x_t, cond, t, coef_i)               # the FP32 fused step itself
@@ -235,10 +236,11 @@ def prologue_fn(session) -> Callable[[np.ndarray], np.ndarray]:
 
 def run_ddim(session, cond: np.ndarray, *, schedule: DDIMSchedule, steps: int, seed: int,
              descriptor: StepDescriptor, record: list[StepSample] | None = None,
-             image: int = 0) -> np.ndarray:
+             image: int = 0, noise_scale: float = 1.0) -> np.ndarray:
     """Algorithm 2 with the fused step on onnxruntime (``runtime.schedule.sample_loop``); appends
     each step's inputs to ``record``. ``cond`` is the step's condition (the prologue's, for a
-    predict-and-refine model); x_T is the runtime's ``frame_noise``."""
+    predict-and-refine model); x_T is the runtime's ``frame_noise`` times ``noise_scale`` (the
+    manifest's ``prologue.noise_scale``, as the runtime draws it)."""
     d = descriptor
     schedule.set_timesteps(steps)
     n, _, h, w = cond.shape
@@ -250,7 +252,10 @@ def run_ddim(session, cond: np.ndarray, *, schedule: DDIMSchedule, steps: int, s
     def on_step(i: int, x_t: np.ndarray, t: np.ndarray, coef: np.ndarray) -> None:
         record.append(StepSample(x_t=x_t, cond=cond, t=t, coef=coef, step=i, image=image))
 
-    return sample_loop(step, frame_noise(n, h, w, seed), cond, schedule,
+    x_T = frame_noise(n, h, w, seed)
+    if noise_scale != 1.0:
+        x_T *= np.float32(noise_scale)
+    return sample_loop(step, x_T, cond, schedule,
                        on_step=on_step if record is not None else None)
 
 
@@ -258,11 +263,12 @@ def record_trajectories(model: str | os.PathLike, images: Sequence[ImageItem], *
                         descriptor: StepDescriptor, schedule_config: ScheduleConfig, steps: int | Sequence[int],
                         sizes: Sequence[tuple[int, int]], seed: int = 0,
                         threads: int | None = None,
-                        prologue: Callable[[np.ndarray], np.ndarray] | None = None) -> list[Trajectory]:
+                        prologue: Callable[[np.ndarray], np.ndarray] | None = None,
+                        noise_scale: float = 1.0) -> list[Trajectory]:
     """Run the FP32 step graph along a full DDIM trajectory per image, recording every step.
 
     Image k is cut to ``sizes[k % len(sizes)]`` with a crop seeded by ``seed + k`` and sampled
-    from x_T = ``frame_noise(.., seed + k)``. ``steps`` is one step count or several: each image
+    from x_T = ``noise_scale * frame_noise(.., seed + k)``. ``steps`` is one step count or several: each image
     is then sampled once per count, so every timestep of every count users run is calibrated.
     ``prologue`` (predict-and-refine) turns a rainy crop into the step's condition.
     """
@@ -280,7 +286,7 @@ def record_trajectories(model: str | os.PathLike, images: Sequence[ImageItem], *
         for s in counts:
             record: list[StepSample] = []
             x_0 = run_ddim(session, cond, schedule=schedule, steps=s, seed=seed + k,
-                           descriptor=descriptor, record=record, image=k)
+                           descriptor=descriptor, record=record, image=k, noise_scale=noise_scale)
             out.append(Trajectory(path=item.path, size=size, seed=seed + k, samples=record, x_0=x_0))
     return out
 

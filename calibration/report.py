@@ -87,8 +87,9 @@ def _round(v: float) -> float | None:
 def compare_quality(fp32_model, int8_model, conds: Sequence[tuple[str, np.ndarray]], *,
                     descriptor: StepDescriptor, schedule_config: ScheduleConfig, steps: int, seed: int = 0,
                     threads: int | None = None, held_out: bool = True,
-                    prologues: tuple[Callable, Callable] | None = None) -> QualityReport:
-    """End-to-end INT8 vs FP32 on ``conds`` ((name, [1, 3, H, W] float32) pairs); image k uses seed + k.
+                    prologues: tuple[Callable, Callable] | None = None, noise_scale: float = 1.0) -> QualityReport:
+    """End-to-end INT8 vs FP32 on ``conds`` ((name, [1, 3, H, W] float32) pairs); image k uses seed + k
+    (x_T scaled by ``noise_scale``, the manifest's, as the runtime draws it).
 
     ``prologues`` (predict-and-refine): (FP32 prologue, INT8 prologue) as numpy functions; ``conds``
     are then the rainy crops and each side conditions its steps on its own prologue's output.
@@ -99,8 +100,10 @@ def compare_quality(fp32_model, int8_model, conds: Sequence[tuple[str, np.ndarra
     report = QualityReport(held_out=held_out)
     for k, (name, cond) in enumerate(conds):
         c32, c8 = (cond, cond) if prologues is None else (prologues[0](cond), prologues[1](cond))
-        a = run_ddim(s32, c32, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
-        b = run_ddim(s8, c8, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor)
+        a = run_ddim(s32, c32, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor,
+                     noise_scale=noise_scale)
+        b = run_ddim(s8, c8, schedule=schedule, steps=steps, seed=seed + k, descriptor=descriptor,
+                     noise_scale=noise_scale)
         report.images.append(ImageQuality(name=name, size=(int(cond.shape[2]), int(cond.shape[3])),
                                           psnr_db=psnr_float(a, b),
                                           psnr_y_db=psnr_y(from_model_output(a), from_model_output(b))))

@@ -45,6 +45,7 @@ def test_artifacts_and_manifest(tiny_int8, tiny_fp32, steps):
     # every step of every calibrated step count: 2, 3, 5, 10 and the build's own
     counts = sorted({2, 3, 5, 10, steps})
     assert c["calibrated_step_counts"] == counts
+    assert c["noise_scale"] == fp32.noise_scale == 1.0  # the trajectories start where the runtime's do
     union = sorted({int(t) for n in counts for t in sched.set_timesteps(n)}, reverse=True)
     assert c["timesteps"] == union
     assert c["samples"] == 4 * sum(counts)

@@ -140,6 +140,21 @@ def test_trajectories_are_the_fp32_loop(trajectories):
             np.testing.assert_allclose(x_next, b.x_t if b is not None else traj.x_0, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("noise_scale", [0.0, 0.5])
+def test_trajectories_start_from_the_scaled_noise(tiny_fp32, rainy_dir, noise_scale):
+    """With a noise scale s the runtime starts from x_T = s * N(0, I): calibration records those
+    trajectories (api.build_int8 passes the manifest's prologue.noise_scale)."""
+    m = Manifest.for_artifact(tiny_fp32.onnx)
+    calib, _ = select_images(rainy_dir, calib_images=1, seed=0)
+    kw = dict(descriptor=m.step_descriptor, schedule_config=m.schedule_config, steps=STEPS, sizes=[(32, 32)], seed=5)
+    (scaled,) = record_trajectories(tiny_fp32.onnx, calib, noise_scale=noise_scale, **kw)
+    (plain,) = record_trajectories(tiny_fp32.onnx, calib, **kw)
+    first = scaled.samples[0].x_t
+    np.testing.assert_array_equal(first, initial_noise(first.shape, 5) * np.float32(noise_scale))
+    np.testing.assert_array_equal(plain.samples[0].x_t, initial_noise(first.shape, 5))
+    assert np.abs(scaled.x_0 - plain.x_0).max() > 1e-4  # the trajectory follows its start
+
+
 def test_reader_feeds_every_sample_and_rewinds(trajectories):
     m, _, trajs, _ = trajectories
     reader = TrajectoryDataReader.from_trajectories(trajs, m.step_descriptor)
