@@ -28,6 +28,7 @@ from rd_export.precision import PRECISIONS
 from runtime.cli_errors import (
     HELP_OPTIONS,
     STEPS_RANGE,
+    check_noise_scale,
     check_refine_strength,
     check_steps,
     error_exits,
@@ -149,6 +150,11 @@ def build(
         help="Predict-and-refine models: the share a of the refiner's correction the runtime keeps, "
              "P(y) + a * (x_0 - P(y)), in (0, 2], stored in the manifest; default 1 (x_0 as Algorithm 2 "
              "returns it). A checkpoint only.")] = None,
+    noise_scale: Annotated[float | None, typer.Option(
+        callback=check_noise_scale,
+        help="Predict-and-refine models: the runtime starts the DDIM loop from x_T = s * N(0, I), s in [0, 1], "
+             "stored in the manifest; 0 starts it from the refiner's prior mean (x_T = 0); default 1 "
+             "(Algorithm 2's x_T). A checkpoint only.")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(
         help=f"Engine profile minimum frame HxW, height x width ({_profile_default('min')}); also the size "
@@ -198,7 +204,7 @@ def build(
         opts = BuildOptions(
             precision=precision.value if precision else None, fmt=fmt.value if fmt else None,
             model=model.value if model else None, steps=steps, default_steps=default_steps,
-            refine_strength=refine_strength, name=name,
+            refine_strength=refine_strength, noise_scale=noise_scale, name=name,
             min_size=parse_size(min_size, "--min-size"), opt_size=parse_size(opt_size, "--opt-size"),
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,

@@ -28,7 +28,7 @@ from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.manifest import Manifest, prologue_name, refine_strength_error, sha256_file
+from runtime.manifest import Manifest, noise_scale_error, prologue_name, refine_strength_error, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
@@ -189,13 +189,16 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                 name: str = "model", steps: int = 10,
                 profile: ShapeProfile | Callable[[ShapeProfile], ShapeProfile] | None = None, opset: int = 17,
                 seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet,
-                default_steps: int | None = None, refine_strength: float | None = None) -> Path:
+                default_steps: int | None = None, refine_strength: float | None = None,
+                noise_scale: float | None = None) -> Path:
     """Export the EMA estimator of ``checkpoint`` as ``out_dir/<name>.onnx`` + ``<name>.json``, verified.
 
     ``steps``: the DDIM steps verification runs (and the manifest's ``default_steps`` unless
     ``default_steps`` is given; 0 there = the predictor alone, predict-and-refine models only).
     ``refine_strength``: the share of the refiner's correction the runtime keeps, stored as the
     manifest's ``prologue.refine_strength`` (predict-and-refine models only; None: not stored, 1).
+    ``noise_scale``: the runtime's x_T = s * N(0, I), stored as ``prologue.noise_scale`` (likewise;
+    None: not stored, 1). Verification runs with s = 1 either way: the graphs do not depend on it.
     ``profile``: the engine shape profile; None = :func:`native_profile` of the checkpoint's training
     crop; a callable gets that native profile and returns the one to use (the CLI's size options).
     Raises CheckpointError (bad checkpoint), UsageError (bad profile / options),
@@ -224,6 +227,12 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             raise UsageError("refine strength: only a predict-and-refine checkpoint has a refiner to weigh")
         if why := refine_strength_error(refine_strength):
             raise UsageError(f"refine strength {why}")
+    if noise_scale is not None:
+        if not refines:
+            raise UsageError("noise scale: only a predict-and-refine checkpoint stores one (a y-only model "
+                             "samples from x_T ~ N(0, I), as Algorithm 2)")
+        if why := noise_scale_error(noise_scale):
+            raise UsageError(f"noise scale {why}")
     if refines and model != "derain":
         raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
                          "comes from G_A, which has no prologue graph yet)")
@@ -255,7 +264,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         report.update(provider="CPUExecutionProvider", onnxruntime=onnxruntime.__version__)
         extra_pro = ({"prologue": {"artifact": pro_dest.name, "sha256": sha256_file(pro_tmp), "precision": "fp32",
                                    "predictor_config": ckpt["config"]["ntb_unet"],
-                                   **({} if refine_strength is None else {"refine_strength": float(refine_strength)})}}
+                                   **({} if refine_strength is None else {"refine_strength": float(refine_strength)}),
+                                   **({} if noise_scale is None else {"noise_scale": float(noise_scale)})}}
                      if refines else {})
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),

@@ -27,6 +27,7 @@ from runtime.cli_errors import (
     HELP_OPTIONS,
     STEPS_RANGE,
     Terminated,
+    check_noise_scale,
     check_refine_strength,
     check_steps,
     error_exits,
@@ -59,7 +60,8 @@ def _default_derainer_factory(artifact: str | Path | None = None, **options: Any
     return Derainer(artifact, **options)
 
 
-#: ``factory(artifact_or_None, *, steps, seed, tile, overlap, device, threads, batch) -> Derainer``.
+#: ``factory(artifact_or_None, *, steps, seed, tile, overlap, device, threads, batch[, refine_strength,
+#: noise_scale]) -> Derainer`` (the last two only when given).
 #: Replaced by tests (a fake derainer) and by embedders; None = the model shipped in the package.
 derainer_factory: Callable[..., Any] = _default_derainer_factory
 
@@ -119,7 +121,8 @@ StepsOpt = Annotated[int | None, typer.Option(
     help=f"DDIM sampling steps, {STEPS_RANGE}; one step of Algorithm 2 is at t = 1 and returns the noise. "
          "Default: the model's own (manifest 'default_steps'; 2 for the shipped model). Fewer is faster.")]
 SeedOpt = Annotated[int, typer.Option(
-    "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output.")]
+    "--seed", metavar="N", help="Seed of the initial noise; the same seed and input give the same output (no effect "
+         "at --noise-scale 0, the shipped model's default: its loop starts from x_T = 0).")]
 TileOpt = Annotated[int | None, typer.Option(
     "--tile", min=16, metavar="P",
     help="Derain in PxP tiles blended over --overlap pixels at every step (P a multiple of the model's size "
@@ -136,6 +139,11 @@ RefineOpt = Annotated[float | None, typer.Option(
     help="Predict-and-refine models: keep the share A of the refiner's correction, P(y) + A * (x_0 - P(y)), "
          "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.25 for the shipped "
          "model, 1 where it does not say).")]
+NoiseOpt = Annotated[float | None, typer.Option(
+    "--noise-scale", metavar="S", callback=check_noise_scale,
+    help="Predict-and-refine models: start the DDIM loop from x_T = S * N(0, I), 0 <= S <= 1; 0 starts it "
+         "from the refiner's prior mean (x_T = 0: the output no longer depends on --seed). Default: the "
+         "model's own (manifest 'prologue.noise_scale'; 0 for the shipped model, 1 where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "
@@ -205,11 +213,13 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
 
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
                   tile: int | None = None, overlap: int | None = None, device: Device | None = None,
-                  threads: int | None = None, batch: int | None = None, refine_strength: float | None = None):
+                  threads: int | None = None, batch: int | None = None, refine_strength: float | None = None,
+                  noise_scale: float | None = None):
     if tile is not None and overlap is not None and overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
     artifact = resolve_engine(engine, precision)
-    extra = {} if refine_strength is None else {"refine_strength": refine_strength}  # only when given
+    extra = {k: v for k, v in (("refine_strength", refine_strength), ("noise_scale", noise_scale))
+             if v is not None}  # only when given
     return derainer_factory(artifact, steps=steps, seed=seed, tile=tile, overlap=overlap,
                             device=device.value if device is not None else None, threads=threads, batch=batch,
                             **extra)
@@ -321,6 +331,7 @@ def derain(
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
+    noise_scale: NoiseOpt = None,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -392,7 +403,7 @@ def derain(
         def factory():
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads, batch=batch,
-                                 refine_strength=refine_strength)
+                                 refine_strength=refine_strength, noise_scale=noise_scale)
 
         observer = _RichBatchObserver(console, show_bar=console.is_terminal and not debug)
         runner = BatchRunner(items, output_dir, factory, suffix=suffix, skip_existing=skip_existing,
@@ -457,6 +468,7 @@ def eval_cmd(
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
+    noise_scale: NoiseOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     save: Annotated[Path | None, typer.Option(
@@ -490,7 +502,7 @@ def eval_cmd(
             raise InputError(f"no rainy/clean pairs in {rainy} and {clean} (pairs are matched by file name stem)")
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads,
-                                 refine_strength=refine_strength)
+                                 refine_strength=refine_strength, noise_scale=noise_scale)
 
         def on_pair(s) -> None:  # the table goes to stdout, unless stdout carries the JSON
             if s.status == "failed":
@@ -556,6 +568,7 @@ def bench(
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
+    noise_scale: NoiseOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
@@ -572,7 +585,7 @@ def bench(
         height, width = parse_hw(size, "--size")
         derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
                                  threads=threads, batch=batch,
-                                 refine_strength=refine_strength)
+                                 refine_strength=refine_strength, noise_scale=noise_scale)
         try:
             result = run_bench(derainer, width=width, height=height, batch=batch or 1, warmup=warmup, runs=runs,
                                steps=steps)
@@ -620,6 +633,7 @@ def stream(
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
+    noise_scale: NoiseOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option(
@@ -662,7 +676,7 @@ def stream(
     with _guard(debug, json_out):
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads,
-                                 refine_strength=refine_strength)
+                                 refine_strength=refine_strength, noise_scale=noise_scale)
         meta = engine_info(derainer, engine, device, threads)
         try:
             stats = run_stream(source, derainer, out=out, display=display, max_frames=max_frames, drop=drop,
@@ -863,6 +877,7 @@ def serve(
     tile: TileOpt = None,
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
+    noise_scale: NoiseOpt = None,
     device: DeviceOpt = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help=(
         "Refuse frames with more than N pixels (default 3840x2160); 0 = no limit.")) ] = 3840 * 2160,
@@ -896,7 +911,7 @@ def serve(
         def factory(n_threads: int):
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=n_threads,
-                                 refine_strength=refine_strength)
+                                 refine_strength=refine_strength, noise_scale=noise_scale)
 
         server = DerainServer(factory, config, threads=threads)
         with server:

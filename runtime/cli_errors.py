@@ -124,6 +124,15 @@ def check_refine_strength(value: float | None) -> float | None:
     return value
 
 
+def check_noise_scale(value: float | None) -> float | None:
+    """Callback of ``--noise-scale`` (rd-run, rd-export build): a number in [0, 1]."""
+    from runtime.manifest import noise_scale_error
+
+    if value is not None and (why := noise_scale_error(value)):
+        raise typer.BadParameter(why)
+    return value
+
+
 def one_line_group(prefix: str) -> type[TyperGroup]:
     """A typer group class whose command-line errors (unknown option, bad value, missing argument)
     are one line on stderr, ``<prefix>error: <message> (see '<command> --help')``, exit 2.

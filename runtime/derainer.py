@@ -36,7 +36,7 @@ import numpy as np
 
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
-from runtime.manifest import Manifest, refine_strength_error
+from runtime.manifest import Manifest, noise_scale_error, refine_strength_error
 from runtime.schedule import DDIMSchedule, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
@@ -161,17 +161,22 @@ class Derainer:
     (TensorRT: replay the step loop as one CUDA graph), ``refine_strength`` (predict-and-refine
     models: the output is ``P(y) + a * (x_0 - P(y))``, the share ``a`` of the refiner's correction
     kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.25 for the
-    shipped model, chosen on both dev sets: docs/quality.md).
+    shipped model, chosen on both dev sets: docs/quality.md), ``noise_scale`` (predict-and-refine
+    models: x_T = s * N(0, I); 0 starts the loop from the refiner's prior mean, x_T = 0, and the output
+    no longer depends on ``seed``; None = the manifest's ``prologue.noise_scale``, 1 where it does not
+    say; 0 for the shipped model: docs/quality.md).
     """
 
     def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
                  tile: int | None = None, overlap: int | None = None, device: str | None = None,
                  threads: int | None = None, batch: int | None = None, cuda_graph: bool = True,
-                 refine_strength: float | None = None) -> None:
+                 refine_strength: float | None = None, noise_scale: float | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         if refine_strength is not None and (why := refine_strength_error(refine_strength)):
             raise UsageError(f"refine_strength {why}")
+        if noise_scale is not None and (why := noise_scale_error(noise_scale)):
+            raise UsageError(f"noise_scale {why}")
         path = default_artifact(device=device) if artifact is None else Path(artifact)
         self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
         try:
@@ -179,6 +184,9 @@ class Derainer:
             if refine_strength is not None and not self._backend.has_prologue and refine_strength != 1:
                 raise UsageError(f"refine_strength applies to predict-and-refine models; {path.name} has no predictor")
             self._strength = float(self.manifest.refine_strength if refine_strength is None else refine_strength)
+            if noise_scale is not None and not self._backend.has_prologue and noise_scale != 1:
+                raise UsageError(f"noise_scale applies to predict-and-refine models; {path.name} has no predictor")
+            self._noise_scale = float(self.manifest.noise_scale if noise_scale is None else noise_scale)
         except BaseException:
             self._backend.close()
             raise
@@ -265,6 +273,11 @@ class Derainer:
     def refine_strength(self) -> float:
         """The share of the refiner's correction kept (1: x_0 as Algorithm 2 returns it)."""
         return self._strength
+
+    @property
+    def noise_scale(self) -> float:
+        """The scale s of the initial noise, x_T = s * N(0, I) (1: Algorithm 2's x_T; 0: x_T = 0)."""
+        return self._noise_scale
 
     @property
     def seed(self) -> int:
@@ -400,11 +413,17 @@ class Derainer:
         return None
 
     def _initial_noise(self, hp: int, wp: int) -> np.ndarray:
-        """x_T for one frame, [1, 3, Hp, Wp]; the same for every frame of that padded size."""
+        """x_T for one frame, [1, 3, Hp, Wp]; the same for every frame of that padded size (scaled by
+        the noise scale; zeros at 0, without drawing)."""
         key = (hp, wp)
         noise = self._noise.get(key)
         if noise is None:
-            noise = initial_noise((1, 3, hp, wp), self._seed)
+            if self._noise_scale == 0.0:
+                noise = np.zeros((1, 3, hp, wp), np.float32)
+            else:
+                noise = initial_noise((1, 3, hp, wp), self._seed)
+                if self._noise_scale != 1.0:
+                    noise *= np.float32(self._noise_scale)
             noise.flags.writeable = False
             self._noise[key] = noise
             while len(self._noise) > _NOISE_CACHE_SIZE:

@@ -22,7 +22,7 @@ from runtime.io import atomic_write_bytes
 from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
 __all__ = ["REFINE_STRENGTH_MAX", "SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name",
-           "refine_strength_error", "sha256_file"]
+           "refine_strength_error", "noise_scale_error", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -129,6 +129,14 @@ class Manifest:
         prologue entry's ``refine_strength``; 1 (Algorithm 2's x_0 as it is) where it does not say."""
         pro = self.prologue
         return float(pro.get("refine_strength", 1.0)) if pro is not None else 1.0
+
+    @property
+    def noise_scale(self) -> float:
+        """The scale of the initial noise, x_T = s * N(0, I): the prologue entry's ``noise_scale``;
+        1 (Algorithm 2's x_T) where it does not say. 0 starts the refiner's DDIM loop from its prior's
+        mean (x_T = 0): the output no longer depends on the seed."""
+        pro = self.prologue
+        return float(pro.get("noise_scale", 1.0)) if pro is not None else 1.0
 
     @property
     def min_steps(self) -> int:
@@ -310,6 +318,8 @@ def validate(d: Any, *, where: str = "manifest") -> None:
             why = refine_strength_error(pro["refine_strength"])
             if why:
                 raise ManifestError(f"{where}: field 'prologue.refine_strength' {why}")
+        if "noise_scale" in pro and (why := noise_scale_error(pro["noise_scale"])):
+            raise ManifestError(f"{where}: field 'prologue.noise_scale' {why}")
     profile = desc["profile"]
     if not isinstance(profile, dict):
         raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")
@@ -347,6 +357,13 @@ def refine_strength_error(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) \
             or not 0.0 < v <= REFINE_STRENGTH_MAX:
         return f"must be a number in (0, {REFINE_STRENGTH_MAX:g}], got {v!r}"
+    return None
+
+
+def noise_scale_error(v: Any) -> str | None:
+    """Why ``v`` is not an initial-noise scale (a number in [0, 1]), or None."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
+        return f"must be a number in [0, 1], got {v!r}"
     return None
 
 

@@ -93,7 +93,7 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple
 @torch.no_grad()
 def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: int,
                 schedule_config: ScheduleConfig | None = None, return_trajectory: bool = False,
-                prologue: nn.Module | None = None):
+                prologue: nn.Module | None = None, noise_scale: float = 1.0):
     """Algorithm 2 with eta = 0: x_T ~ N(0, I), then S fused DDIM steps conditioned on ``cond``.
 
     ``cond`` is [N, 3, H, W] in [-1, 1], any H, W: it is reflect-padded (bottom/right) to the
@@ -102,7 +102,8 @@ def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: i
     the estimator's condition is ``prologue(padded y)`` = [y, P(y)], as the runtime computes it;
     ``steps = 0`` then returns P(y) without any DDIM step. The initial noise is
     ``runtime.schedule.frame_noise(N, Hp, Wp, seed)`` at the **padded** shape: the same draw for
-    every frame, so a frame's output does not depend on its batch (as in the runtime). Runs in float32; the loop is
+    every frame, so a frame's output does not depend on its batch (as in the runtime), times
+    ``noise_scale`` (the runtime's manifest ``prologue.noise_scale``: 0 starts from x_T = 0). Runs in float32; the loop is
     :func:`runtime.schedule.sample_loop`, the same one every backend's reference uses.
 
     Returns x_0 (float32 tensor [N, 3, H, W], not clipped). With ``return_trajectory=True``
@@ -134,7 +135,7 @@ def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: i
         def record(i: int, x_t: torch.Tensor, t: np.ndarray, coef: np.ndarray) -> None:
             trajectory.append({"x_t": x_t.cpu().numpy().copy(), "cond": cond_np, "t": t, "coef": coef})
 
-        x_T = torch.from_numpy(frame_noise(n, hp, wp, seed)).to(device)
+        x_T = torch.from_numpy(frame_noise(n, hp, wp, seed) * np.float32(noise_scale)).to(device)
         x_t = sample_loop(step, x_T, cond_p, sched, on_step=record if return_trajectory else None)
     x_0 = x_t[..., :h, :w].contiguous()
     return (x_0, trajectory) if return_trajectory else x_0

@@ -10,7 +10,8 @@ does with the same plan (docs/serving.md):
    all requests of the batch are sampled together, in chunks of the plan's max batch;
 2. reflect-pad H, W (bottom / right) up to the size multiple and the profile's minimum;
 3. cond = y, or, for a predict-and-refine model, cond = prologue(y) (one call of the prologue plan);
-4. x_T = N(0, I) from PCG64(seed), [1, C, Hp, Wp], the same for every frame of that padded size;
+4. x_T = s * N(0, I) from PCG64(seed) (s: the manifest's prologue.noise_scale, 1 where it does not say; 0
+   gives x_T = 0), [1, C, Hp, Wp], the same for every frame of that padded size;
 5. S fused steps x_t -> x_next, each one BLS call of the step plan (t and coef of step i);
    at zero steps the output is the prologue's estimate, cond[:, estimate_channels]; with a refine
    strength a != 1 (the manifest's prologue.refine_strength) the output is P(y) + a * (x_0 - P(y));
@@ -159,8 +160,13 @@ class TritonPythonModel:
     def _noise(self, hp, wp):
         key = (hp, wp)
         if key not in self.noise:
-            rng = np.random.Generator(np.random.PCG64(self.seed))
-            self.noise[key] = rng.standard_normal((1, int(self.step["channels"]), hp, wp), dtype=np.float32)
+            shape = (1, int(self.step["channels"]), hp, wp)
+            scale = float(self.prologue.get("noise_scale", 1.0)) if self.prologue is not None else 1.0
+            if scale == 0.0:  # the refiner's prior mean, x_T = 0 (the manifest's prologue.noise_scale)
+                self.noise[key] = np.zeros(shape, np.float32)
+            else:
+                rng = np.random.Generator(np.random.PCG64(self.seed))
+                self.noise[key] = rng.standard_normal(shape, dtype=np.float32) * np.float32(scale)
             while len(self.noise) > _NOISE_CACHE:
                 self.noise.pop(next(iter(self.noise)))
         return self.noise[key]

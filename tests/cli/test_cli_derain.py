@@ -382,3 +382,21 @@ def test_refine_strength_option(tmp_path, rd_run, make_image, fake_factory):
     for command in ("derain", "eval", "bench", "stream", "serve"):
         r = rd_run(command, "--help")
         assert "--refine-strength" in r.result.stdout, command
+
+
+def test_noise_scale_option(tmp_path, rd_run, make_image, fake_factory):
+    """--noise-scale reaches the Derainer only when given (else the model's own scale applies); a
+    value outside [0, 1] is a one-line usage error, on every command that runs a model."""
+    make_image(tmp_path / "in" / "a.png")
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--noise-scale", "0")
+    assert r.code == 0, r.stderr
+    assert fake_factory[-1].noise_scale == 0.0
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out2")
+    assert r.code == 0 and fake_factory[-1].noise_scale is None
+    for bad in ("-0.5", "1.5", "nan", "x"):
+        r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out3", "--noise-scale", bad)
+        assert r.code == 2 and "--noise-scale" in r.stderr, (bad, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    for command in ("derain", "eval", "bench", "stream", "serve"):
+        r = rd_run(command, "--help")
+        assert "--noise-scale" in r.result.stdout, command

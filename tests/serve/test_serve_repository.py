@@ -185,7 +185,7 @@ TOY_STEP_MODEL = textwrap.dedent('''
 
 
 def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_size: int,
-                   strength: float = 1.0) -> np.ndarray:
+                   strength: float = 1.0, noise_scale: float = 1.0) -> np.ndarray:
     """What the BLS loop must compute with the toy prologue and step, from the runtime's own helpers."""
     from runtime.derainer import pad_reflect, to_float, to_uint8
     from runtime.schedule import DDIMSchedule, initial_noise
@@ -198,7 +198,7 @@ def _toy_reference(frame: np.ndarray, steps: int, seed: int, multiple: int, min_
         return to_uint8(cond[:, 3:, :h, :w])[0]
     s = DDIMSchedule()
     s.set_timesteps(steps)
-    x = initial_noise((1, 3, hp, wp), seed)
+    x = initial_noise((1, 3, hp, wp), seed) * np.float32(noise_scale)
     for i, coef in enumerate(s.coefficients()):
         t = np.full((1,), float(s.timesteps[i]), np.float32)
         co = np.repeat(coef[None], 1, axis=0)
@@ -249,16 +249,25 @@ def test_gpu_repository_bls_runs_a_prologue_first_and_zero_steps_returns_its_est
     cfg.write_text(cfg.read_text().replace('name: "derain"', 'name: "derain_half"'))
     (repo / "derain_half" / "1" / "derain.json").write_text(json.dumps(
         {**settings, "prologue": {**settings["prologue"], "refine_strength": 0.5}}))
+    shutil.copytree(repo / "derain", repo / "derain_mean")  # ... and starting from x_T = 0
+    cfg = repo / "derain_mean" / "config.pbtxt"
+    cfg.write_text(cfg.read_text().replace('name: "derain"', 'name: "derain_mean"'))
+    (repo / "derain_mean" / "1" / "derain.json").write_text(json.dumps(
+        {**settings, "prologue": {**settings["prologue"], "noise_scale": 0.0}}))
 
     m, lo = desc.size_multiple, desc.profile.min_size[0]
     shots = frames(14, (40, 48), (17, 23))
     with _serve(repo) as server:
-        for model, steps, strength in (("derain", STEPS, 1.0), ("derain0", 0, 1.0), ("derain_half", STEPS, 0.5)):
+        for model, steps, strength, scale in (("derain", STEPS, 1.0, 1.0), ("derain0", 0, 1.0, 1.0),
+                                              ("derain_half", STEPS, 0.5, 1.0), ("derain_mean", STEPS, 1.0, 0.0)):
             with DerainClient(server.urls["http"], model=model) as client:
                 for f in shots:
-                    np.testing.assert_array_equal(client.derain(f), _toy_reference(f, steps, SEED, m, lo, strength))
+                    np.testing.assert_array_equal(client.derain(f),
+                                                  _toy_reference(f, steps, SEED, m, lo, strength, scale))
         assert not np.array_equal(_toy_reference(shots[0], STEPS, SEED, m, lo, 0.5),
                                   _toy_reference(shots[0], STEPS, SEED, m, lo))  # the strength shows
+        assert not np.array_equal(_toy_reference(shots[0], STEPS, SEED, m, lo, 1.0, 0.0),
+                                  _toy_reference(shots[0], STEPS, SEED, m, lo))  # the noise scale shows
 
 
 def test_a_repository_whose_model_cannot_load_is_a_one_line_server_error(serve_available, tmp_path):
