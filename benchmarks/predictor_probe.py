@@ -42,7 +42,7 @@ def score_set(fn, pairs) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--style", default="v1",
-                    help="rain_batch style (v1 .. v5), or several comma-separated: the steps take turns")
+                    help="rain_batch style (v1, v2, v3, v4), or several comma-separated: the steps take turns")
     ap.add_argument("--minutes", type=float, default=10.0,
                     help="training wall-clock budget (0: no training, score --init as it is)")
     ap.add_argument("--steps", type=int, default=0,

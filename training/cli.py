@@ -200,8 +200,8 @@ def fit(
     lambda_syn: Annotated[float | None, typer.Option(help="Weight of the synthetic-rain prior. [1.0]")] = None,
     rain_style: Annotated[str | None, typer.Option(
         help="Rendered rain of --ntb synthetic/render: v1 (one streak layer, light veil), v2 (light and "
-             "heavy regimes, 2-3 streak layers, a drawn veil), v3 (v1 under a heavier veil), v4 (v1 plus a "
-             "dense rain field added to the image) or v5 (v4 plus a smooth additive lift); docs/quality.md. "
+             "heavy regimes, 2-3 streak layers, a drawn veil), v3 (v1 under a heavier veil) or v4 (v1 plus a "
+             "dense rain field added to the image: the shipped predictor's last stage); docs/quality.md. "
              "[v1; v4 with --recipe edge-refine]")] = None,
     lambda_cyc: Annotated[float | None, typer.Option(help="Weight of L_cyc. [1.0]")] = None,
     lambda_adv: Annotated[float | None, typer.Option(

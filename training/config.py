@@ -72,7 +72,7 @@ class TrainConfig:
     lambda_cyc: float = 1.0
     ntb: str = NTBMode.synthetic.value
     lambda_syn: float = 1.0
-    #: training.synthrain.rain_batch style of the rendered rain (one of RAIN_STYLES: v1 .. v5).
+    #: training.synthrain.rain_batch style of the rendered rain (one of RAIN_STYLES: v1 .. v4).
     rain_style: str = "v1"
     #: Detach the generator outputs used as diffusion conditions (the paper does not).
     detach_cond: bool = False

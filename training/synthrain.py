@@ -12,7 +12,7 @@ Used for tests, demos, paired evaluation sets made from clean photos, and, in tr
 ``--ntb synthetic`` / ``render`` modes, as the rainy half of the clean photos' pairs
 (:func:`rain_batch`, the torch form).
 
-:func:`rain_batch` has five styles. ``v1`` is the model above (one streak layer, light veil).
+:func:`rain_batch` has four styles. ``v1`` is the model above (one streak layer, light veil).
 ``v2`` draws what heavy rain in the wild looks like: a light or a heavy regime per sample (half
 each), two or three streak layers per sample, each with its own angle around a common direction
 (multi-directional in the heavy regime), length, density and width (a wider, dimmer streak is a
@@ -26,12 +26,6 @@ motion-blurred by one long kernel (20-60 px, near v1's angle), scaled to a drawn
 kind: ``rainy - clean`` is a dense field of overlapping long streaks whose level does not depend
 on the clean intensity (a fit of rainy = (1 - v) clean + v A gives v = 0.00 on ``dev/sirr``), with
 a median of 18 grey levels there, while v1's sparse streaks leave most pixels untouched.
-``v5`` adds to v4 an additive lift on one sample in two: a level (0.02-0.15) that is the same at
-every intensity, ramping linearly across the image (by up to 60% of itself, in a drawn direction).
-Measured on ``dev/sirr`` (64-px windows of ``rainy - clean``): a local level of 7 / 21 / 38 grey
-levels (10th / 50th / 90th percentile) with little texture (high-pass standard deviation 8.6
-levels, against 32 in v4's renders and 34 on ``dev/jorder_h``), varying smoothly across the
-frame; a model trained on v4 leaves about half of that level (the output 10 levels too bright).
 docs/quality.md measures each style against v1 with a fixed short training on both dev sets.
 """
 
@@ -58,7 +52,7 @@ PARAM_RANGES: dict[str, tuple[float, float]] = {
 _MAX_KERNEL = 2 * math.ceil(PARAM_RANGES["length"][1] / 2 + 2) + 1
 
 #: The styles :func:`rain_batch` renders (see the module docstring).
-RAIN_STYLES = ("v1", "v2", "v3", "v4", "v5")
+RAIN_STYLES = ("v1", "v2", "v3", "v4")
 #: v3: v1's streaks under a drawn veil (rain accumulation / haze): strength and atmospheric light
 _V3_HAZE, _V3_LIGHT = (0.0, 0.4), (0.7, 1.0)
 #: v4's dense field: probability per sample, seed density, kernel length / width, angle jitter
@@ -66,9 +60,6 @@ _V3_HAZE, _V3_LIGHT = (0.0, 0.4), (0.7, 1.0)
 _V4 = {"p": 0.75, "density": (0.02, 0.12), "length": (20.0, 60.0), "width": (0.5, 1.5), "jitter": 5.0,
        "level": (0.02, 0.16)}
 _V4_MAX_KERNEL = 2 * math.ceil(_V4["length"][1] / 2 + 2) + 1
-#: v5's additive lift: probability per sample, mean level added (in [0, 1] units), and the
-#: relative change of the level from one side of the image to the other (a linear ramp)
-_V5 = {"p": 0.5, "level": (0.02, 0.15), "ramp": 0.6}
 
 #: v2's ranges per regime (light, heavy); each layer draws its own angle offset, length, width, density.
 _V2 = {
@@ -140,7 +131,7 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator, style: str = "v1") -
     """
     if style == "v2":
         return _rain_batch_v2(x, generator)
-    if style not in ("v1", "v3", "v4", "v5"):
+    if style not in ("v1", "v3", "v4"):
         raise ValueError(f"rain style must be one of {', '.join(RAIN_STYLES)}, got {style!r}")
     n, _, h, w = x.shape
     with torch.no_grad():
@@ -168,12 +159,9 @@ def rain_batch(x: torch.Tensor, generator: torch.Generator, style: str = "v1") -
             u = torch.rand(n, 2, generator=generator, dtype=torch.float64)
             haze = _uniform(u[:, 0], *_V3_HAZE)[:, None, None, None]
             light = _uniform(u[:, 1], *_V3_LIGHT)[:, None, None, None]
-        if style in ("v4", "v5"):  # the dense field, drawn after v1's draws (v1 stays bit-exact)
+        if style == "v4":  # the dense field, drawn after v1's draws (v1 stays bit-exact)
             angles = [p["angle"] for p in params]
-            added = _dense_field(n, h, w, angles, generator, x.device)
-            if style == "v5":  # the lift, drawn after v4's draws (v4 stays bit-exact)
-                added = added + _lift(n, h, w, generator, x.device)
-            screen = (screen + added.to(x.dtype)).clamp(0.0, 1.0)
+            screen = (screen + _dense_field(n, h, w, angles, generator, x.device).to(x.dtype)).clamp(0.0, 1.0)
         hz, a = haze.to(x.device, x.dtype), light.to(x.device, x.dtype)
         out = (1.0 - hz) * screen + hz * a
         return (out * 2.0 - 1.0).clamp(-1.0, 1.0)
@@ -207,23 +195,6 @@ def _dense_field(n: int, h: int, w: int, angles: list[float], generator: torch.G
     field = _conv_same_fft(drops, torch.from_numpy(kernels)[:, None].to(device)).clamp(min=0.0)
     field = field / field.mean(dim=(2, 3), keepdim=True).clamp(min=1e-6) * level.to(device)
     return field.clamp(0.0, 0.6)
-
-
-def _lift(n: int, h: int, w: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """v5's additive lift [n, 1, h, w] on ``device`` (0 on the samples drawn without it), in [0, 1]
-    units: a level that is the same for every intensity, ramping linearly across the image in a
-    drawn direction by up to ``_V5["ramp"]`` of itself (mean level kept)."""
-    r = _V5
-    u = torch.rand(n, 4, generator=generator, dtype=torch.float64)
-    level = _uniform(u[:, 0], *r["level"]) * (u[:, 1] < r["p"])
-    theta = 2.0 * math.pi * u[:, 2]
-    slope = r["ramp"] * u[:, 3]  # the level's relative change from one side to the other
-    yy = torch.linspace(-0.5, 0.5, h, dtype=torch.float64)[:, None]
-    xx = torch.linspace(-0.5, 0.5, w, dtype=torch.float64)[None, :]
-    c, s = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    ramp = (c * xx + s * yy) / (c.abs() + s.abs())  # [n, h, w], from -0.5 to 0.5 corner to corner
-    lift = level[:, None, None] * (1.0 + slope[:, None, None] * ramp)
-    return lift[:, None].float().to(device)
 
 
 def _uniform(u: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
