@@ -238,6 +238,9 @@ def engine_info(derainer: Any, engine: Path | None, device: Device | None, threa
         or (device.value if device is not None else None),
         "threads": getattr(backend, "threads", None) or getattr(derainer, "threads", None) or threads,
     }
+    for key in ("refine_strength", "noise_scale"):  # predict-and-refine: what the output was sampled with
+        if (value := getattr(derainer, key, None)) is not None and getattr(backend, "has_prologue", False):
+            info[key] = value
     if getattr(backend, "inference_precision", None):  # OpenVINO: the arithmetic it chose for this CPU
         info["inference_precision"] = backend.inference_precision
     providers = getattr(backend, "providers", None)
