@@ -103,8 +103,9 @@ def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: i
     ``steps = 0`` then returns P(y) without any DDIM step. The initial noise is
     ``runtime.schedule.frame_noise(N, Hp, Wp, seed)`` at the **padded** shape: the same draw for
     every frame, so a frame's output does not depend on its batch (as in the runtime), times
-    ``noise_scale`` (the runtime's manifest ``prologue.noise_scale``: 0 starts from x_T = 0). Runs in float32; the loop is
-    :func:`runtime.schedule.sample_loop`, the same one every backend's reference uses.
+    ``noise_scale`` (the runtime's manifest ``prologue.noise_scale``: 0 starts from x_T = 0). Runs
+    in float32; the loop is :func:`runtime.schedule.sample_loop`, the same one every backend's
+    reference uses.
 
     Returns x_0 (float32 tensor [N, 3, H, W], not clipped). With ``return_trajectory=True``
     returns ``(x_0, trajectory)`` where trajectory is a list of per-step dicts with the fused
