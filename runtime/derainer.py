@@ -10,7 +10,8 @@
 What one call does (Algorithm 2 with eta = 0, exactly what ``training.diffusion.ddim_sample``
 does in torch): cond = u8 / 127.5 - 1; reflect-pad H, W (bottom / right) up to the model's size
 multiple (and up to a TensorRT profile's minimum); x_T = ``initial_noise((1, 3, Hp, Wp), seed)``
-for every frame; S fused steps in the backend; crop; ``round((x + 1) * 127.5)`` clipped to uint8.
+for every frame (times the noise scale of a predict-and-refine model: zeros for the shipped one);
+S fused steps in the backend; crop; ``round((x + 1) * 127.5)`` clipped to uint8.
 The output has the input's shape. The same seed gives the same output, and a frame gives the
 same output alone or inside a batch (the noise depends only on the seed and the padded shape).
 
