@@ -805,7 +805,8 @@ def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
         for name, b in data["backends"].items():
             extra = f" providers: {', '.join(b['providers'])}" if b.get("providers") else ""
             if "native_bf16" in b:
-                extra += f" (native BF16: {'yes' if b['native_bf16'] else 'no'})"
+                cache = b.get("cache_dir") or "off (RD_OPENVINO_CACHE)"
+                extra += f" (native BF16: {'yes' if b['native_bf16'] else 'no'}; compile cache: {cache})"
             lines.append(f"  {name}: {'yes' if b['available'] else 'no'}{extra}")
         dev = data["default_device"]
         if "error" in dev:

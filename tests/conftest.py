@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,9 @@ if sys.path[:1] != [_ROOT]:
 # tests of the default itself unset it (tests/runtime/test_default_device.py), and OpenVINO's own
 # tests name their device.
 os.environ["RD_DEVICE"] = "cpu"
+# OpenVINO's compile cache (runtime.backends.openvino.cache_dir) goes to a folder of this run, not
+# the user's ~/.cache: the tests of the cache itself name their own.
+os.environ.setdefault("RD_OPENVINO_CACHE", tempfile.mkdtemp(prefix="rd_ov_cache_"))
 
 
 def make_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:

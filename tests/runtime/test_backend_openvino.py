@@ -8,6 +8,7 @@ model.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -310,9 +311,16 @@ def test_rd_run_info_names_the_default_device(monkeypatch):
     assert r.exit_code == 0, r.stderr
     assert json.loads(r.stdout)["default_device"] == {"setting": "auto", "from": "default", "onnx": "openvino (BF16)",
                                                       "shipped_model": "fp32 on openvino (BF16)"}
+    assert json.loads(r.stdout)["backends"]["openvino"]["cache_dir"] == os.environ[ovb.CACHE_ENV]
     monkeypatch.setenv("RD_DEVICE", "cpu")
     r = CliRunner().invoke(cli.app, ["info"])
     assert "default device for .onnx: cpu (RD_DEVICE) -> cpu (onnxruntime)" in r.stdout
+    assert f"compile cache: {os.environ[ovb.CACHE_ENV]})" in r.stdout  # where compiled models are kept
+    cache = os.environ[ovb.CACHE_ENV]
+    monkeypatch.setenv(ovb.CACHE_ENV, "off")
+    r = CliRunner().invoke(cli.app, ["info"])
+    assert "compile cache: off (RD_OPENVINO_CACHE))" in r.stdout
+    monkeypatch.setenv(ovb.CACHE_ENV, cache)
     # OpenVINO absent on a CPU with native BF16: the line says what to install
     monkeypatch.delenv("RD_DEVICE")
     monkeypatch.setattr(ovb, "probe", lambda: {"available": False})
@@ -417,3 +425,56 @@ def test_derainer_without_an_artifact_takes_the_int8_model_on_openvino(monkeypat
     monkeypatch.setattr(cpu, "has_avx512_vnni", lambda: False)
     monkeypatch.delenv("RD_DEVICE")
     assert default_artifact().name == "default.onnx"  # AVX2, no BF16: onnxruntime FP32
+
+
+# ------------------------------------------------------------------ the compile cache between processes
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    import stat
+
+    for off in ("off", "0", "", "OFF", "no"):
+        monkeypatch.setenv(ovb.CACHE_ENV, off)
+        assert ovb.cache_dir() is None
+    monkeypatch.setenv(ovb.CACHE_ENV, str(tmp_path / "mine" / "ov"))
+    assert ovb.cache_dir(create=False) == tmp_path / "mine" / "ov" and not (tmp_path / "mine").exists()
+    path = ovb.cache_dir()
+    assert path == tmp_path / "mine" / "ov" and path.is_dir()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o700  # private to the user
+    monkeypatch.delenv(ovb.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert ovb.cache_dir() == tmp_path / "xdg" / "raindiffusion-edge" / "openvino"
+    (tmp_path / "a_file").write_text("x")
+    monkeypatch.setenv(ovb.CACHE_ENV, str(tmp_path / "a_file" / "ov"))  # cannot be made: caching off
+    assert ovb.cache_dir() is None
+
+
+def test_compiled_models_are_cached_and_a_damaged_cache_only_costs_a_compile(artifacts, tmp_path, monkeypatch):
+    """A second backend (a new OpenVINO Core, as in a new process) loads what the first compiled
+    and computes the same; entries truncated or overwritten are recompiled, with the same output."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(ovb.CACHE_ENV, str(cache))
+    rng = np.random.default_rng(11)
+    rainy = rng.uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    x_T = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov:
+        assert ov.cache_dir == cache
+        first = _loop(ov, rainy, x_T).copy()
+    blobs = sorted(cache.glob("*.blob"))
+    assert len(blobs) >= 2  # the step and the prologue
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov:
+        np.testing.assert_array_equal(_loop(ov, rainy, x_T), first)
+    assert sorted(cache.glob("*.blob")) == blobs  # loaded, nothing new compiled
+    for i, blob in enumerate(blobs):
+        blob.chmod(0o600)
+        data = bytearray(blob.read_bytes())
+        if i % 2:
+            blob.write_bytes(bytes(data[: len(data) // 3]))  # a write cut short
+        else:
+            data[len(data) // 2:len(data) // 2 + 64] = bytes(64)  # altered
+            blob.write_bytes(bytes(data))
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov:
+        np.testing.assert_array_equal(_loop(ov, rainy, x_T), first)
+    monkeypatch.setenv(ovb.CACHE_ENV, "off")
+    with OpenVINOBackend(artifacts["refine"], threads=1, precision="f32") as ov:
+        assert ov.cache_dir is None
+        np.testing.assert_array_equal(_loop(ov, rainy, x_T), first)
