@@ -366,37 +366,24 @@ def test_one_step_is_a_usage_error_before_any_work(tmp_path, rd_run, make_image,
     assert "Traceback" not in r.stderr and not fake_factory and not (tmp_path / "out").exists()
 
 
-def test_refine_strength_option(tmp_path, rd_run, make_image, fake_factory):
-    """--refine-strength reaches the Derainer only when given (else the model's own share applies);
-    a value outside (0, 2] is a one-line usage error, on every command that runs a model."""
+@pytest.mark.parametrize(("option", "attr", "value", "bad"), [
+    ("--refine-strength", "refine_strength", 0.5, ("0", "2.5", "nan", "x")),  # (0, 2]
+    ("--noise-scale", "noise_scale", 0.0, ("-0.5", "1.5", "nan", "x")),  # [0, 1]
+])
+def test_sampling_options(tmp_path, rd_run, make_image, fake_factory, option, attr, value, bad):
+    """--refine-strength / --noise-scale reach the Derainer only when given (else the model's own
+    setting applies); a value out of range is a one-line usage error, on every command that runs a
+    model."""
     make_image(tmp_path / "in" / "a.png")
-    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--refine-strength", "0.5")
+    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", option, str(value))
     assert r.code == 0, r.stderr
-    assert fake_factory[-1].refine_strength == 0.5
+    assert getattr(fake_factory[-1], attr) == value
     r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out2")
-    assert r.code == 0 and fake_factory[-1].refine_strength is None
-    for bad in ("0", "2.5", "nan", "x"):
-        r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out3", "--refine-strength", bad)
-        assert r.code == 2 and "--refine-strength" in r.stderr, (bad, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1
-    for command in ("derain", "eval", "bench", "stream", "serve"):
-        r = rd_run(command, "--help")
-        assert "--refine-strength" in r.result.stdout, command
-
-
-def test_noise_scale_option(tmp_path, rd_run, make_image, fake_factory):
-    """--noise-scale reaches the Derainer only when given (else the model's own scale applies); a
-    value outside [0, 1] is a one-line usage error, on every command that runs a model."""
-    make_image(tmp_path / "in" / "a.png")
-    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out", "--noise-scale", "0")
-    assert r.code == 0, r.stderr
-    assert fake_factory[-1].noise_scale == 0.0
-    r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out2")
-    assert r.code == 0 and fake_factory[-1].noise_scale is None
-    for bad in ("-0.5", "1.5", "nan", "x"):
-        r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out3", "--noise-scale", bad)
-        assert r.code == 2 and "--noise-scale" in r.stderr, (bad, r.stderr)
+    assert r.code == 0 and getattr(fake_factory[-1], attr) is None
+    for v in bad:
+        r = rd_run("derain", tmp_path / "in", "-o", tmp_path / "out3", option, v)
+        assert r.code == 2 and option in r.stderr, (v, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     for command in ("derain", "eval", "bench", "stream", "serve"):
         r = rd_run(command, "--help")
-        assert "--noise-scale" in r.result.stdout, command
+        assert option in r.result.stdout, command

@@ -220,7 +220,15 @@ def test_refine_strength_keeps_that_share_of_the_correction(refine, monkeypatch,
         np.testing.assert_allclose(out[2, a], p + np.float32(a) * (x0 - p), atol=1e-6, rtol=0)
 
 
-def test_refine_strength_comes_from_the_manifest_and_is_checked(refine, tmp_path, tiny_model):
+@pytest.mark.parametrize(("field", "value", "unsaid", "bad", "why"), [
+    ("refine_strength", 0.5, 1.0, (0, -0.5, 2.5, float("nan"), True, "0.5"), r"must be a number in \(0, 2\]"),
+    ("noise_scale", 0.0, 1.0, (-0.1, 1.5, float("nan"), True, "0"), r"must be a number in \[0, 1\]"),
+])
+def test_sampling_settings_come_from_the_manifest_and_are_checked(refine, tmp_path, tiny_model, field, value,
+                                                                  unsaid, bad, why):
+    """refine_strength and noise_scale: the manifest's prologue entry sets the default, the argument
+    wins, unsaid means Algorithm 2's (1); bad values are refused in both places; a y-only model
+    takes only Algorithm 2's value."""
     import json
     import shutil
 
@@ -232,25 +240,26 @@ def test_refine_strength_comes_from_the_manifest_and_is_checked(refine, tmp_path
     art = tmp_path / onnx.name
     mpath = art.with_suffix(".json")
     data = json.loads(mpath.read_text())
-    data["prologue"]["refine_strength"] = 0.5
+    data["prologue"][field] = value
     mpath.write_text(json.dumps(data))
     y = np.random.default_rng(6).uniform(-1, 1, (1, 3, 24, 30)).astype(np.float32)
-    with Derainer(art, steps=2, threads=1) as d, Derainer(onnx, steps=2, threads=1, refine_strength=0.5) as e:
-        assert d.refine_strength == 0.5
+    with Derainer(art, steps=2, threads=1) as d, Derainer(onnx, steps=2, threads=1, **{field: value}) as e:
+        assert getattr(d, field) == value
         np.testing.assert_array_equal(d.sample(y), e.sample(y))
-    with Derainer(art, steps=2, threads=1, refine_strength=1) as d:  # the argument wins
-        assert d.refine_strength == 1.0
-    for bad in (0, -0.5, 2.5, float("nan"), True, "0.5"):
-        with pytest.raises(UsageError, match=r"refine_strength must be a number in \(0, 2\]"):
-            Derainer(onnx, steps=2, threads=1, refine_strength=bad)
-        data["prologue"]["refine_strength"] = bad
+    with Derainer(art, steps=2, threads=1, **{field: unsaid}) as d, Derainer(onnx, steps=2, threads=1) as e:
+        assert getattr(d, field) == getattr(e, field) == unsaid  # the argument wins; unsaid: 1
+        np.testing.assert_array_equal(d.sample(y), e.sample(y))
+    for v in bad:
+        with pytest.raises(UsageError, match=f"{field} {why}"):
+            Derainer(onnx, steps=2, threads=1, **{field: v})
+        data["prologue"][field] = v
         mpath.write_text(json.dumps(data))
-        with pytest.raises(ManifestError, match=r"'prologue.refine_strength' must be a number in \(0, 2\]"):
+        with pytest.raises(ManifestError, match=f"'prologue.{field}' {why}"):
             Derainer(art, steps=2, threads=1)
-    with pytest.raises(UsageError, match="refine_strength applies to predict-and-refine models"):
-        Derainer(tiny_model.onnx, steps=2, threads=1, refine_strength=0.5)
-    with Derainer(tiny_model.onnx, steps=2, threads=1, refine_strength=1) as d:  # 1 is Algorithm 2: allowed
-        assert d.refine_strength == 1.0
+    with pytest.raises(UsageError, match=f"{field} applies to predict-and-refine models"):
+        Derainer(tiny_model.onnx, steps=2, threads=1, **{field: value})
+    with Derainer(tiny_model.onnx, steps=2, threads=1, **{field: unsaid}) as d:  # Algorithm 2's: allowed
+        assert getattr(d, field) == unsaid
 
 
 def test_export_stores_the_refine_strength(refine, tmp_path):
@@ -307,38 +316,6 @@ def test_noise_scale_zero_does_not_depend_on_the_seed(refine, shape):
                 out[seed, s] = d.sample(y)
     np.testing.assert_array_equal(out[0, 0.0], out[1, 0.0])
     assert np.abs(out[0, 1.0] - out[1, 1.0]).max() > 1e-3  # with noise the seed matters
-
-
-def test_noise_scale_comes_from_the_manifest_and_is_checked(refine, tmp_path, tiny_model):
-    import json
-    import shutil
-
-    from runtime.errors import ManifestError
-
-    onnx = refine[0]
-    for f in onnx.parent.iterdir():
-        shutil.copy(f, tmp_path / f.name)
-    art = tmp_path / onnx.name
-    mpath = art.with_suffix(".json")
-    data = json.loads(mpath.read_text())
-    data["prologue"]["noise_scale"] = 0
-    mpath.write_text(json.dumps(data))
-    y = np.random.default_rng(9).uniform(-1, 1, (1, 3, 24, 30)).astype(np.float32)
-    with Derainer(art, steps=2, threads=1) as d, Derainer(onnx, steps=2, threads=1, noise_scale=0) as e:
-        assert d.noise_scale == 0.0
-        np.testing.assert_array_equal(d.sample(y), e.sample(y))
-    with Derainer(art, steps=2, threads=1, noise_scale=1) as d, Derainer(onnx, steps=2, threads=1) as e:
-        assert d.noise_scale == 1.0 and e.noise_scale == 1.0  # the argument wins; unsaid: 1
-        np.testing.assert_array_equal(d.sample(y), e.sample(y))
-    for bad in (-0.1, 1.5, float("nan"), True, "0"):
-        with pytest.raises(UsageError, match=r"noise_scale must be a number in \[0, 1\]"):
-            Derainer(onnx, steps=2, threads=1, noise_scale=bad)
-        data["prologue"]["noise_scale"] = bad
-        mpath.write_text(json.dumps(data))
-        with pytest.raises(ManifestError, match=r"'prologue.noise_scale' must be a number in \[0, 1\]"):
-            Derainer(art, steps=2, threads=1)
-    with pytest.raises(UsageError, match="noise_scale applies to predict-and-refine models"):
-        Derainer(tiny_model.onnx, steps=2, threads=1, noise_scale=0)
 
 
 def test_export_stores_the_noise_scale(refine, tmp_path):
