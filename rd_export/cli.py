@@ -153,7 +153,7 @@ def build(
     noise_scale: Annotated[float | None, typer.Option(
         callback=check_noise_scale,
         help="Predict-and-refine models: the runtime starts the DDIM loop from x_T = s * N(0, I), s in [0, 1], "
-             "stored in the manifest; 0 starts it from the refiner's prior mean (x_T = 0); default 1 "
+             "stored in the manifest; 0 starts it from x_T = 0, the noise's mean; default 1 "
              "(Algorithm 2's x_T). A checkpoint only.")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(

@@ -142,7 +142,7 @@ RefineOpt = Annotated[float | None, typer.Option(
 NoiseOpt = Annotated[float | None, typer.Option(
     "--noise-scale", metavar="S", callback=check_noise_scale,
     help="Predict-and-refine models: start the DDIM loop from x_T = S * N(0, I), 0 <= S <= 1; 0 starts it "
-         "from the refiner's prior mean (x_T = 0: the output no longer depends on --seed). Default: the "
+         "from x_T = 0, the noise's mean (the output no longer depends on --seed). Default: the "
          "model's own (manifest 'prologue.noise_scale'; 0 for the shipped model, 1 where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",

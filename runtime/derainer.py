@@ -163,8 +163,8 @@ class Derainer:
     models: the output is ``P(y) + a * (x_0 - P(y))``, the share ``a`` of the refiner's correction
     kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.25 for the
     shipped model, chosen on both dev sets: docs/quality.md), ``noise_scale`` (predict-and-refine
-    models: x_T = s * N(0, I); 0 starts the loop from the refiner's prior mean, x_T = 0, and the output
-    no longer depends on ``seed``; None = the manifest's ``prologue.noise_scale``, 1 where it does not
+    models: x_T = s * N(0, I); 0 starts the loop from x_T = 0, the noise's mean, and the output no
+    longer depends on ``seed``; None = the manifest's ``prologue.noise_scale``, 1 where it does not
     say; 0 for the shipped model: docs/quality.md).
     """
 

@@ -133,8 +133,8 @@ class Manifest:
     @property
     def noise_scale(self) -> float:
         """The scale of the initial noise, x_T = s * N(0, I): the prologue entry's ``noise_scale``;
-        1 (Algorithm 2's x_T) where it does not say. 0 starts the refiner's DDIM loop from its prior's
-        mean (x_T = 0): the output no longer depends on the seed."""
+        1 (Algorithm 2's x_T) where it does not say. 0 starts the refiner's DDIM loop from x_T = 0,
+        the noise's mean: the output no longer depends on the seed."""
         pro = self.prologue
         return float(pro.get("noise_scale", 1.0)) if pro is not None else 1.0
 

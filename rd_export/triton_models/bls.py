@@ -162,7 +162,7 @@ class TritonPythonModel:
         if key not in self.noise:
             shape = (1, int(self.step["channels"]), hp, wp)
             scale = float(self.prologue.get("noise_scale", 1.0)) if self.prologue is not None else 1.0
-            if scale == 0.0:  # the refiner's prior mean, x_T = 0 (the manifest's prologue.noise_scale)
+            if scale == 0.0:  # x_T = 0, the noise's mean (the manifest's prologue.noise_scale)
                 self.noise[key] = np.zeros(shape, np.float32)
             else:
                 rng = np.random.Generator(np.random.PCG64(self.seed))
