@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +28,9 @@ if sys.path[:1] != [_ROOT]:
 os.environ["RD_DEVICE"] = "cpu"
 # OpenVINO's compile cache (runtime.backends.openvino.cache_dir) goes to a folder of this run, not
 # the user's ~/.cache: the tests of the cache itself name their own.
-os.environ.setdefault("RD_OPENVINO_CACHE", tempfile.mkdtemp(prefix="rd_ov_cache_"))
+if "RD_OPENVINO_CACHE" not in os.environ:
+    os.environ["RD_OPENVINO_CACHE"] = tempfile.mkdtemp(prefix="rd_ov_cache_")
+    atexit.register(shutil.rmtree, os.environ["RD_OPENVINO_CACHE"], ignore_errors=True)
 
 
 def make_scene(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
