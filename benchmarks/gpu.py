@@ -263,7 +263,7 @@ def tensorrt_variant(plan: Path, frame: np.ndarray, a, *, graph: bool) -> dict:
         d.derain(frame)  # bind + warm (with graphs on, the next full run captures the loop)
         be = d.backend
         n, hp, wp = be.shape
-        x_T = initial_noise((n, 3, hp, wp), d.seed)  # what Derainer feeds for this shape
+        x_T = initial_noise((n, 3, hp, wp), d.seed, d.noise_scale)  # what Derainer feeds for this shape
         be.set_cond(pad_reflect(to_float(frame[None]), hp, wp))
 
         def reset():

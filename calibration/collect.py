@@ -252,10 +252,7 @@ def run_ddim(session, cond: np.ndarray, *, schedule: DDIMSchedule, steps: int, s
     def on_step(i: int, x_t: np.ndarray, t: np.ndarray, coef: np.ndarray) -> None:
         record.append(StepSample(x_t=x_t, cond=cond, t=t, coef=coef, step=i, image=image))
 
-    x_T = frame_noise(n, h, w, seed)
-    if noise_scale != 1.0:
-        x_T *= np.float32(noise_scale)
-    return sample_loop(step, x_T, cond, schedule,
+    return sample_loop(step, frame_noise(n, h, w, seed, noise_scale), cond, schedule,
                        on_step=on_step if record is not None else None)
 
 

@@ -419,12 +419,7 @@ class Derainer:
         key = (hp, wp)
         noise = self._noise.get(key)
         if noise is None:
-            if self._noise_scale == 0.0:
-                noise = np.zeros((1, 3, hp, wp), np.float32)
-            else:
-                noise = initial_noise((1, 3, hp, wp), self._seed)
-                if self._noise_scale != 1.0:
-                    noise *= np.float32(self._noise_scale)
+            noise = initial_noise((1, 3, hp, wp), self._seed, self._noise_scale)
             noise.flags.writeable = False
             self._noise[key] = noise
             while len(self._noise) > _NOISE_CACHE_SIZE:

@@ -185,17 +185,23 @@ def sample_loop(step: Callable[[Any, Any, np.ndarray, np.ndarray], Any], x_T: An
     return x_t
 
 
-def initial_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """x_T ~ N(0, I) from PCG64(seed): the same numbers in every backend (docs/ARCHITECTURE.md)."""
-    rng = np.random.Generator(np.random.PCG64(seed))
-    return rng.standard_normal(shape, dtype=np.float32)
+def initial_noise(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> np.ndarray:
+    """x_T = scale * N(0, I) from PCG64(seed): the same numbers in every backend (docs/ARCHITECTURE.md).
+    ``scale`` is a predict-and-refine manifest's ``prologue.noise_scale`` (1 = Algorithm 2's x_T);
+    at 0 the result is zeros, without drawing."""
+    if scale == 0.0:
+        return np.zeros(shape, np.float32)
+    x = np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
+    if scale != 1.0:
+        x *= np.float32(scale)
+    return x
 
 
-def frame_noise(batch: int, height: int, width: int, seed: int) -> np.ndarray:
-    """x_T of a batch: every frame gets ``initial_noise((1, 3, H, W), seed)``, so a frame's output
-    does not depend on the batch it is sampled in (the runtime, the torch reference and
-    verification all draw it this way). [batch, 3, H, W] float32, C-contiguous."""
-    return np.repeat(initial_noise((1, 3, height, width), seed), batch, axis=0)
+def frame_noise(batch: int, height: int, width: int, seed: int, scale: float = 1.0) -> np.ndarray:
+    """x_T of a batch: every frame gets ``initial_noise((1, 3, H, W), seed, scale)``, so a frame's
+    output does not depend on the batch it is sampled in (the runtime, the torch reference,
+    calibration and verification all draw it this way). [batch, 3, H, W] float32, C-contiguous."""
+    return np.repeat(initial_noise((1, 3, height, width), seed, scale), batch, axis=0)
 
 
 __all__ += ["initial_noise", "frame_noise"]

@@ -107,6 +107,21 @@ def test_initial_noise_is_pcg64():
     assert a.dtype == np.float32 and np.array_equal(a, b)
 
 
+
+def test_initial_noise_scale():
+    """x_T = scale * N(0, I) (a manifest's prologue.noise_scale): the same draw scaled, zeros at 0;
+    frame_noise repeats that one frame's draw over the batch."""
+    from runtime.schedule import frame_noise
+
+    a = initial_noise((1, 3, 4, 4), 7)
+    np.testing.assert_array_equal(initial_noise((1, 3, 4, 4), 7, 0.5), a * np.float32(0.5))
+    zero = initial_noise((1, 3, 4, 4), 7, 0.0)
+    assert zero.dtype == np.float32 and zero.shape == (1, 3, 4, 4) and not zero.any()
+    f = frame_noise(2, 4, 4, 7, 0.5)
+    assert f.shape == (2, 3, 4, 4) and f.flags.c_contiguous
+    np.testing.assert_array_equal(f[1], a[0] * np.float32(0.5))
+
+
 def test_training_uses_runtime_alpha_bar():
     torch = pytest.importorskip("torch")
     from training.diffusion import alpha_bar_tensor, q_sample

@@ -136,7 +136,7 @@ def ddim_sample(estimator: nn.Module, cond: torch.Tensor, *, steps: int, seed: i
         def record(i: int, x_t: torch.Tensor, t: np.ndarray, coef: np.ndarray) -> None:
             trajectory.append({"x_t": x_t.cpu().numpy().copy(), "cond": cond_np, "t": t, "coef": coef})
 
-        x_T = torch.from_numpy(frame_noise(n, hp, wp, seed) * np.float32(noise_scale)).to(device)
+        x_T = torch.from_numpy(frame_noise(n, hp, wp, seed, noise_scale)).to(device)
         x_t = sample_loop(step, x_T, cond_p, sched, on_step=record if return_trajectory else None)
     x_0 = x_t[..., :h, :w].contiguous()
     return (x_0, trajectory) if return_trajectory else x_0
