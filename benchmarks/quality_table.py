@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the share of the refiner's correction kept (default: the manifest's)")
     ap.add_argument("--noise-scale", type=float, default=None,
                     help="the initial noise's scale, x_T = s * N(0, I) (default: the manifest's)")
+    ap.add_argument("--refine-lowpass", type=float, default=None,
+                    help="the Gaussian sigma (px) of the kept correction, 0 = off (default: the manifest's)")
     ap.add_argument("--panels", type=Path, default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--markdown", action="store_true", help="print the table as markdown")
@@ -71,16 +73,18 @@ def main(argv: list[str] | None = None) -> int:
         for s in steps:
             try:
                 d = Derainer(art, steps=s, threads=a.threads, overlap=a.overlap, device=a.device,
-                             refine_strength=a.refine_strength, noise_scale=a.noise_scale)
+                             refine_strength=a.refine_strength, noise_scale=a.noise_scale,
+                             refine_lowpass=a.refine_lowpass)
             except RDError as e:
                 print(f"quality_table: {art.name} at {s} steps: {e}", file=sys.stderr)
                 continue
             t0 = time.perf_counter()
             row = {"artifact": art.name + (f" ({a.device})" if a.device else "")
                    + (f" a={d.refine_strength:g}" if d.refine_strength != 1 else "")
-                   + (f" s={d.noise_scale:g}" if d.noise_scale != 1 else ""),
+                   + (f" s={d.noise_scale:g}" if d.noise_scale != 1 else "")
+                   + (f" lowpass={d.refine_lowpass:g}" if d.refine_lowpass else ""),
                    "steps": s, "overlap": d.overlap, "refine_strength": d.refine_strength,
-                   "noise_scale": d.noise_scale}
+                   "noise_scale": d.noise_scale, "refine_lowpass": d.refine_lowpass}
             for name, pairs in sets.items():
                 row[name] = _mean([score(d.derain(r), r, c) for _, r, c in pairs])
             row["seconds"] = round(time.perf_counter() - t0, 1)

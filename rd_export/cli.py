@@ -29,6 +29,7 @@ from runtime.cli_errors import (
     HELP_OPTIONS,
     STEPS_RANGE,
     check_noise_scale,
+    check_refine_lowpass,
     check_refine_strength,
     check_steps,
     error_exits,
@@ -155,6 +156,11 @@ def build(
         help="Predict-and-refine models: the runtime starts the DDIM loop from x_T = s * N(0, I), s in [0, 1], "
              "stored in the manifest; 0 starts it from x_T = 0, the noise's mean; default 1 "
              "(Algorithm 2's x_T). A checkpoint only.")] = None,
+    refine_lowpass: Annotated[float | None, typer.Option(
+        callback=check_refine_lowpass, metavar="SIGMA",
+        help="Predict-and-refine models: the runtime keeps only the low frequencies of the refiner's "
+             "correction, P(y) + a * G(x_0 - P(y)), G a Gaussian blur of SIGMA pixels over the whole frame, "
+             "stored in the manifest; default 0 (the whole correction). A checkpoint only.")] = None,
     name: Annotated[str, typer.Option(help="Artifact stem: NAME.onnx, NAME.fp16.onnx, NAME.trt.plan.")] = "model",
     min_size: Annotated[str | None, typer.Option(
         help=f"Engine profile minimum frame HxW, height x width ({_profile_default('min')}); also the size "
@@ -204,7 +210,8 @@ def build(
         opts = BuildOptions(
             precision=precision.value if precision else None, fmt=fmt.value if fmt else None,
             model=model.value if model else None, steps=steps, default_steps=default_steps,
-            refine_strength=refine_strength, noise_scale=noise_scale, name=name,
+            refine_strength=refine_strength, noise_scale=noise_scale, refine_lowpass=refine_lowpass,
+            name=name,
             min_size=parse_size(min_size, "--min-size"), opt_size=parse_size(opt_size, "--opt-size"),
             max_size=parse_size(max_size, "--max-size"), batch=parse_batch(batch), seed=seed, simplify=simplify,
             workspace=workspace_mib * (1 << 20) if workspace_mib else None, opt_level=opt_level,

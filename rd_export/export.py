@@ -28,6 +28,7 @@ from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import UsageError
 from runtime.io import atomic_path
+from runtime.lowpass import refine_lowpass_error
 from runtime.manifest import Manifest, noise_scale_error, prologue_name, refine_strength_error, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
@@ -190,7 +191,7 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                 profile: ShapeProfile | Callable[[ShapeProfile], ShapeProfile] | None = None, opset: int = 17,
                 seed: int = 0, simplify: bool = SIMPLIFY_DEFAULT, progress: Progress = _quiet,
                 default_steps: int | None = None, refine_strength: float | None = None,
-                noise_scale: float | None = None) -> Path:
+                noise_scale: float | None = None, refine_lowpass: float | None = None) -> Path:
     """Export the EMA estimator of ``checkpoint`` as ``out_dir/<name>.onnx`` + ``<name>.json``, verified.
 
     ``steps``: the DDIM steps verification runs (and the manifest's ``default_steps`` unless
@@ -199,6 +200,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
     manifest's ``prologue.refine_strength`` (predict-and-refine models only; None: not stored, 1).
     ``noise_scale``: the runtime's x_T = s * N(0, I), stored as ``prologue.noise_scale`` (likewise;
     None: not stored, 1). Verification runs with s = 1 either way: the graphs do not depend on it.
+    ``refine_lowpass``: the Gaussian sigma of the kept correction (:mod:`runtime.lowpass`), stored as
+    ``prologue.refine_lowpass`` (likewise; None: not stored, 0 = off); no graph depends on it.
     ``profile``: the engine shape profile; None = :func:`native_profile` of the checkpoint's training
     crop; a callable gets that native profile and returns the one to use (the CLI's size options).
     Raises CheckpointError (bad checkpoint), UsageError (bad profile / options),
@@ -233,6 +236,11 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
                              "samples from x_T ~ N(0, I), as Algorithm 2)")
         if why := noise_scale_error(noise_scale):
             raise UsageError(f"noise scale {why}")
+    if refine_lowpass is not None:
+        if not refines:
+            raise UsageError("refine low-pass: only a predict-and-refine checkpoint has a correction to filter")
+        if why := refine_lowpass_error(refine_lowpass):
+            raise UsageError(f"refine low-pass {why}")
     if refines and model != "derain":
         raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
                          "comes from G_A, which has no prologue graph yet)")
@@ -265,7 +273,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         extra_pro = ({"prologue": {"artifact": pro_dest.name, "sha256": sha256_file(pro_tmp), "precision": "fp32",
                                    "predictor_config": ckpt["config"]["ntb_unet"],
                                    **({} if refine_strength is None else {"refine_strength": float(refine_strength)}),
-                                   **({} if noise_scale is None else {"noise_scale": float(noise_scale)})}}
+                                   **({} if noise_scale is None else {"noise_scale": float(noise_scale)}),
+                                   **({} if refine_lowpass is None else {"refine_lowpass": float(refine_lowpass)})}}
                      if refines else {})
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),

@@ -96,6 +96,7 @@ class BuildOptions:
     default_steps: int | None = None  # the manifest's default (export only); None = steps
     refine_strength: float | None = None  # the manifest's prologue.refine_strength (export only); None = 1
     noise_scale: float | None = None  # the manifest's prologue.noise_scale (export only); None = 1
+    refine_lowpass: float | None = None  # the manifest's prologue.refine_lowpass (export only); None = 0
     name: str = "model"
     min_size: tuple[int, int] | None = None
     opt_size: tuple[int, int] | None = None
@@ -179,7 +180,7 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
         progress("stage 1/3 export: checkpoint -> FP32 ONNX")
         base = export_onnx(source, out, model=opts.model or "derain", name=opts.name, steps=opts.steps or 10,
                            default_steps=opts.default_steps, refine_strength=opts.refine_strength,
-                           noise_scale=opts.noise_scale,
+                           noise_scale=opts.noise_scale, refine_lowpass=opts.refine_lowpass,
                            profile=opts.profile, seed=opts.seed, simplify=opts.simplify, progress=progress)
         result.artifacts.append(BuiltArtifact.from_path(base))
     else:
@@ -190,6 +191,8 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
             raise UsageError("--refine-strength is set when exporting a checkpoint; an ONNX keeps its manifest's")
         if opts.noise_scale is not None:
             raise UsageError("--noise-scale is set when exporting a checkpoint; an ONNX keeps its manifest's")
+        if opts.refine_lowpass is not None:
+            raise UsageError("--refine-lowpass is set when exporting a checkpoint; an ONNX keeps its manifest's")
         if opts.model and opts.model != src_manifest.model:
             raise UsageError(f"{source.name} holds the {src_manifest.model} model; --model {opts.model} "
                              f"needs an export from the checkpoint")

@@ -215,7 +215,7 @@ def _gpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: Triton
         est = p_desc.estimate_channels
         settings_prologue = {"model": prologue_name, "input": p_desc.input_names[0], "output": p_desc.output_names[0],
                              "estimate_channels": [est.start, est.stop], "refine_strength": manifest.refine_strength,
-                             "noise_scale": manifest.noise_scale}
+                             "noise_scale": manifest.noise_scale, "refine_lowpass": manifest.refine_lowpass}
 
     max_batch = opts.max_batch or profile.max_batch
     inputs, outputs = _frame_specs()

@@ -28,6 +28,7 @@ from runtime.cli_errors import (
     STEPS_RANGE,
     Terminated,
     check_noise_scale,
+    check_refine_lowpass,
     check_refine_strength,
     check_steps,
     error_exits,
@@ -61,7 +62,7 @@ def _default_derainer_factory(artifact: str | Path | None = None, **options: Any
 
 
 #: ``factory(artifact_or_None, *, steps, seed, tile, overlap, device, threads, batch[, refine_strength,
-#: noise_scale]) -> Derainer`` (the last two only when given).
+#: noise_scale, refine_lowpass]) -> Derainer`` (the last three only when given).
 #: Replaced by tests (a fake derainer) and by embedders; None = the model shipped in the package.
 derainer_factory: Callable[..., Any] = _default_derainer_factory
 
@@ -144,6 +145,11 @@ NoiseOpt = Annotated[float | None, typer.Option(
     help="Predict-and-refine models: start the DDIM loop from x_T = S * N(0, I), 0 <= S <= 1; 0 starts it "
          "from x_T = 0, the noise's mean (the output no longer depends on --seed). Default: the "
          "model's own (manifest 'prologue.noise_scale'; 0 for the shipped model, 1 where it does not say).")]
+LowpassOpt = Annotated[float | None, typer.Option(
+    "--refine-lowpass", metavar="SIGMA", callback=check_refine_lowpass,
+    help="Predict-and-refine models: keep only the low frequencies of the refiner's correction, P(y) + A * "
+         "G(x_0 - P(y)) with G a Gaussian blur of SIGMA pixels over the whole frame; 0 keeps the whole "
+         "correction. Default: the model's own (manifest 'prologue.refine_lowpass'; 0 where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "
@@ -214,11 +220,12 @@ def resolve_engine(engine: Path | None, precision: Precision | None) -> Path | N
 def make_derainer(engine: Path | None, precision: Precision | None, *, steps: int | None = None, seed: int = 0,
                   tile: int | None = None, overlap: int | None = None, device: Device | None = None,
                   threads: int | None = None, batch: int | None = None, refine_strength: float | None = None,
-                  noise_scale: float | None = None):
+                  noise_scale: float | None = None, refine_lowpass: float | None = None):
     if tile is not None and overlap is not None and overlap >= tile:
         raise UsageError(f"--overlap {overlap} must be smaller than --tile {tile}")
     artifact = resolve_engine(engine, precision)
-    extra = {k: v for k, v in (("refine_strength", refine_strength), ("noise_scale", noise_scale))
+    extra = {k: v for k, v in (("refine_strength", refine_strength), ("noise_scale", noise_scale),
+                                ("refine_lowpass", refine_lowpass))
              if v is not None}  # only when given
     return derainer_factory(artifact, steps=steps, seed=seed, tile=tile, overlap=overlap,
                             device=device.value if device is not None else None, threads=threads, batch=batch,
@@ -238,7 +245,8 @@ def engine_info(derainer: Any, engine: Path | None, device: Device | None, threa
         or (device.value if device is not None else None),
         "threads": getattr(backend, "threads", None) or getattr(derainer, "threads", None) or threads,
     }
-    for key in ("refine_strength", "noise_scale"):  # predict-and-refine: what the output was sampled with
+    # predict-and-refine: what the output was sampled with
+    for key in ("refine_strength", "noise_scale", "refine_lowpass"):
         if (value := getattr(derainer, key, None)) is not None and getattr(backend, "has_prologue", False):
             info[key] = value
     if getattr(backend, "inference_precision", None):  # OpenVINO: the arithmetic it chose for this CPU
@@ -335,6 +343,7 @@ def derain(
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
     noise_scale: NoiseOpt = None,
+    refine_lowpass: LowpassOpt = None,
     batch: BatchOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
@@ -406,7 +415,8 @@ def derain(
         def factory():
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads, batch=batch,
-                                 refine_strength=refine_strength, noise_scale=noise_scale)
+                                 refine_strength=refine_strength, noise_scale=noise_scale,
+                                 refine_lowpass=refine_lowpass)
 
         observer = _RichBatchObserver(console, show_bar=console.is_terminal and not debug)
         runner = BatchRunner(items, output_dir, factory, suffix=suffix, skip_existing=skip_existing,
@@ -472,6 +482,7 @@ def eval_cmd(
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
     noise_scale: NoiseOpt = None,
+    refine_lowpass: LowpassOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     save: Annotated[Path | None, typer.Option(
@@ -505,7 +516,8 @@ def eval_cmd(
             raise InputError(f"no rainy/clean pairs in {rainy} and {clean} (pairs are matched by file name stem)")
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads,
-                                 refine_strength=refine_strength, noise_scale=noise_scale)
+                                 refine_strength=refine_strength, noise_scale=noise_scale,
+                                 refine_lowpass=refine_lowpass)
 
         def on_pair(s) -> None:  # the table goes to stdout, unless stdout carries the JSON
             if s.status == "failed":
@@ -572,6 +584,7 @@ def bench(
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
     noise_scale: NoiseOpt = None,
+    refine_lowpass: LowpassOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     json_out: JsonOpt = False,
@@ -588,7 +601,8 @@ def bench(
         height, width = parse_hw(size, "--size")
         derainer = make_derainer(engine, precision, steps=steps, tile=tile, overlap=overlap, device=device,
                                  threads=threads, batch=batch,
-                                 refine_strength=refine_strength, noise_scale=noise_scale)
+                                 refine_strength=refine_strength, noise_scale=noise_scale,
+                                 refine_lowpass=refine_lowpass)
         try:
             result = run_bench(derainer, width=width, height=height, batch=batch or 1, warmup=warmup, runs=runs,
                                steps=steps)
@@ -637,6 +651,7 @@ def stream(
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
     noise_scale: NoiseOpt = None,
+    refine_lowpass: LowpassOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = None,
     out: Annotated[Path | None, typer.Option(
@@ -679,7 +694,8 @@ def stream(
     with _guard(debug, json_out):
         derainer = make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=threads,
-                                 refine_strength=refine_strength, noise_scale=noise_scale)
+                                 refine_strength=refine_strength, noise_scale=noise_scale,
+                                 refine_lowpass=refine_lowpass)
         meta = engine_info(derainer, engine, device, threads)
         try:
             stats = run_stream(source, derainer, out=out, display=display, max_frames=max_frames, drop=drop,
@@ -882,6 +898,7 @@ def serve(
     overlap: OverlapOpt = None,
     refine_strength: RefineOpt = None,
     noise_scale: NoiseOpt = None,
+    refine_lowpass: LowpassOpt = None,
     device: DeviceOpt = None,
     max_pixels: Annotated[int, typer.Option("--max-pixels", min=0, metavar="N", help=(
         "Refuse frames with more than N pixels (default 3840x2160); 0 = no limit.")) ] = 3840 * 2160,
@@ -915,7 +932,8 @@ def serve(
         def factory(n_threads: int):
             return make_derainer(engine, precision, steps=steps, seed=seed, tile=tile, overlap=overlap,
                                  device=device, threads=n_threads,
-                                 refine_strength=refine_strength, noise_scale=noise_scale)
+                                 refine_strength=refine_strength, noise_scale=noise_scale,
+                                 refine_lowpass=refine_lowpass)
 
         server = DerainServer(factory, config, threads=threads)
         with server:

@@ -133,6 +133,15 @@ def check_noise_scale(value: float | None) -> float | None:
     return value
 
 
+def check_refine_lowpass(value: float | None) -> float | None:
+    """Callback of ``--refine-lowpass`` (rd-run, rd-export build): a sigma in [0, 64] pixels."""
+    from runtime.lowpass import refine_lowpass_error
+
+    if value is not None and (why := refine_lowpass_error(value)):
+        raise typer.BadParameter(why)
+    return value
+
+
 def one_line_group(prefix: str) -> type[TyperGroup]:
     """A typer group class whose command-line errors (unknown option, bad value, missing argument)
     are one line on stderr, ``<prefix>error: <message> (see '<command> --help')``, exit 2.

@@ -37,6 +37,7 @@ import numpy as np
 
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
+from runtime.lowpass import keep_correction, refine_lowpass_error
 from runtime.manifest import Manifest, noise_scale_error, refine_strength_error
 from runtime.schedule import DDIMSchedule, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
@@ -165,19 +166,25 @@ class Derainer:
     shipped model, chosen on both dev sets: docs/quality.md), ``noise_scale`` (predict-and-refine
     models: x_T = s * N(0, I); 0 starts the loop from x_T = 0, the noise's mean, and the output no
     longer depends on ``seed``; None = the manifest's ``prologue.noise_scale``, 1 where it does not
-    say; 0 for the shipped model: docs/quality.md).
+    say; 0 for the shipped model: docs/quality.md), ``refine_lowpass`` (predict-and-refine models: a
+    Gaussian sigma in pixels; > 0 keeps only the low frequencies of the correction, ``P(y) + a *
+    G_sigma(x_0 - P(y))``, applied to the whole (stitched) frame: :mod:`runtime.lowpass`; None = the
+    manifest's ``prologue.refine_lowpass``, 0 (off) where it does not say).
     """
 
     def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
                  tile: int | None = None, overlap: int | None = None, device: str | None = None,
                  threads: int | None = None, batch: int | None = None, cuda_graph: bool = True,
-                 refine_strength: float | None = None, noise_scale: float | None = None) -> None:
+                 refine_strength: float | None = None, noise_scale: float | None = None,
+                 refine_lowpass: float | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
         if refine_strength is not None and (why := refine_strength_error(refine_strength)):
             raise UsageError(f"refine_strength {why}")
         if noise_scale is not None and (why := noise_scale_error(noise_scale)):
             raise UsageError(f"noise_scale {why}")
+        if refine_lowpass is not None and (why := refine_lowpass_error(refine_lowpass)):
+            raise UsageError(f"refine_lowpass {why}")
         path = default_artifact(device=device) if artifact is None else Path(artifact)
         self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
         try:
@@ -188,6 +195,9 @@ class Derainer:
             if noise_scale is not None and not self._backend.has_prologue and noise_scale != 1:
                 raise UsageError(f"noise_scale applies to predict-and-refine models; {path.name} has no predictor")
             self._noise_scale = float(self.manifest.noise_scale if noise_scale is None else noise_scale)
+            if refine_lowpass is not None and not self._backend.has_prologue and refine_lowpass != 0:
+                raise UsageError(f"refine_lowpass applies to predict-and-refine models; {path.name} has no predictor")
+            self._lowpass = float(self.manifest.refine_lowpass if refine_lowpass is None else refine_lowpass)
         except BaseException:
             self._backend.close()
             raise
@@ -279,6 +289,11 @@ class Derainer:
     def noise_scale(self) -> float:
         """The scale s of the initial noise, x_T = s * N(0, I) (1: Algorithm 2's x_T; 0: x_T = 0)."""
         return self._noise_scale
+
+    @property
+    def refine_lowpass(self) -> float:
+        """The low-pass sigma (pixels) of the kept correction; 0 = the whole correction at the refine strength."""
+        return self._lowpass
 
     @property
     def seed(self) -> int:
@@ -374,16 +389,23 @@ class Derainer:
             raise UsageError(f"cond is empty: {cond.shape}")
         hp, wp = self._padded_size(h, w)
         cond_p = pad_reflect(cond, hp, wp)
+        lowpass = self._steps > 0 and self._lowpass > 0  # then the share is kept of the whole frame, below
         with self._lock:
             noise = self._initial_noise(hp, wp)
             tile = self._tile_size(hp, wp)
+            x_0 = np.empty_like(cond_p)
+            est = np.empty_like(cond_p) if lowpass else None
             if tile is None:
-                x_0 = np.empty_like(cond_p)
                 for j in range(0, n, self._batch):
-                    self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch])
+                    self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch],
+                                      None if est is None else est[j:j + self._batch])
             else:
-                x_0 = np.stack([self._sample_tiled(c, noise[0], tile) for c in cond_p])
-        return np.ascontiguousarray(x_0[:, :, :h, :w])
+                for j, c in enumerate(cond_p):
+                    self._sample_tiled(c, noise[0], tile, x_0[j], None if est is None else est[j])
+        x_0 = np.ascontiguousarray(x_0[:, :, :h, :w])
+        if est is not None:  # P(y) + a * G(x_0 - P(y)) of the cropped frame, tiled or not
+            keep_correction(x_0, np.ascontiguousarray(est[:, :, :h, :w]), self._strength, self._lowpass)
+        return x_0
 
     def _padded_size(self, h: int, w: int) -> tuple[int, int]:
         m = self.size_multiple
@@ -443,8 +465,12 @@ class Derainer:
         cond = be.get_cond()
         np.copyto(out, cond[:, be.prologue_descriptor.estimate_channels])
 
-    def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray) -> None:
-        """Frames that fit the engine: bind once per shape, S steps in the backend, copy out."""
+    def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray,
+                     estimate: np.ndarray | None = None) -> None:
+        """Frames that fit the engine: bind once per shape, S steps in the backend, copy out.
+
+        With ``estimate`` (the low-pass blend) x_0 is copied out whole and P(y) into ``estimate``.
+        """
         be = self._backend
         n, _, hp, wp = cond_p.shape
         be.bind(n, hp, wp)
@@ -455,17 +481,16 @@ class Derainer:
         be.set_x(np.broadcast_to(noise, cond_p.shape))
         be.run()
         be.get_x(out)
-        if self._strength != 1.0:
-            self._keep_share(out, be.get_cond()[:, be.prologue_descriptor.estimate_channels])
+        if estimate is not None:
+            np.copyto(estimate, be.get_cond()[:, be.prologue_descriptor.estimate_channels])
+        elif self._strength != 1.0:
+            keep_correction(out, be.get_cond()[:, be.prologue_descriptor.estimate_channels], self._strength)
 
-    def _keep_share(self, x_0: np.ndarray, estimate: np.ndarray) -> None:
-        """x_0 <- P(y) + a * (x_0 - P(y)) in place: the refine strength a of the correction."""
-        np.subtract(x_0, estimate, out=x_0)
-        x_0 *= np.float32(self._strength)
-        x_0 += estimate
-
-    def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int]) -> np.ndarray:
-        """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step."""
+    def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int], out: np.ndarray,
+                      estimate: np.ndarray | None = None) -> None:
+        """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step,
+        into ``out``. With ``estimate`` (the low-pass blend) x_0 is the tiles' whole x_0 and P(y) of
+        the frame (stitched from the tiles, or the whole-frame prologue's) goes into ``estimate``."""
         be = self._backend
         _, hp, wp = cond_p.shape
         key = (hp, wp, tile, self._overlap)
@@ -477,10 +502,12 @@ class Derainer:
         k = len(plan)
         b = min(self._batch, k)
         chunks = [list(range(j, min(j + b, k))) for j in range(0, k, b)]
+        est = be.prologue_descriptor.estimate_channels if be.has_prologue else None
         whole = (be.frame_prologue(cond_p[None])[0]
                  if be.has_prologue and hp * wp <= FRAME_PROLOGUE_MAX_PIXELS else None)
         if whole is not None and self._steps == 0:  # P(y) of the whole frame is the output
-            return np.ascontiguousarray(whole[be.prologue_descriptor.estimate_channels])
+            np.copyto(out, whole[est])
+            return
         shape = (b, 3, plan.tile_h, plan.tile_w)
         be.bind(b, plan.tile_h, plan.tile_w)
         tiles_in, tiles_out = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
@@ -499,16 +526,19 @@ class Derainer:
                 conds.append(be.get_cond())
         elif len(chunks) == 1:  # every tile in one batch: the condition is computed / uploaded once
             self._set_condition(blender.cut(cond_p, rainy_tiles, chunks[0]))
-        if self._steps == 0:  # the blended estimate P(y) of every tile
-            canvas = np.zeros_like(noise)
-            est = be.prologue_descriptor.estimate_channels
-            for chunk, cond in zip(chunks, conds):
+        if self._steps == 0 or (estimate is not None and whole is None):  # the blended estimate P(y) of every tile
+            canvas = out if self._steps == 0 else estimate
+            canvas.fill(0.0)
+            for chunk, cond in zip(chunks, conds if conds is not None else [be.get_cond()]):
                 np.copyto(tiles_out, cond[:, est])
                 blender.accumulate(tiles_out, chunk, canvas)
-            return canvas
+            if self._steps == 0:
+                return
+        elif estimate is not None:
+            np.copyto(estimate, whole[est])
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
-        share = self._strength != 1.0  # only with a prologue: the condition holds P(y)
+        share = self._strength != 1.0 and estimate is None  # only with a prologue: the condition holds P(y)
         for i in range(self._steps):
             acc.fill(0.0)
             for k, chunk in enumerate(chunks):
@@ -522,10 +552,10 @@ class Derainer:
                 be.get_x(tiles_out)
                 if share and i == self._steps - 1:  # per tile: the blend is linear, the weights sum to one
                     cond = conds[k] if conds is not None else be.get_cond()
-                    self._keep_share(tiles_out, cond[:, be.prologue_descriptor.estimate_channels])
+                    keep_correction(tiles_out, cond[:, est], self._strength)
                 blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
             canvas, acc = acc, canvas
-        return canvas
+        np.copyto(out, canvas)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -19,10 +19,11 @@ from typing import Any
 from runtime.descriptor import StepDescriptor
 from runtime.errors import ArtifactError, EngineMismatchError, ManifestError
 from runtime.io import atomic_write_bytes
+from runtime.lowpass import refine_lowpass_error
 from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
 __all__ = ["REFINE_STRENGTH_MAX", "SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name",
-           "refine_strength_error", "noise_scale_error", "sha256_file"]
+           "refine_strength_error", "noise_scale_error", "refine_lowpass_error", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -137,6 +138,14 @@ class Manifest:
         the noise's mean: the output no longer depends on the seed."""
         pro = self.prologue
         return float(pro.get("noise_scale", 1.0)) if pro is not None else 1.0
+
+    @property
+    def refine_lowpass(self) -> float:
+        """The low-pass sigma (pixels) of the kept correction, ``P(y) + a * G_sigma(x_0 - P(y))``: the
+        prologue entry's ``refine_lowpass``; 0 (the whole correction at the refine strength) where it
+        does not say (:mod:`runtime.lowpass`)."""
+        pro = self.prologue
+        return float(pro.get("refine_lowpass", 0.0)) if pro is not None else 0.0
 
     @property
     def min_steps(self) -> int:
@@ -320,6 +329,8 @@ def validate(d: Any, *, where: str = "manifest") -> None:
                 raise ManifestError(f"{where}: field 'prologue.refine_strength' {why}")
         if "noise_scale" in pro and (why := noise_scale_error(pro["noise_scale"])):
             raise ManifestError(f"{where}: field 'prologue.noise_scale' {why}")
+        if "refine_lowpass" in pro and (why := refine_lowpass_error(pro["refine_lowpass"])):
+            raise ManifestError(f"{where}: field 'prologue.refine_lowpass' {why}")
     profile = desc["profile"]
     if not isinstance(profile, dict):
         raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")

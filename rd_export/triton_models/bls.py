@@ -15,6 +15,8 @@ does with the same plan (docs/serving.md):
 5. S fused steps x_t -> x_next, each one BLS call of the step plan (t and coef of step i);
    at zero steps the output is the prologue's estimate, cond[:, estimate_channels]; with a refine
    strength a != 1 (the manifest's prologue.refine_strength) the output is P(y) + a * (x_0 - P(y));
+   with a low-pass sigma > 0 (prologue.refine_lowpass), P(y) + a * G_sigma(x_0 - P(y)) of the cropped
+   frame (``gaussian_blur``: the runtime's ``runtime.lowpass``, which this file cannot import);
 6. crop, round((x + 1) * 127.5) clipped to uint8, [n, H, W, 3].
 
 Frames beyond the plan's profile are refused with the reason (``rd-run serve`` tiles them instead).
@@ -43,6 +45,33 @@ def pad_reflect(x, height, width):
     return x
 
 
+def gaussian_blur(x, sigma):
+    """A Gaussian blur of sigma pixels over the last two axes of float32 [..., H, W] (scipy's mode
+    "reflect", truncate 4), as runtime.lowpass computes it: banded matrix products in blocks."""
+    r = int(4.0 * sigma + 0.5)
+    k = np.exp(-0.5 * (np.arange(-r, r + 1, dtype=np.float64) / sigma) ** 2)
+    k /= k.sum()
+    block = 256
+    band = np.zeros((block + 2 * r, block), np.float32)
+    for j in range(block):
+        band[j:j + 2 * r + 1, j] = k
+    for axis in (x.ndim - 1, x.ndim - 2):
+        n = x.shape[axis]
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (r, r)
+        xp = np.pad(x, pad, mode="symmetric")
+        out = np.empty_like(x)
+        for s in range(0, n, block):
+            m = min(block, n - s)
+            b = band[:m + 2 * r, :m]
+            if axis == x.ndim - 1:
+                np.matmul(xp[..., s:s + m + 2 * r], b, out=out[..., s:s + m])
+            else:
+                np.matmul(b.T, xp[..., s:s + m + 2 * r, :], out=out[..., s:s + m, :])
+        x = out
+    return x
+
+
 class TritonPythonModel:
     def initialize(self, args):
         folder = os.path.join(args["model_repository"], args["model_version"])
@@ -62,6 +91,9 @@ class TritonPythonModel:
         self.coefficients = np.asarray(s["schedule"]["coefficients"], dtype=np.float32).reshape(-1, 4)  # [S, 4]
         if self.timesteps.shape[0] == 0 and self.prologue is None:
             raise pb_utils.TritonModelException(f"{self.name}: zero steps needs a predict-and-refine model's prologue")
+        pro = self.prologue or {}
+        self.strength = float(pro.get("refine_strength", 1.0))
+        self.lowpass = float(pro.get("refine_lowpass", 0.0)) if self.timesteps.shape[0] else 0.0
         self.memory = pb_utils.PreferredMemory(pb_utils.TRITONSERVER_MEMORY_CPU, 0)
         self.noise = {}
 
@@ -126,12 +158,17 @@ class TritonPythonModel:
         y = np.ascontiguousarray(np.moveaxis(frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0), -1, 1))
         hp, wp = self._padded(h, w)
         y_p = pad_reflect(y, hp, wp)  # 1-2
-        x_0 = None
+        x_0, est = [], []
         for j in range(0, n, self.max_batch):
             chunk = np.ascontiguousarray(y_p[j:j + self.max_batch])
-            x = self._sample(chunk)
-            x_0 = x if x_0 is None else np.concatenate([x_0, x])
-        x_0 = x_0[:, :, :h, :w]
+            x, e = self._sample(chunk)
+            x_0.append(x)
+            est.append(e)
+        x_0 = np.concatenate(x_0)[:, :, :h, :w]
+        if self.lowpass:  # 5b with the low-pass: P(y) + a * G(x_0 - P(y)) of the cropped frames
+            estimate = np.concatenate(est)[:, :, :h, :w]
+            x_0 = estimate + np.float32(self.strength) * gaussian_blur(np.ascontiguousarray(x_0 - estimate),
+                                                                       self.lowpass)
         u8 = np.clip(np.round((x_0 + np.float32(1.0)) * np.float32(127.5)), 0, 255).astype(np.uint8)  # 6
         return np.ascontiguousarray(np.moveaxis(u8, 1, -1))
 
@@ -140,19 +177,20 @@ class TritonPythonModel:
         cond = y_p if self.prologue is None else self._prologue(y_p)  # 3
         if self.timesteps.shape[0] == 0:
             lo, hi = self.prologue["estimate_channels"]
-            return np.ascontiguousarray(cond[:, lo:hi])
+            return np.ascontiguousarray(cond[:, lo:hi]), None
         x_t = np.repeat(self._noise(hp, wp), b, axis=0)  # 4
         for i in range(self.timesteps.shape[0]):  # 5: for i = S, ..., 1
             t = np.full((b,), self.timesteps[i], dtype=np.float32)
             coef = np.ascontiguousarray(np.repeat(self.coefficients[i][None], b, axis=0))
             x_t = self._call(self.step, {self.step["x"]: x_t, self.step["cond"]: cond, self.step["t"]: t,
                                          self.step["coef"]: coef})
-        strength = float(self.prologue.get("refine_strength", 1.0)) if self.prologue is not None else 1.0
-        if strength != 1.0:  # 5b: keep that share of the refiner's correction, P(y) + a * (x_0 - P(y))
-            lo, hi = self.prologue["estimate_channels"]
-            estimate = cond[:, lo:hi]
-            x_t = estimate + np.float32(strength) * (x_t - estimate)
-        return x_t
+        if self.prologue is None:
+            return x_t, None
+        lo, hi = self.prologue["estimate_channels"]
+        estimate = cond[:, lo:hi]
+        if self.strength != 1.0 and not self.lowpass:  # 5b: P(y) + a * (x_0 - P(y))
+            x_t = estimate + np.float32(self.strength) * (x_t - estimate)
+        return x_t, estimate
 
     def _prologue(self, y_p):
         return self._call(self.prologue, {self.prologue["input"]: y_p})

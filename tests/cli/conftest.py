@@ -27,10 +27,12 @@ class FakeDerainer:
     manifest = None
 
     def __init__(self, artifact=None, *, steps=None, seed=0, tile=None, overlap=32, device="cpu", threads=None,
-                 batch=None, fail_on_value: int | None = None, refine_strength=None, noise_scale=None):
+                 batch=None, fail_on_value: int | None = None, refine_strength=None, noise_scale=None,
+                 refine_lowpass=None):
         self.artifact = artifact
         self.refine_strength = refine_strength  # passed only when --refine-strength is given
         self.noise_scale = noise_scale  # passed only when --noise-scale is given
+        self.refine_lowpass = refine_lowpass  # passed only when --refine-lowpass is given
         self.steps = steps or 4
         self.device = device
         self.threads = threads

@@ -369,9 +369,10 @@ def test_one_step_is_a_usage_error_before_any_work(tmp_path, rd_run, make_image,
 @pytest.mark.parametrize(("option", "attr", "value", "bad"), [
     ("--refine-strength", "refine_strength", 0.5, ("0", "2.5", "nan", "x")),  # (0, 2]
     ("--noise-scale", "noise_scale", 0.0, ("-0.5", "1.5", "nan", "x")),  # [0, 1]
+    ("--refine-lowpass", "refine_lowpass", 8.0, ("-1", "65", "nan", "x")),  # [0, 64] pixels
 ])
 def test_sampling_options(tmp_path, rd_run, make_image, fake_factory, option, attr, value, bad):
-    """--refine-strength / --noise-scale reach the Derainer only when given (else the model's own
+    """--refine-strength / --noise-scale / --refine-lowpass reach the Derainer only when given (else the model's own
     setting applies); a value out of range is a one-line usage error, on every command that runs a
     model."""
     make_image(tmp_path / "in" / "a.png")

@@ -223,12 +223,13 @@ def test_refine_strength_keeps_that_share_of_the_correction(refine, monkeypatch,
 @pytest.mark.parametrize(("field", "value", "unsaid", "bad", "why"), [
     ("refine_strength", 0.5, 1.0, (0, -0.5, 2.5, float("nan"), True, "0.5"), r"must be a number in \(0, 2\]"),
     ("noise_scale", 0.0, 1.0, (-0.1, 1.5, float("nan"), True, "0"), r"must be a number in \[0, 1\]"),
+    ("refine_lowpass", 4.0, 0.0, (-1.0, 65.0, float("inf"), True, "4"), r"must be a number of pixels in \[0, 64\]"),
 ])
 def test_sampling_settings_come_from_the_manifest_and_are_checked(refine, tmp_path, tiny_model, field, value,
                                                                   unsaid, bad, why):
-    """refine_strength and noise_scale: the manifest's prologue entry sets the default, the argument
-    wins, unsaid means Algorithm 2's (1); bad values are refused in both places; a y-only model
-    takes only Algorithm 2's value."""
+    """refine_strength, noise_scale and refine_lowpass: the manifest's prologue entry sets the default,
+    the argument wins, unsaid means Algorithm 2's (1, 1; no low-pass, 0); bad values are refused in
+    both places; a y-only model takes only Algorithm 2's value."""
     import json
     import shutil
 
@@ -247,7 +248,7 @@ def test_sampling_settings_come_from_the_manifest_and_are_checked(refine, tmp_pa
         assert getattr(d, field) == value
         np.testing.assert_array_equal(d.sample(y), e.sample(y))
     with Derainer(art, steps=2, threads=1, **{field: unsaid}) as d, Derainer(onnx, steps=2, threads=1) as e:
-        assert getattr(d, field) == getattr(e, field) == unsaid  # the argument wins; unsaid: 1
+        assert getattr(d, field) == getattr(e, field) == unsaid  # the argument wins; unsaid: Algorithm 2's
         np.testing.assert_array_equal(d.sample(y), e.sample(y))
     for v in bad:
         with pytest.raises(UsageError, match=f"{field} {why}"):
@@ -260,33 +261,6 @@ def test_sampling_settings_come_from_the_manifest_and_are_checked(refine, tmp_pa
         Derainer(tiny_model.onnx, steps=2, threads=1, **{field: value})
     with Derainer(tiny_model.onnx, steps=2, threads=1, **{field: unsaid}) as d:  # Algorithm 2's: allowed
         assert getattr(d, field) == unsaid
-
-
-def test_export_stores_the_refine_strength(refine, tmp_path):
-    from rd_export.export import export_onnx
-    from rd_export.pipeline import BuildOptions, build
-    from runtime.manifest import Manifest
-
-    onnx = refine[0]
-    ck = onnx.parent.parent / "r.pt"
-    with one_torch_thread():
-        half = export_onnx(ck, tmp_path / "half", steps=2, refine_strength=0.5)
-    assert Manifest.for_artifact(half).prologue["refine_strength"] == 0.5
-    from rd_export.precision import derive_fp16
-
-    with one_torch_thread():
-        fp16 = derive_fp16(half, out=tmp_path / "half16", steps=2)
-    assert Manifest.for_artifact(fp16).refine_strength == 0.5  # derived artifacts keep it
-    with Derainer(half, steps=2, threads=1) as d:
-        assert d.refine_strength == 0.5
-    assert "refine_strength" not in Manifest.for_artifact(onnx).prologue  # not given: not stored (1)
-    y_only = write_random_checkpoint(tmp_path / "y.pt", crop=32)
-    with pytest.raises(UsageError, match="only a predict-and-refine checkpoint"):
-        export_onnx(y_only, tmp_path / "y", steps=2, refine_strength=0.5)
-    with pytest.raises(UsageError, match=r"refine strength must be a number in \(0, 2\]"):
-        export_onnx(ck, tmp_path / "bad", steps=2, refine_strength=3.0)
-    with pytest.raises(UsageError, match="--refine-strength is set when exporting a checkpoint"):
-        build(onnx, tmp_path / "again", BuildOptions(refine_strength=0.5, fmt="onnx"))
 
 
 # The noise scale s (x_T = s * N(0, I); the manifest's prologue.noise_scale, 0 for the shipped model,
@@ -318,7 +292,18 @@ def test_noise_scale_zero_does_not_depend_on_the_seed(refine, shape):
     assert np.abs(out[0, 1.0] - out[1, 1.0]).max() > 1e-3  # with noise the seed matters
 
 
-def test_export_stores_the_noise_scale(refine, tmp_path):
+@pytest.mark.parametrize(("field", "value", "y_only_why", "bad", "bad_why"), [
+    ("refine_strength", 0.5, "only a predict-and-refine checkpoint has a refiner",
+     3.0, r"refine strength must be a number in \(0, 2\]"),
+    ("noise_scale", 0.0, "only a predict-and-refine checkpoint stores one", 2.0,
+     r"noise scale must be a number in \[0, 1\]"),
+    ("refine_lowpass", 8.0, "only a predict-and-refine checkpoint has a correction", 70.0,
+     r"refine low-pass must be a number of pixels in \[0, 64\]"),
+])
+def test_export_stores_the_sampling_setting(refine, tmp_path, field, value, y_only_why, bad, bad_why):
+    """rd-export build --refine-strength / --noise-scale / --refine-lowpass: stored in the manifest's
+    prologue entry (not stored when not given), kept by derived artifacts, refused for a y-only
+    checkpoint, out of range, or on an ONNX source (which keeps its manifest's)."""
     from rd_export.export import export_onnx
     from rd_export.pipeline import BuildOptions, build
     from rd_export.precision import derive_fp16
@@ -327,15 +312,51 @@ def test_export_stores_the_noise_scale(refine, tmp_path):
     onnx = refine[0]
     ck = onnx.parent.parent / "r.pt"
     with one_torch_thread():
-        zero = export_onnx(ck, tmp_path / "zero", steps=2, noise_scale=0.0)
-        fp16 = derive_fp16(zero, out=tmp_path / "zero16", steps=2)
-    assert Manifest.for_artifact(zero).prologue["noise_scale"] == 0.0
-    assert Manifest.for_artifact(fp16).noise_scale == 0.0  # derived artifacts keep it
-    assert "noise_scale" not in Manifest.for_artifact(onnx).prologue  # not given: not stored (1)
+        art = export_onnx(ck, tmp_path / "set", steps=2, **{field: value})
+        fp16 = derive_fp16(art, out=tmp_path / "set16", steps=2)
+    assert Manifest.for_artifact(art).prologue[field] == value
+    assert getattr(Manifest.for_artifact(fp16), field) == value  # derived artifacts keep it
+    with Derainer(art, steps=2, threads=1) as d:
+        assert getattr(d, field) == value
+    assert field not in Manifest.for_artifact(onnx).prologue  # not given: not stored (Algorithm 2's)
     y_only = write_random_checkpoint(tmp_path / "y.pt", crop=32)
-    with pytest.raises(UsageError, match="only a predict-and-refine checkpoint stores one"):
-        export_onnx(y_only, tmp_path / "y", steps=2, noise_scale=0.0)
-    with pytest.raises(UsageError, match=r"noise scale must be a number in \[0, 1\]"):
-        export_onnx(ck, tmp_path / "bad", steps=2, noise_scale=2.0)
-    with pytest.raises(UsageError, match="--noise-scale is set when exporting a checkpoint"):
-        build(onnx, tmp_path / "again", BuildOptions(noise_scale=0.0, fmt="onnx"))
+    with pytest.raises(UsageError, match=y_only_why):
+        export_onnx(y_only, tmp_path / "y", steps=2, **{field: value})
+    with pytest.raises(UsageError, match=bad_why):
+        export_onnx(ck, tmp_path / "bad", steps=2, **{field: bad})
+    flag = "--" + field.replace("_", "-")
+    with pytest.raises(UsageError, match=f"{flag} is set when exporting a checkpoint"):
+        build(onnx, tmp_path / "again", BuildOptions(**{field: value}, fmt="onnx"))
+
+
+# The low-pass refine blend (the manifest's prologue.refine_lowpass): P(y) + a * G_sigma(x_0 - P(y)) of
+# the whole frame, cropped; checked against the runtime's own P(y) (0 steps) and x_0 (a = 1, no low-pass)
+# on every path, so a tiled frame's output is the formula on its stitched x_0 and P(y).
+
+@pytest.mark.parametrize(("shape", "budget", "batch"), [
+    ((24, 30), None, None),    # within the native tile: one pass (padded: the blur sees the cropped frame)
+    ((70, 90), None, None),    # tiles, P on the whole frame, several chunks
+    ((70, 90), 100, None),     # tiles, P per tile, stitched
+    ((70, 90), 100, 64),       # ... every tile in one chunk: the engine's bound condition
+])
+def test_refine_lowpass_keeps_the_low_frequencies_of_the_whole_frame(refine, monkeypatch, shape, budget, batch):
+    import runtime.derainer as dmod
+    from runtime.lowpass import gaussian_blur
+
+    if budget is not None:
+        monkeypatch.setattr(dmod, "FRAME_PROLOGUE_MAX_PIXELS", budget)
+    onnx = refine[0]
+    y = np.random.default_rng(9).uniform(-1, 1, (2, 3, *shape)).astype(np.float32)
+    with Derainer(onnx, steps=0, threads=1, batch=batch) as d:
+        p = d.sample(y)
+    with Derainer(onnx, steps=2, threads=1, batch=batch, refine_strength=1.0) as d:
+        x0 = d.sample(y)
+    for a, sigma in ((1.0, 3.0), (0.75, 8.0)):
+        with Derainer(onnx, steps=2, threads=1, batch=batch, refine_strength=a, refine_lowpass=sigma) as d:
+            assert d.refine_lowpass == sigma
+            got = d.sample(y)
+        want = p + np.float32(a) * gaussian_blur(x0 - p, sigma)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        assert np.abs(got - (p + np.float32(a) * (x0 - p))).max() > 1e-2  # the low-pass shows
+    with Derainer(onnx, steps=0, threads=1, batch=batch, refine_lowpass=8.0) as d:
+        np.testing.assert_array_equal(d.sample(y), p)  # 0 steps: P(y), nothing to filter
