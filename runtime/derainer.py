@@ -162,14 +162,14 @@ class Derainer:
     batch), ``cuda_graph``
     (TensorRT: replay the step loop as one CUDA graph), ``refine_strength`` (predict-and-refine
     models: the output is ``P(y) + a * (x_0 - P(y))``, the share ``a`` of the refiner's correction
-    kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.25 for the
+    kept; None = the manifest's ``prologue.refine_strength``, 1 where it does not say; 0.5 for the
     shipped model, chosen on both dev sets: docs/quality.md), ``noise_scale`` (predict-and-refine
     models: x_T = s * N(0, I); 0 starts the loop from x_T = 0, the noise's mean, and the output no
     longer depends on ``seed``; None = the manifest's ``prologue.noise_scale``, 1 where it does not
     say; 0 for the shipped model: docs/quality.md), ``refine_lowpass`` (predict-and-refine models: a
     Gaussian sigma in pixels; > 0 keeps only the low frequencies of the correction, ``P(y) + a *
     G_sigma(x_0 - P(y))``, applied to the whole (stitched) frame: :mod:`runtime.lowpass`; None = the
-    manifest's ``prologue.refine_lowpass``, 0 (off) where it does not say).
+    manifest's ``prologue.refine_lowpass``, 0 (off) where it does not say; 8 for the shipped model).
     """
 
     def __init__(self, artifact: str | os.PathLike | None = None, *, steps: int | None = None, seed: int = 0,
@@ -389,23 +389,26 @@ class Derainer:
             raise UsageError(f"cond is empty: {cond.shape}")
         hp, wp = self._padded_size(h, w)
         cond_p = pad_reflect(cond, hp, wp)
-        lowpass = self._steps > 0 and self._lowpass > 0  # then the share is kept of the whole frame, below
+        # With a low-pass the share of the correction is kept of the whole cropped frame, here:
+        # P(y) + a * G(x_0 - P(y)), tiled or not.
+        lowpass = self._steps > 0 and self._lowpass > 0
         with self._lock:
             noise = self._initial_noise(hp, wp)
             tile = self._tile_size(hp, wp)
             x_0 = np.empty_like(cond_p)
-            est = np.empty_like(cond_p) if lowpass else None
             if tile is None:
+                est = np.empty_like(cond_p) if lowpass else None
                 for j in range(0, n, self._batch):
                     self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch],
                                       None if est is None else est[j:j + self._batch])
+                if est is not None:
+                    keep_correction(x_0[:, :, :h, :w], est[:, :, :h, :w], self._strength, self._lowpass)
             else:
                 for j, c in enumerate(cond_p):
-                    self._sample_tiled(c, noise[0], tile, x_0[j], None if est is None else est[j])
-        x_0 = np.ascontiguousarray(x_0[:, :, :h, :w])
-        if est is not None:  # P(y) + a * G(x_0 - P(y)) of the cropped frame, tiled or not
-            keep_correction(x_0, np.ascontiguousarray(est[:, :, :h, :w]), self._strength, self._lowpass)
-        return x_0
+                    est = self._sample_tiled(c, noise[0], tile, x_0[j], estimate=lowpass)
+                    if est is not None:
+                        keep_correction(x_0[j, :, :h, :w], est[:, :h, :w], self._strength, self._lowpass)
+        return np.ascontiguousarray(x_0[:, :, :h, :w])
 
     def _padded_size(self, h: int, w: int) -> tuple[int, int]:
         m = self.size_multiple
@@ -487,10 +490,11 @@ class Derainer:
             keep_correction(out, be.get_cond()[:, be.prologue_descriptor.estimate_channels], self._strength)
 
     def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int], out: np.ndarray,
-                      estimate: np.ndarray | None = None) -> None:
+                      estimate: bool = False) -> np.ndarray | None:
         """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step,
-        into ``out``. With ``estimate`` (the low-pass blend) x_0 is the tiles' whole x_0 and P(y) of
-        the frame (stitched from the tiles, or the whole-frame prologue's) goes into ``estimate``."""
+        into ``out``. With ``estimate`` (the low-pass blend) ``out`` is the tiles' whole x_0, and the
+        frame's P(y) is returned (the whole-frame prologue's, or merged from the tiles into a buffer
+        the loop no longer needs)."""
         be = self._backend
         _, hp, wp = cond_p.shape
         key = (hp, wp, tile, self._overlap)
@@ -526,19 +530,12 @@ class Derainer:
                 conds.append(be.get_cond())
         elif len(chunks) == 1:  # every tile in one batch: the condition is computed / uploaded once
             self._set_condition(blender.cut(cond_p, rainy_tiles, chunks[0]))
-        if self._steps == 0 or (estimate is not None and whole is None):  # the blended estimate P(y) of every tile
-            canvas = out if self._steps == 0 else estimate
-            canvas.fill(0.0)
-            for chunk, cond in zip(chunks, conds if conds is not None else [be.get_cond()]):
-                np.copyto(tiles_out, cond[:, est])
-                blender.accumulate(tiles_out, chunk, canvas)
-            if self._steps == 0:
-                return
-        elif estimate is not None:
-            np.copyto(estimate, whole[est])
+        if self._steps == 0:  # the blended estimate P(y) of every tile
+            self._merge_estimates(blender, chunks, conds, tiles_out, out)
+            return None
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
-        share = self._strength != 1.0 and estimate is None  # only with a prologue: the condition holds P(y)
+        share = self._strength != 1.0 and not estimate  # only with a prologue: the condition holds P(y)
         for i in range(self._steps):
             acc.fill(0.0)
             for k, chunk in enumerate(chunks):
@@ -556,6 +553,22 @@ class Derainer:
                 blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
             canvas, acc = acc, canvas
         np.copyto(out, canvas)
+        if not estimate:
+            return None
+        if whole is not None:
+            return whole[est]
+        self._merge_estimates(blender, chunks, conds, tiles_out, acc)
+        return acc
+
+    def _merge_estimates(self, blender: TileBlender, chunks: list[list[int]], conds: list[np.ndarray] | None,
+                         tiles: np.ndarray, canvas: np.ndarray) -> None:
+        """The tiles' P(y), blended into ``canvas`` [3, Hp, Wp] (conds: each chunk's condition; None:
+        the engine's bound condition of the only chunk)."""
+        est = self._backend.prologue_descriptor.estimate_channels
+        canvas.fill(0.0)
+        for chunk, cond in zip(chunks, conds if conds is not None else [self._backend.get_cond()]):
+            np.copyto(tiles, cond[:, est])
+            blender.accumulate(tiles, chunk, canvas)
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

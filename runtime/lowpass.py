@@ -95,8 +95,9 @@ def keep_correction(x_0: np.ndarray, estimate: np.ndarray, strength: float, lowp
     the predictor's estimate P(y) of the same (whole) frames.
     """
     np.subtract(x_0, estimate, out=x_0)
-    if lowpass:
-        x_0[...] = gaussian_blur(x_0, lowpass)
+    if lowpass:  # one [H, W] plane at a time: the blur's padded copy and output stay a plane's size
+        for idx in np.ndindex(x_0.shape[:-2]):
+            x_0[idx] = gaussian_blur(x_0[idx], lowpass)
     if strength != 1.0:
         x_0 *= np.float32(strength)
     x_0 += estimate
