@@ -8,6 +8,8 @@ warm-up) and splits one frame's time into its phases by timing the calls Deraine
 - ``prologue``: the predictor P (``frame_prologue`` on the whole frame, or per tile);
 - ``steps``: the fused DDIM steps (``run_step`` / ``run``);
 - ``tiles``: cutting tiles out of the canvas, blending them back, host <-> engine copies;
+- ``blend``: keeping the share of the refiner's correction (``keep_correction``: the low-pass
+  Gaussian of the whole frame where the manifest asks for one);
 - ``other``: the rest (Python, locks, noise).
 
 Peak memory (the high-water RSS, VmHWM) of each (size, S) is measured in a fresh child process that
@@ -39,7 +41,7 @@ from _common import DEFAULT_CKPT, DEFAULT_ONNX, add_device_option, frame_size, r
 
 from runtime.cpu import isa_label
 
-PHASES = ("convert", "prologue", "steps", "tiles", "other")
+PHASES = ("convert", "prologue", "steps", "tiles", "blend", "other")
 
 
 class PhaseTimer:
@@ -58,6 +60,7 @@ class PhaseTimer:
             self._wrap(obj, name, phase)
         for name in ("to_float", "to_uint8", "pad_reflect"):
             self._wrap(dmod, name, "convert")
+        self._wrap(dmod, "keep_correction", "blend")
         import runtime.tiling as tmod
 
         for name in ("cut", "accumulate", "blend"):
@@ -102,10 +105,11 @@ def peak_rss_child(artifact: Path, size: tuple[int, int], steps: int, threads: i
 
 
 def torch_anchor(checkpoint: Path, size: tuple[int, int], steps: int, tile: int, overlap: int, batch: int,
-                 threads: int, *, bf16: bool = False) -> float:
+                 threads: int, *, bf16: bool = False, blend: tuple[float, float] = (1.0, 0.0)) -> float:
     """Seconds of torch eager doing one frame's work the way the runtime does it (see the docstring);
     ``bf16``: under ``torch.autocast("cpu", torch.bfloat16)`` (oneDNN's bf16 kernels, AMX where the CPU
-    has it). The second of two runs: the first builds oneDNN's kernels."""
+    has it); ``blend``: the artifact's (refine strength, low-pass sigma), kept by the same numpy call
+    the runtime makes. The second of two runs: the first builds oneDNN's kernels."""
     import contextlib
 
     import torch
@@ -124,11 +128,12 @@ def torch_anchor(checkpoint: Path, size: tuple[int, int], steps: int, tile: int,
     blender = TileBlender(plan_tiles(hp, wp, tile, overlap, multiple=m))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     for _ in range(2):
-        seconds = _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast)
+        seconds = _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast, blend)
     return seconds
 
 
-def _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast) -> float:
+def _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast, blend) -> float:
+    from runtime.lowpass import keep_correction
     from runtime.schedule import DDIMSchedule, initial_noise, step_inputs
     from training.multiscale import fused_step
 
@@ -152,6 +157,8 @@ def _torch_frame(torch, est, pro, y, blender, steps, tile, batch, autocast) -> f
                     out = fused_step(est, xs[j:j + n], conds[j:j + n], torch.from_numpy(t), torch.from_numpy(coef))
                     blender.accumulate(out.float().numpy(), range(j, j + n), acc)
                 canvas = acc
+            if pro is not None and blend != (1.0, 0.0):  # the share of the correction, as the runtime keeps it
+                keep_correction(canvas, np.ascontiguousarray(cond[3:]), *blend)
         return time.perf_counter() - t0
 
 
@@ -218,14 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                                                      a.device), 1)
     # Block 3: the torch eager anchor (same work)
     if not a.no_torch and a.checkpoint.is_file():
+        from runtime.manifest import Manifest
+
+        m = Manifest.for_artifact(a.onnx)
+        blend = (m.refine_strength, m.refine_lowpass)
         for r in rows:
             t = torch_anchor(a.checkpoint, tuple(r["size"]), r["steps"], r["tile"] or 64, r["overlap"], r["batch"],
-                             a.threads)
+                             a.threads, blend=blend)
             r["torch_eager_s"] = round(t, 3)
             r["speedup_vs_torch"] = round(t / r["median_s"], 2)
             if a.bf16:
                 t = torch_anchor(a.checkpoint, tuple(r["size"]), r["steps"], r["tile"] or 64, r["overlap"],
-                                 r["batch"], a.threads, bf16=True)
+                                 r["batch"], a.threads, bf16=True, blend=blend)
                 r["torch_bf16_s"] = round(t, 3)
                 r["speedup_vs_torch_bf16"] = round(t / r["median_s"], 2)
     isa = isa_label()
