@@ -138,7 +138,7 @@ OverlapOpt = Annotated[int | None, typer.Option(
 RefineOpt = Annotated[float | None, typer.Option(
     "--refine-strength", metavar="A", callback=check_refine_strength,
     help="Predict-and-refine models: keep the share A of the refiner's correction, P(y) + A * (x_0 - P(y)), "
-         "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.25 for the shipped "
+         "0 < A <= 2. Default: the model's own (manifest 'prologue.refine_strength'; 0.5 for the shipped "
          "model, 1 where it does not say).")]
 NoiseOpt = Annotated[float | None, typer.Option(
     "--noise-scale", metavar="S", callback=check_noise_scale,
@@ -149,7 +149,8 @@ LowpassOpt = Annotated[float | None, typer.Option(
     "--refine-lowpass", metavar="SIGMA", callback=check_refine_lowpass,
     help="Predict-and-refine models: keep only the low frequencies of the refiner's correction, P(y) + A * "
          "G(x_0 - P(y)) with G a Gaussian blur of SIGMA pixels over the whole frame; 0 keeps the whole "
-         "correction. Default: the model's own (manifest 'prologue.refine_lowpass'; 0 where it does not say).")]
+         "correction. Default: the model's own (manifest 'prologue.refine_lowpass'; 8 for the shipped model, 0 "
+         "where it does not say).")]
 BatchOpt = Annotated[int | None, typer.Option(
     "--batch", "-b", min=1, metavar="B",
     help="Frames per inference call: consecutive images of equal size, or video frames (and tiles per "

@@ -51,7 +51,7 @@ def test_derain_and_bench_with_the_real_derainer(tiny_onnx, tmp_path, make_video
     rep = json.loads(r.stdout)
     assert [f["status"] for f in rep["files"]] == ["ok", "ok", "ok"]
     assert rep["engine"]["backend"] and rep["engine"]["steps"] == 2
-    assert "noise_scale" not in rep["engine"]  # a y-only model: Algorithm 2's x_T, nothing to report
+    assert not {"noise_scale", "refine_lowpass"} & set(rep["engine"])  # a y-only model: nothing to report
     with Derainer(tiny_onnx, steps=2, seed=3) as d:
         expected = d.derain(rgb)
     with Image.open(tmp_path / "out" / "a.png") as img:
@@ -69,17 +69,18 @@ def test_derain_and_bench_with_the_real_derainer(tiny_onnx, tmp_path, make_video
 
 
 def test_the_report_says_what_the_shipped_model_sampled_with(tmp_path):
-    """rd-run derain --json on the shipped predict-and-refine model reports its refine strength and
-    noise scale (the manifest's, or the options'), so a report is enough to reproduce its output."""
+    """rd-run derain --json on the shipped predict-and-refine model reports its refine strength, noise
+    scale and low-pass (the manifest's, or the options'), so a report is enough to reproduce its output."""
     import runtime.cli as cli
 
     rng = np.random.default_rng(4)
     (tmp_path / "in").mkdir()
     Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / "in" / "a.png")
     runner = CliRunner()
-    for extra, want in (([], (0.25, 0.0)), (["--noise-scale", "0.5", "--refine-strength", "1"], (1.0, 0.5))):
+    for extra, want in (([], (0.5, 0.0, 8.0)),
+                        (["--noise-scale", "0.5", "--refine-strength", "1", "--refine-lowpass", "0"], (1.0, 0.5, 0.0))):
         r = runner.invoke(cli.app, ["derain", str(tmp_path / "in"), "-o", str(tmp_path / f"out{len(extra)}"),
                                     "--device", "cpu", "--json", *extra])
         assert r.exit_code == 0, (r.stdout, r.stderr)
         engine = json.loads(r.stdout)["engine"]
-        assert (engine["refine_strength"], engine["noise_scale"]) == want
+        assert (engine["refine_strength"], engine["noise_scale"], engine["refine_lowpass"]) == want

@@ -193,7 +193,7 @@ def test_rd_run_steps_zero(refine, tmp_path, tiny_model):
 
 # --------------------------------------------------------------------------- refine strength
 # The output keeps a share a of the refiner's correction: P(y) + a * (x_0 - P(y)) (docs/quality.md
-# chose 0.25 for the shipped model on both dev sets). Checked against the runtime's own P(y) (0 steps)
+# chose 0.5 for the shipped model, with a low-pass: below). Checked against the runtime's own P(y) (0 steps)
 # and x_0 (a = 1) on every path: one pass, whole-frame prologue + tiles, per-tile prologue, chunks.
 
 @pytest.mark.parametrize(("shape", "budget", "batch"), [
