@@ -6,8 +6,8 @@ when it is missing, the toolkit raises a :class:`~runtime.errors.DependencyError
 line names the extra to install. ``tests/test_packaging.py`` checks this table against the
 extras and the imports.
 
-The inference engine is one of two exclusive extras, ``[cpu]`` (onnxruntime) or ``[gpu]``
-(onnxruntime-gpu): both distributions install the same ``onnxruntime`` module, and with both
+The inference engine is one of two exclusive extras, ``[cpu]`` (onnxruntime, and OpenVINO on
+x86-64) or ``[gpu]`` (onnxruntime-gpu): both distributions install the same ``onnxruntime`` module, and with both
 present the CUDA provider disappears (onnxruntime#7748). :func:`cuda_provider_error` tells which
 of those situations a machine is in.
 """

@@ -91,6 +91,16 @@ def test_only_the_engine_extras_pull_onnxruntime():
         "cpu": ["onnxruntime"], "gpu": ["onnxruntime-gpu"], "dev": ["onnxruntime"]}
 
 
+def test_the_cpu_engine_carries_openvino_on_x86_64_only():
+    """[cpu] installs OpenVINO where the runtime picks it (x86-64 CPUs with native BF16 or AVX512_VNNI);
+    ARM and other machines run onnxruntime and do not install it."""
+    marker = resolve("cpu")["openvino"].marker
+    assert marker is not None
+    for machine, wanted in (("x86_64", True), ("AMD64", True), ("aarch64", False), ("arm64", False)):
+        assert marker.evaluate({"platform_machine": machine}) is wanted, machine
+    assert "openvino" not in _names("gpu")
+
+
 def test_every_install_choice_holds_exactly_one_onnxruntime():
     """One of [cpu] / [gpu] (or [dev], the CPU test set) plus any subset of the other extras."""
     others = [e for e in _engine_free() if e != "trt-cu13"]  # [trt] and [trt-cu13] are exclusive too
