@@ -79,7 +79,7 @@ def served_row(artifact: Path, steps: int, shots: list[np.ndarray], expected: li
                max_batch: int, queue_delay_us: int, clients: int, port: int, cores: int,
                log_dir: Path | None = None) -> dict:
     from runtime import Derainer
-    from runtime.serving.client import DerainClient, fetch_metrics, metric_total
+    from runtime.serving.client import DerainClient, fetch_metrics, metric_total, settled_metrics
     from runtime.serving.server import DerainServer, ServeConfig
 
     per_client = len(shots) // clients
@@ -120,7 +120,8 @@ def served_row(artifact: Path, steps: int, shots: list[np.ndarray], expected: li
         for t in pool:
             t.join()
         seconds = time.perf_counter() - t0
-        after = fetch_metrics(server.urls["metrics"])
+        success = "nv_inference_request_success"  # counted after each response is sent: let it settle
+        after = settled_metrics(server.urls["metrics"], success, metric_total(before, success) + len(lat))
     done = metric_total(after, "nv_inference_request_success") - metric_total(before, "nv_inference_request_success")
     execs = metric_total(after, "nv_inference_exec_count") - metric_total(before, "nv_inference_exec_count")
     return {"mode": "served", "instances": instances, "threads": threads, "max_batch": max_batch, "clients": clients,

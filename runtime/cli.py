@@ -782,10 +782,10 @@ def collect_info() -> dict[str, Any]:
                                   + ")"}
         if setting == AUTO and not ov["available"] and cpu.has_native_bf16():
             device["hint"] = (f"this CPU has native BF16: {extras.install_command(OPENVINO)} makes auto run OpenVINO "
-                              "in BF16 (2.4x onnxruntime at 720p, docs/benchmarks.md)")
+                              "in BF16 (2.3x onnxruntime at 720p, docs/benchmarks.md)")
         elif setting == AUTO and not ov["available"] and cpu.has_avx512_vnni():
             device["hint"] = (f"this CPU has AVX512_VNNI: {extras.install_command(OPENVINO)} makes auto run the "
-                              "shipped INT8 model on OpenVINO (1.6x onnxruntime FP32 at 720p, docs/benchmarks.md)")
+                              "shipped INT8 model on OpenVINO (1.5x onnxruntime FP32 at 720p, docs/benchmarks.md)")
     except RDError as e:
         device = {"error": str(e)}
     models: dict[str, Any] = {}

@@ -182,3 +182,19 @@ def metric_total(text: str, name: str, model: str = MODEL_NAME) -> float:
 
 
 __all__.append("metric_total")
+
+
+def settled_metrics(url: str, name: str, total: float, *, model: str = MODEL_NAME, timeout_s: float = 10.0,
+                    poll_s: float = 0.1) -> str:
+    """The metrics text once counter ``name`` of ``model`` reaches ``total``, or the last read after
+    ``timeout_s``. Triton counts a request after it has sent the response, so a client that has all
+    its answers can read the counters a moment early; callers compare what this returns."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = fetch_metrics(url)
+        if metric_total(text, name, model) >= total or time.monotonic() >= deadline:
+            return text
+        time.sleep(poll_s)
+
+
+__all__.append("settled_metrics")

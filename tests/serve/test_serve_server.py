@@ -34,7 +34,7 @@ def test_served_output_equals_derainer_byte_for_byte(served, reference):
 
 
 def test_load_8_clients_x_20_requests_no_failures_and_batched(served, reference):
-    from runtime.serving.client import DerainClient, fetch_metrics, metric_total
+    from runtime.serving.client import DerainClient, fetch_metrics, metric_total, settled_metrics
 
     shots = frames(3, (64, 64), (64, 64), (40, 48), (64, 64))  # two sizes: batches of one size only
     expected = [reference.derain(f) for f in shots]
@@ -69,14 +69,9 @@ def test_load_8_clients_x_20_requests_no_failures_and_batched(served, reference)
     assert mismatches == []
     # Triton counts a request after its response is sent, so the last counts can trail the clients by
     # a moment (CI once read 158 of 160 with every response received): read until they settle
-    deadline = time.monotonic() + 10
-    while True:
-        after = fetch_metrics(served.urls["metrics"])
-        done = (metric_total(after, "nv_inference_request_success")
-                - metric_total(before, "nv_inference_request_success"))
-        if done >= n_clients * n_requests or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    success = "nv_inference_request_success"
+    after = settled_metrics(served.urls["metrics"], success, metric_total(before, success) + n_clients * n_requests)
+    done = metric_total(after, success) - metric_total(before, success)
     executions = metric_total(after, "nv_inference_exec_count") - metric_total(before, "nv_inference_exec_count")
     assert done == n_clients * n_requests
     # dynamic batching: 8 concurrent clients on 2 instances put several requests in one execution

@@ -274,3 +274,38 @@ def test_cpu_repository_carries_a_predict_and_refine_prologue_file(tmp_path):
     pro.unlink()
     with pytest.raises(ArtifactError, match=r"prologue graph of model\.onnx is missing"):
         export_triton(onnx, tmp_path / "repo2")
+
+
+def test_settled_metrics_reads_until_a_trailing_counter_reaches_its_total():
+    """Triton counts a request after sending its response: settled_metrics re-reads until the counter
+    arrives (or its timeout passes, returning the last read for the caller to compare)."""
+    import http.server
+    import threading
+
+    from runtime.serving.client import metric_total, settled_metrics
+
+    reads = []
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # http.server calls it by that name
+            reads.append(self.path)
+            body = f'nv_inference_request_success{{model="derain",version="1"}} {min(len(reads), 3)}\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        name = "nv_inference_request_success"
+        assert metric_total(settled_metrics(url, name, 3, poll_s=0.01), name) == 3 and len(reads) == 3
+        text = settled_metrics(url, name, 5, timeout_s=0.2, poll_s=0.01)  # never reaches 5: the last read
+        assert metric_total(text, name) == 3 and len(reads) > 4
+    finally:
+        server.shutdown()
+        server.server_close()
