@@ -198,6 +198,8 @@ class Derainer:
             if refine_lowpass is not None and not self._backend.has_prologue and refine_lowpass != 0:
                 raise UsageError(f"refine_lowpass applies to predict-and-refine models; {path.name} has no predictor")
             self._lowpass = float(self.manifest.refine_lowpass if refine_lowpass is None else refine_lowpass)
+            # predict-and-refine steps whose output is not x_0 as it is (the condition holds P(y))
+            self._keeps_share = self._steps > 0 and (self._strength != 1.0 or self._lowpass > 0)
         except BaseException:
             self._backend.close()
             raise
@@ -389,25 +391,23 @@ class Derainer:
             raise UsageError(f"cond is empty: {cond.shape}")
         hp, wp = self._padded_size(h, w)
         cond_p = pad_reflect(cond, hp, wp)
-        # With a low-pass the share of the correction is kept of the whole cropped frame, here:
-        # P(y) + a * G(x_0 - P(y)), tiled or not.
-        lowpass = self._steps > 0 and self._lowpass > 0
+        crop = (h, w)
         with self._lock:
             noise = self._initial_noise(hp, wp)
             tile = self._tile_size(hp, wp)
             x_0 = np.empty_like(cond_p)
+            # Each returns P(y) of its frames where the output keeps a share of the correction: kept of
+            # the cropped frames here, once the engine's buffers of the frame are released.
             if tile is None:
-                est = np.empty_like(cond_p) if lowpass else None
                 for j in range(0, n, self._batch):
-                    self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch],
-                                      None if est is None else est[j:j + self._batch])
-                if est is not None:
-                    keep_correction(x_0[:, :, :h, :w], est[:, :, :h, :w], self._strength, self._lowpass)
+                    est = self._sample_full(cond_p[j:j + self._batch], noise, x_0[j:j + self._batch])
+                    if est is not None:
+                        self._keep_share(x_0[j:j + self._batch], est, crop)
             else:
                 for j, c in enumerate(cond_p):
-                    est = self._sample_tiled(c, noise[0], tile, x_0[j], estimate=lowpass)
+                    est = self._sample_tiled(c, noise[0], tile, x_0[j])
                     if est is not None:
-                        keep_correction(x_0[j, :, :h, :w], est[:, :h, :w], self._strength, self._lowpass)
+                        self._keep_share(x_0[j], est, crop)
         return np.ascontiguousarray(x_0[:, :, :h, :w])
 
     def _padded_size(self, h: int, w: int) -> tuple[int, int]:
@@ -468,33 +468,32 @@ class Derainer:
         cond = be.get_cond()
         np.copyto(out, cond[:, be.prologue_descriptor.estimate_channels])
 
-    def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray,
-                     estimate: np.ndarray | None = None) -> None:
-        """Frames that fit the engine: bind once per shape, S steps in the backend, copy out.
-
-        With ``estimate`` (the low-pass blend) x_0 is copied out whole and P(y) into ``estimate``.
-        """
+    def _sample_full(self, cond_p: np.ndarray, noise: np.ndarray, out: np.ndarray) -> np.ndarray | None:
+        """Frames that fit the engine: bind once per shape, S steps in the backend, copy out; returns
+        their P(y) where the output keeps a share of the correction (``_keep_share``), else None."""
         be = self._backend
         n, _, hp, wp = cond_p.shape
         be.bind(n, hp, wp)
         self._set_condition(cond_p)
         if self._steps == 0:
             self._estimate(out)
-            return
+            return None
         be.set_x(np.broadcast_to(noise, cond_p.shape))
         be.run()
         be.get_x(out)
-        if estimate is not None:
-            np.copyto(estimate, be.get_cond()[:, be.prologue_descriptor.estimate_channels])
-        elif self._strength != 1.0:
-            keep_correction(out, be.get_cond()[:, be.prologue_descriptor.estimate_channels], self._strength)
+        return be.get_cond()[:, be.prologue_descriptor.estimate_channels] if self._keeps_share else None
 
-    def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int], out: np.ndarray,
-                      estimate: bool = False) -> np.ndarray | None:
+    def _keep_share(self, x_0: np.ndarray, estimate: np.ndarray, crop: tuple[int, int]) -> None:
+        """The refine strength a (and low-pass sigma) of the correction, of the cropped frames [..., :H, :W]
+        only (the padding is cropped away): x_0 <- P(y) + a * (G_sigma)(x_0 - P(y)), in place."""
+        h, w = crop
+        keep_correction(x_0[..., :h, :w], estimate[..., :h, :w], self._strength, self._lowpass)
+
+    def _sample_tiled(self, cond_p: np.ndarray, noise: np.ndarray, tile: tuple[int, int],
+                      out: np.ndarray) -> np.ndarray | None:
         """One frame [3, Hp, Wp] through overlapping tiles, blended into the canvas after every step,
-        into ``out``. With ``estimate`` (the low-pass blend) ``out`` is the tiles' whole x_0, and the
-        frame's P(y) is returned (the whole-frame prologue's, or merged from the tiles into a buffer
-        the loop no longer needs)."""
+        into ``out``. Where the output keeps a share of the correction it returns the frame's P(y):
+        the whole-frame prologue's, or merged from the tiles into a buffer the loop no longer needs."""
         be = self._backend
         _, hp, wp = cond_p.shape
         key = (hp, wp, tile, self._overlap)
@@ -511,7 +510,7 @@ class Derainer:
                  if be.has_prologue and hp * wp <= FRAME_PROLOGUE_MAX_PIXELS else None)
         if whole is not None and self._steps == 0:  # P(y) of the whole frame is the output
             np.copyto(out, whole[est])
-            return
+            return None
         shape = (b, 3, plan.tile_h, plan.tile_w)
         be.bind(b, plan.tile_h, plan.tile_w)
         tiles_in, tiles_out = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
@@ -535,7 +534,6 @@ class Derainer:
             return None
         canvas = noise.copy()
         acc = np.zeros_like(canvas)
-        share = self._strength != 1.0 and not estimate  # only with a prologue: the condition holds P(y)
         for i in range(self._steps):
             acc.fill(0.0)
             for k, chunk in enumerate(chunks):
@@ -547,13 +545,10 @@ class Derainer:
                 be.set_x(blender.cut(canvas, tiles_in, chunk))
                 be.run_step(i)
                 be.get_x(tiles_out)
-                if share and i == self._steps - 1:  # per tile: the blend is linear, the weights sum to one
-                    cond = conds[k] if conds is not None else be.get_cond()
-                    keep_correction(tiles_out, cond[:, est], self._strength)
                 blender.accumulate(tiles_out, chunk, acc)  # weights of every pixel sum to one
             canvas, acc = acc, canvas
         np.copyto(out, canvas)
-        if not estimate:
+        if not self._keeps_share:
             return None
         if whole is not None:
             return whole[est]
