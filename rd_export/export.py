@@ -28,8 +28,7 @@ from runtime import __version__ as toolkit_version
 from runtime.descriptor import PrologueDescriptor, ShapeProfile, StepDescriptor
 from runtime.errors import UsageError
 from runtime.io import atomic_path
-from runtime.lowpass import refine_lowpass_error
-from runtime.manifest import Manifest, noise_scale_error, prologue_name, refine_strength_error, sha256_file
+from runtime.manifest import SAMPLING_SETTINGS, Manifest, prologue_name, sha256_file
 from runtime.schedule import MIN_STEPS, steps_error
 
 __all__ = ["export_onnx", "export_estimator_onnx", "export_prologue_onnx", "verify_onnx", "make_descriptor",
@@ -225,22 +224,18 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
             isinstance(default_steps, int) and MIN_STEPS <= default_steps <= schedule.num_train_timesteps):
         raise UsageError(f"default steps: {steps_error(default_steps, schedule.num_train_timesteps)}"
                          + ("" if refines else " (0 needs a predict-and-refine model)"))
-    if refine_strength is not None:
+    # the sampling settings stored in the manifest: what a y-only checkpoint lacks for each, its label
+    settings = {"refine_strength": (refine_strength, "refine strength", "has a refiner to weigh"),
+                "noise_scale": (noise_scale, "noise scale", "stores one (a y-only model samples from x_T ~ "
+                                                            "N(0, I), as Algorithm 2)"),
+                "refine_lowpass": (refine_lowpass, "refine low-pass", "has a correction to filter")}
+    for key, (value, label, lacks) in settings.items():
+        if value is None:
+            continue
         if not refines:
-            raise UsageError("refine strength: only a predict-and-refine checkpoint has a refiner to weigh")
-        if why := refine_strength_error(refine_strength):
-            raise UsageError(f"refine strength {why}")
-    if noise_scale is not None:
-        if not refines:
-            raise UsageError("noise scale: only a predict-and-refine checkpoint stores one (a y-only model "
-                             "samples from x_T ~ N(0, I), as Algorithm 2)")
-        if why := noise_scale_error(noise_scale):
-            raise UsageError(f"noise scale {why}")
-    if refine_lowpass is not None:
-        if not refines:
-            raise UsageError("refine low-pass: only a predict-and-refine checkpoint has a correction to filter")
-        if why := refine_lowpass_error(refine_lowpass):
-            raise UsageError(f"refine low-pass {why}")
+            raise UsageError(f"{label}: only a predict-and-refine checkpoint {lacks}")
+        if why := SAMPLING_SETTINGS[key][1](value):
+            raise UsageError(f"{label} {why}")
     if refines and model != "derain":
         raise UsageError("a predict-and-refine checkpoint exports its derain model (the rain model's estimate "
                          "comes from G_A, which has no prologue graph yet)")
@@ -272,9 +267,8 @@ def export_onnx(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, *, mo
         report.update(provider="CPUExecutionProvider", onnxruntime=onnxruntime.__version__)
         extra_pro = ({"prologue": {"artifact": pro_dest.name, "sha256": sha256_file(pro_tmp), "precision": "fp32",
                                    "predictor_config": ckpt["config"]["ntb_unet"],
-                                   **({} if refine_strength is None else {"refine_strength": float(refine_strength)}),
-                                   **({} if noise_scale is None else {"noise_scale": float(noise_scale)}),
-                                   **({} if refine_lowpass is None else {"refine_lowpass": float(refine_lowpass)})}}
+                                   **{key: float(value) for key, (value, _, _) in settings.items()
+                                      if value is not None}}}
                      if refines else {})
         manifest = Manifest(
             artifact=dest.name, format="onnx", precision="fp32", model=model, sha256=sha256_file(tmp),

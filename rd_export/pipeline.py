@@ -17,7 +17,7 @@ from rd_export.precision import get_precision, onnx_name, plan_name
 from rd_export.simplify import SIMPLIFY_DEFAULT
 from runtime.descriptor import ShapeProfile
 from runtime.errors import ArtifactError, InputError, UsageError, VerificationError
-from runtime.manifest import Manifest, load_manifest, manifest_path_for
+from runtime.manifest import SAMPLING_SETTINGS, Manifest, load_manifest, manifest_path_for
 
 __all__ = ["BuildOptions", "BuiltArtifact", "BuildResult", "sniff", "build", "inspect_artifact", "reverify",
            "parse_size", "parse_batch"]
@@ -185,14 +185,10 @@ def build(source: str | os.PathLike, out_dir: str | os.PathLike | None = None, o
         result.artifacts.append(BuiltArtifact.from_path(base))
     else:
         src_manifest = load_manifest(source, "onnx")
-        if opts.default_steps is not None:
-            raise UsageError("--default-steps is set when exporting a checkpoint; an ONNX keeps its manifest's")
-        if opts.refine_strength is not None:
-            raise UsageError("--refine-strength is set when exporting a checkpoint; an ONNX keeps its manifest's")
-        if opts.noise_scale is not None:
-            raise UsageError("--noise-scale is set when exporting a checkpoint; an ONNX keeps its manifest's")
-        if opts.refine_lowpass is not None:
-            raise UsageError("--refine-lowpass is set when exporting a checkpoint; an ONNX keeps its manifest's")
+        for name in ("default_steps", *SAMPLING_SETTINGS):  # the manifest's own, written by the export
+            if getattr(opts, name) is not None:
+                raise UsageError(f"--{name.replace('_', '-')} is set when exporting a checkpoint; an ONNX keeps "
+                                 f"its manifest's")
         if opts.model and opts.model != src_manifest.model:
             raise UsageError(f"{source.name} holds the {src_manifest.model} model; --model {opts.model} "
                              f"needs an export from the checkpoint")

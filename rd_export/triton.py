@@ -34,7 +34,7 @@ from pathlib import Path
 from runtime.backends import load_manifest
 from runtime.descriptor import StepDescriptor, TensorSpec
 from runtime.errors import ArtifactError, UsageError
-from runtime.manifest import Manifest, manifest_path_for
+from runtime.manifest import SAMPLING_SETTINGS, Manifest, manifest_path_for
 from runtime.schedule import DDIMSchedule, ScheduleConfig
 from runtime.serving import contract
 
@@ -214,8 +214,8 @@ def _gpu_repository(root: Path, artifact: Path, manifest: Manifest, opts: Triton
         _copy_artifact(p_path, root / prologue_name / "1", "model.plan", manifest=False)
         est = p_desc.estimate_channels
         settings_prologue = {"model": prologue_name, "input": p_desc.input_names[0], "output": p_desc.output_names[0],
-                             "estimate_channels": [est.start, est.stop], "refine_strength": manifest.refine_strength,
-                             "noise_scale": manifest.noise_scale, "refine_lowpass": manifest.refine_lowpass}
+                             "estimate_channels": [est.start, est.stop],
+                             **{key: manifest.sampling_setting(key) for key in SAMPLING_SETTINGS}}
 
     max_batch = opts.max_batch or profile.max_batch
     inputs, outputs = _frame_specs()

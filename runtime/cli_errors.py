@@ -115,31 +115,28 @@ def check_steps(value: int | None) -> int | None:
     return value
 
 
-def check_refine_strength(value: float | None) -> float | None:
-    """Callback of ``--refine-strength`` (rd-run, rd-export build): a number in (0, 2]."""
-    from runtime.manifest import refine_strength_error
+def _check_sampling_setting(name: str, value: float | None) -> float | None:
+    """A sampling setting's option value, checked as :data:`runtime.manifest.SAMPLING_SETTINGS` checks it."""
+    from runtime.manifest import SAMPLING_SETTINGS
 
-    if value is not None and (why := refine_strength_error(value)):
+    if value is not None and (why := SAMPLING_SETTINGS[name][1](value)):
         raise typer.BadParameter(why)
     return value
+
+
+def check_refine_strength(value: float | None) -> float | None:
+    """Callback of ``--refine-strength`` (rd-run, rd-export build): a number in (0, 2]."""
+    return _check_sampling_setting("refine_strength", value)
 
 
 def check_noise_scale(value: float | None) -> float | None:
     """Callback of ``--noise-scale`` (rd-run, rd-export build): a number in [0, 1]."""
-    from runtime.manifest import noise_scale_error
-
-    if value is not None and (why := noise_scale_error(value)):
-        raise typer.BadParameter(why)
-    return value
+    return _check_sampling_setting("noise_scale", value)
 
 
 def check_refine_lowpass(value: float | None) -> float | None:
     """Callback of ``--refine-lowpass`` (rd-run, rd-export build): a sigma in [0, 64] pixels."""
-    from runtime.lowpass import refine_lowpass_error
-
-    if value is not None and (why := refine_lowpass_error(value)):
-        raise typer.BadParameter(why)
-    return value
+    return _check_sampling_setting("refine_lowpass", value)
 
 
 def one_line_group(prefix: str) -> type[TyperGroup]:

@@ -37,8 +37,8 @@ import numpy as np
 
 from runtime.backends import open_backend
 from runtime.errors import ArtifactError, UsageError
-from runtime.lowpass import keep_correction, refine_lowpass_error
-from runtime.manifest import Manifest, noise_scale_error, refine_strength_error
+from runtime.lowpass import keep_correction
+from runtime.manifest import SAMPLING_SETTINGS, Manifest
 from runtime.schedule import DDIMSchedule, initial_noise
 from runtime.tiling import TileBlender, plan_tiles
 
@@ -179,25 +179,21 @@ class Derainer:
                  refine_lowpass: float | None = None) -> None:
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise UsageError(f"seed must be a non-negative integer, got {seed!r}")
-        if refine_strength is not None and (why := refine_strength_error(refine_strength)):
-            raise UsageError(f"refine_strength {why}")
-        if noise_scale is not None and (why := noise_scale_error(noise_scale)):
-            raise UsageError(f"noise_scale {why}")
-        if refine_lowpass is not None and (why := refine_lowpass_error(refine_lowpass)):
-            raise UsageError(f"refine_lowpass {why}")
+        given = {"refine_strength": refine_strength, "noise_scale": noise_scale, "refine_lowpass": refine_lowpass}
+        for name, value in given.items():
+            if value is not None and (why := SAMPLING_SETTINGS[name][1](value)):
+                raise UsageError(f"{name} {why}")
         path = default_artifact(device=device) if artifact is None else Path(artifact)
         self._backend = open_backend(path, device=device, threads=threads, cuda_graph=cuda_graph)
         try:
             self._configure(steps=steps, seed=int(seed), tile=tile, overlap=overlap, batch=batch)
-            if refine_strength is not None and not self._backend.has_prologue and refine_strength != 1:
-                raise UsageError(f"refine_strength applies to predict-and-refine models; {path.name} has no predictor")
-            self._strength = float(self.manifest.refine_strength if refine_strength is None else refine_strength)
-            if noise_scale is not None and not self._backend.has_prologue and noise_scale != 1:
-                raise UsageError(f"noise_scale applies to predict-and-refine models; {path.name} has no predictor")
-            self._noise_scale = float(self.manifest.noise_scale if noise_scale is None else noise_scale)
-            if refine_lowpass is not None and not self._backend.has_prologue and refine_lowpass != 0:
-                raise UsageError(f"refine_lowpass applies to predict-and-refine models; {path.name} has no predictor")
-            self._lowpass = float(self.manifest.refine_lowpass if refine_lowpass is None else refine_lowpass)
+            chosen = {}  # the argument, else the manifest's (Algorithm 2's where it does not say)
+            for name, value in given.items():
+                if value is not None and not self._backend.has_prologue and value != SAMPLING_SETTINGS[name][0]:
+                    raise UsageError(f"{name} applies to predict-and-refine models; {path.name} has no predictor")
+                chosen[name] = float(self.manifest.sampling_setting(name) if value is None else value)
+            self._strength, self._noise_scale, self._lowpass = (
+                chosen["refine_strength"], chosen["noise_scale"], chosen["refine_lowpass"])
             # predict-and-refine steps whose output is not x_0 as it is (the condition holds P(y))
             self._keeps_share = self._steps > 0 and (self._strength != 1.0 or self._lowpass > 0)
         except BaseException:

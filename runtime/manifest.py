@@ -12,6 +12,7 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from runtime.lowpass import refine_lowpass_error
 from runtime.schedule import MIN_STEPS, ScheduleConfig, steps_error
 
 __all__ = ["REFINE_STRENGTH_MAX", "SCHEMA_VERSION", "Manifest", "load_manifest", "manifest_path_for", "prologue_name",
-           "refine_strength_error", "noise_scale_error", "refine_lowpass_error", "sha256_file"]
+           "refine_strength_error", "noise_scale_error", "refine_lowpass_error", "SAMPLING_SETTINGS", "sha256_file"]
 
 SCHEMA_VERSION = 1
 
@@ -124,28 +125,32 @@ class Manifest:
         """The prologue entry ({"artifact": file name beside the step, "sha256", ...}) or None."""
         return self.extra.get("prologue")
 
+    def sampling_setting(self, name: str) -> float:
+        """The prologue entry's sampling setting ``name`` (a key of :data:`SAMPLING_SETTINGS`), or its
+        Algorithm-2 value where the entry does not say or there is no prologue."""
+        default = SAMPLING_SETTINGS[name][0]
+        pro = self.prologue
+        return float(pro.get(name, default)) if pro is not None else default
+
     @property
     def refine_strength(self) -> float:
         """How much of the refiner's correction the output keeps, ``P(y) + a * (x_0 - P(y))``: the
         prologue entry's ``refine_strength``; 1 (Algorithm 2's x_0 as it is) where it does not say."""
-        pro = self.prologue
-        return float(pro.get("refine_strength", 1.0)) if pro is not None else 1.0
+        return self.sampling_setting("refine_strength")
 
     @property
     def noise_scale(self) -> float:
         """The scale of the initial noise, x_T = s * N(0, I): the prologue entry's ``noise_scale``;
         1 (Algorithm 2's x_T) where it does not say. 0 starts the refiner's DDIM loop from x_T = 0,
         the noise's mean: the output no longer depends on the seed."""
-        pro = self.prologue
-        return float(pro.get("noise_scale", 1.0)) if pro is not None else 1.0
+        return self.sampling_setting("noise_scale")
 
     @property
     def refine_lowpass(self) -> float:
         """The low-pass sigma (pixels) of the kept correction, ``P(y) + a * G_sigma(x_0 - P(y))``: the
         prologue entry's ``refine_lowpass``; 0 (the whole correction at the refine strength) where it
         does not say (:mod:`runtime.lowpass`)."""
-        pro = self.prologue
-        return float(pro.get("refine_lowpass", 0.0)) if pro is not None else 0.0
+        return self.sampling_setting("refine_lowpass")
 
     @property
     def min_steps(self) -> int:
@@ -323,14 +328,9 @@ def validate(d: Any, *, where: str = "manifest") -> None:
             raise ManifestError(f"{where}: field 'prologue.artifact' names the step artifact itself")
         if not (isinstance(pro.get("sha256"), str) and re.fullmatch(r"[0-9a-fA-F]{64}", pro["sha256"])):
             raise ManifestError(f"{where}: field 'prologue.sha256' must be 64 hex characters")
-        if "refine_strength" in pro:
-            why = refine_strength_error(pro["refine_strength"])
-            if why:
-                raise ManifestError(f"{where}: field 'prologue.refine_strength' {why}")
-        if "noise_scale" in pro and (why := noise_scale_error(pro["noise_scale"])):
-            raise ManifestError(f"{where}: field 'prologue.noise_scale' {why}")
-        if "refine_lowpass" in pro and (why := refine_lowpass_error(pro["refine_lowpass"])):
-            raise ManifestError(f"{where}: field 'prologue.refine_lowpass' {why}")
+        for name, (_, error) in SAMPLING_SETTINGS.items():
+            if name in pro and (why := error(pro[name])):
+                raise ManifestError(f"{where}: field 'prologue.{name}' {why}")
     profile = desc["profile"]
     if not isinstance(profile, dict):
         raise ManifestError(f"{where}: field 'descriptor.profile' must be an object, got {type(profile).__name__}")
@@ -376,6 +376,17 @@ def noise_scale_error(v: Any) -> str | None:
     if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or not 0.0 <= v <= 1.0:
         return f"must be a number in [0, 1], got {v!r}"
     return None
+
+
+#: The sampling settings a predict-and-refine manifest's prologue entry may carry (``rd-export build
+#: --refine-strength / --noise-scale / --refine-lowpass``, overridden by ``Derainer(...)`` and the
+#: same ``rd-run`` options): name -> (its value where the entry does not say, Algorithm 2's; why a
+#: value is not one).
+SAMPLING_SETTINGS: dict[str, tuple[float, Callable[[Any], str | None]]] = {
+    "refine_strength": (1.0, refine_strength_error),
+    "noise_scale": (1.0, noise_scale_error),
+    "refine_lowpass": (0.0, refine_lowpass_error),
+}
 
 
 def _is_int(v: Any) -> bool:
